@@ -1,0 +1,46 @@
+"""latentlab: explore the latent space of diffusion models.
+
+``import latentlab`` loads torch and nothing heavier; diffusers, transformers, scikit-learn, umap, imageio and the
+notebook packages are imported by the modules that own them, when first used.
+
+>>> import latentlab
+>>> z = latentlab.noise([1, 2], (2, 4, 8, 8))
+>>> latentlab.slerp(z[:1], z[1:], 0.5).shape
+torch.Size([1, 4, 8, 8])
+"""
+
+from latentlab.ops import (
+    add_direction,
+    analogy,
+    blend,
+    expected_norm,
+    grid,
+    lerp,
+    norm_zscore,
+    renormalize,
+    slerp,
+)
+from latentlab.paths import EASINGS, Schedule, circular_walk, ease, keyframe_path, schedule
+from latentlab.seeds import noise, variation_noise
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EASINGS",
+    "Schedule",
+    "add_direction",
+    "analogy",
+    "blend",
+    "circular_walk",
+    "ease",
+    "expected_norm",
+    "grid",
+    "keyframe_path",
+    "lerp",
+    "noise",
+    "norm_zscore",
+    "renormalize",
+    "schedule",
+    "slerp",
+    "variation_noise",
+]

@@ -1,0 +1,97 @@
+"""Input validation shared by every public function: one place that words the errors.
+
+Messages name the argument, the constraint and what was received (shapes, dtypes, devices; never values of tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+
+
+def tensor(x: object, name: str, *, min_ndim: int = 1, floating: bool = True) -> torch.Tensor:
+    """Return ``x`` if it is a tensor of at least ``min_ndim`` dims (floating point unless told), else raise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"`{name}` must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"`{name}` must have a floating-point dtype, got {x.dtype}")
+    return x
+
+
+def same_kind(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    """Raise unless every tensor has the shape, dtype and device of the first."""
+    first, first_name = tensors[0], names[0]
+    for t, name in zip(tensors[1:], names[1:]):
+        if t.shape != first.shape:
+            raise ValueError(
+                f"`{first_name}` and `{name}` must have the same shape, got {tuple(first.shape)} and {tuple(t.shape)}"
+            )
+        if t.dtype != first.dtype:
+            raise TypeError(f"`{first_name}` and `{name}` must have the same dtype, got {first.dtype} and {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(
+                f"`{first_name}` and `{name}` must be on the same device, got {first.device} and {t.device}"
+            )
+
+
+def unit_interval(t: object, name: str = "t") -> float | torch.Tensor:
+    """Validate an interpolation parameter: a real number or a 1-D tensor, every value finite and in [0, 1].
+
+    A 0-d tensor is returned as a float. Tensors are returned on their own device, as given.
+    """
+    if isinstance(t, bool):
+        raise TypeError(f"`{name}` must be a real number or a 1-D tensor, got bool")
+    if isinstance(t, Real):
+        value = float(t)
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"`{name}` must be in [0, 1], got {value!r}")
+        return value
+    if isinstance(t, torch.Tensor):
+        if t.ndim == 0:
+            return unit_interval(t.item(), name)
+        if t.ndim != 1:
+            raise ValueError(f"`{name}` must be a number or a 1-D tensor, got a tensor of shape {tuple(t.shape)}")
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"`{name}` must be a real tensor, got dtype {t.dtype}")
+        if len(t) == 0:
+            raise ValueError(f"`{name}` must not be empty")
+        tt = t.detach().double()
+        if not bool(torch.isfinite(tt).all()) or bool((tt < 0).any()) or bool((tt > 1).any()):
+            bad = tt[~(torch.isfinite(tt) & (tt >= 0) & (tt <= 1))]
+            raise ValueError(f"every value of `{name}` must be in [0, 1], got {len(bad)} outside (first: {bad[0].item()!r})")
+        return t
+    raise TypeError(f"`{name}` must be a real number or a 1-D tensor, got {type(t).__name__}")
+
+
+def positive_int(n: object, name: str, *, minimum: int = 1) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"`{name}` must be an int, got {type(n).__name__}")
+    if n < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {n}")
+    return n
+
+
+def choice(value: object, name: str, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"`{name}` must be one of {tuple(options)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def tensor_sequence(xs: object, name: str, *, min_len: int) -> list[torch.Tensor]:
+    """A non-empty list/tuple of same-kind floating tensors, or a tensor whose first dim indexes them."""
+    if isinstance(xs, torch.Tensor):
+        tensor(xs, name, min_ndim=2)
+        items = list(xs.unbind(0))
+    elif isinstance(xs, (list, tuple)):
+        items = [tensor(x, f"{name}[{i}]") for i, x in enumerate(xs)]
+    else:
+        raise TypeError(f"`{name}` must be a list or tuple of tensors, or a stacked tensor, got {type(xs).__name__}")
+    if len(items) < min_len:
+        raise ValueError(f"`{name}` must hold at least {min_len} tensors, got {len(items)}")
+    same_kind(items, [f"{name}[{i}]" for i in range(len(items))])
+    return items

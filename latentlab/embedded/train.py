@@ -1,0 +1,484 @@
+"""Train the embedded default model: a miniature Stable Diffusion of the shapes world.
+
+One responsibility: the committed, seeded recipe that produced ``latentlab/embedded/model``. Run by a developer,
+once, in stages (each resumable from its last safetensors checkpoint); CI runs a few-step smoke run of every stage.
+This module is a development tool, not part of the library's import graph: it owns its own diffusers/transformers
+imports so that ``latentlab.backend`` stays the only owner of them at run time.
+
+Stages (``python -m latentlab.embedded.train STAGE --out runs/shapes``):
+
+1. ``tokenizer`` — rebuild OpenAI's CLIP BPE tokenizer (token ids identical to Stable Diffusion's) from the
+   ``bpe_simple_vocab_16e6.txt.gz`` file shipped inside the MIT-licensed ``open_clip_torch`` wheel.
+2. ``vae`` — ``AutoencoderKL`` f=8, 4 latent channels; L1 + MSE + 1e-6 KL (as SD's VAE, without the GAN/LPIPS
+   terms); 32x32 crops aligned to the 8-pixel latent grid (4x cheaper per step, fully convolutional so it
+   generalises to 64x64).
+3. ``clip`` — a two-tower ``CLIPModel`` trained with the symmetric InfoNCE loss (Radford et al. 2021).
+4. ``unet`` — ``UNet2DConditionModel`` with epsilon prediction on SD's scaled-linear betas, min-SNR-5 loss weights
+   (Hang et al. 2023), 10 % empty captions for classifier-free guidance, EMA; the text encoder starts from the CLIP
+   text tower and is fine-tuned jointly.
+5. ``package`` — write the diffusers folder (fp16 safetensors) that ``StableDiffusionPipeline.from_pretrained``
+   loads with no latentlab code, plus the CLIP model under ``clip/``.
+
+Every stage is time-boxed (``--minutes``) or step-boxed (``--steps``) and checkpoints every ``--save-every``
+seconds; running a stage again resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from latentlab.embedded import world
+
+CAPTION_DROP = 0.10
+
+
+# --- tokenizer -----------------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # OpenAI CLIP's reversible byte -> printable-unicode map (simple_tokenizer.py, MIT).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def build_tokenizer(bpe_gz: Path, out: Path) -> None:
+    """Write vocab.json + merges.txt + tokenizer configs for ``CLIPTokenizer.from_pretrained(out)``."""
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>")
+    tok.save_pretrained(out)
+
+
+def load_tokenizer(path: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(path)
+
+
+# --- configs -------------------------------------------------------------------------------------------------------
+
+
+def vae_config() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 96, 96),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=world.RESOLUTION,
+    )
+
+
+def clip_configs() -> tuple[dict, dict]:
+    text = dict(
+        vocab_size=49408,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=64,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    vision = dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=world.RESOLUTION,
+        patch_size=8,
+        projection_dim=64,
+    )
+    return text, vision
+
+
+def unet_config() -> dict:
+    return dict(
+        sample_size=world.RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def scheduler_config() -> dict:
+    # Stable Diffusion 1.x's training schedule.
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**vae_config())
+
+
+def make_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    text, vision = clip_configs()
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**unet_config())
+
+
+# --- checkpoints (safetensors only: no pickles even for our own files) ---------------------------------------------
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, state in opt.state_dict()["state"].items():
+        for k, v in state.items():
+            out[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], opt, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, m in modules.items():
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
+    save_file(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], opt) -> dict | None:
+    from safetensors.torch import load_file
+
+    if not (path / "meta.json").exists():
+        return None
+    for name, m in modules.items():
+        m.load_state_dict(load_file(path / f"{name}.safetensors"))
+    _load_optimizer_tensors(opt, load_file(path / "optimizer.safetensors"))
+    return json.loads((path / "meta.json").read_text())
+
+
+def load_weights(module: torch.nn.Module, file: Path) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(file))
+    return module
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1.0 - decay)
+
+
+# --- the training loop shared by every stage -----------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self, minutes: float | None, steps: int | None, save_every: float):
+        self.t0 = time.monotonic()
+        self.minutes, self.steps, self.save_every = minutes, steps, save_every
+        self.last_save = self.t0
+
+    def done(self, step: int, elapsed_before: float) -> bool:
+        if self.steps is not None and step >= self.steps:
+            return True
+        return self.minutes is not None and self.elapsed(elapsed_before) >= self.minutes * 60
+
+    def elapsed(self, before: float) -> float:
+        return before + time.monotonic() - self.t0
+
+    def should_save(self) -> bool:
+        if time.monotonic() - self.last_save >= self.save_every:
+            self.last_save = time.monotonic()
+            return True
+        return False
+
+
+def _run(stage, args, modules, opt, step_fn, *, ema=None, ema_decay=0.999, log_every=25):
+    ckpt = args.out / f"{stage}-ckpt"
+    all_modules = dict(modules)
+    if ema is not None:
+        all_modules["ema"] = ema
+    meta = load_checkpoint(ckpt, all_modules, opt) or {"step": 0, "elapsed": 0.0, "log": []}
+    clock = _Clock(args.minutes, args.steps, args.save_every)
+    step = meta["step"]
+    running = None
+    while not clock.done(step, meta["elapsed"]):
+        loss = step_fn(step)
+        step += 1
+        if ema is not None:
+            ema_update(ema, modules["model"], min(ema_decay, (1 + step) / (10 + step)))
+        running = loss if running is None else 0.95 * running + 0.05 * loss
+        if step % log_every == 0:
+            entry = {"step": step, "loss": round(running, 5), "elapsed": round(clock.elapsed(meta["elapsed"]), 1)}
+            meta["log"].append(entry)
+            print(json.dumps({"stage": stage, **entry}), flush=True)
+        if clock.should_save():
+            save_checkpoint(ckpt, all_modules, opt, {**meta, "step": step, "elapsed": clock.elapsed(meta["elapsed"])})
+    meta.update(step=step, elapsed=clock.elapsed(meta["elapsed"]))
+    save_checkpoint(ckpt, all_modules, opt, meta)
+    return meta
+
+
+def _lr(step: int, base: float, warmup: int = 200) -> float:
+    return base * min(1.0, (step + 1) / warmup)
+
+
+# --- stages --------------------------------------------------------------------------------------------------------
+
+
+def train_vae(args) -> None:
+    torch.manual_seed(args.seed)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr or 1e-3, weight_decay=0.0)
+    crop = 32
+
+    def step_fn(step):
+        batch = world.sample(args.batch or 32, seed=args.seed * 1_000_003 + step).images
+        # Aligned crops: the latent grid of a crop is a sub-grid of the full image's latent grid.
+        g = torch.Generator().manual_seed(step)
+        oy, ox = (torch.randint(0, (world.RESOLUTION - crop) // 8 + 1, (2,), generator=g) * 8).tolist()
+        x = batch[:, :, oy : oy + crop, ox : ox + crop] * 2 - 1
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, args.lr or 1e-3)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=g)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    ema = copy.deepcopy(vae).requires_grad_(False)
+    _run("vae", args, {"model": vae}, opt, step_fn, ema=ema, ema_decay=0.999)
+
+
+def train_clip(args) -> None:
+    torch.manual_seed(args.seed)
+    tok = load_tokenizer(args.tokenizer)
+    model = make_clip()
+    lr = args.lr or 5e-4
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+
+    def step_fn(step):
+        b = world.sample(
+            args.batch or 128, seed=args.seed * 1_000_003 + step, prompts=world.training_prompts(),
+            drop_size=0.2, drop_background=0.2,
+        )
+        ids = tok(b.captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, lr)
+        pixel = (b.images - 0.5) / 0.5
+        out = model(input_ids=ids, pixel_values=pixel, return_loss=True)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return out.loss.item()
+
+    _run("clip", args, {"model": model}, opt, step_fn)
+
+
+def _trained(args, stage: str, module: torch.nn.Module) -> torch.nn.Module:
+    ckpt = args.out / f"{stage}-ckpt"
+    name = "ema" if (ckpt / "ema.safetensors").exists() else "model"
+    return load_weights(module, ckpt / f"{name}.safetensors")
+
+
+@torch.no_grad()
+def latent_stats(vae, n: int = 512, seed: int = 7) -> tuple[float, float]:
+    """Mean and std of the VAE posterior means over ``n`` fresh images (sets ``scaling_factor``)."""
+    imgs = world.sample(n, seed=seed).images * 2 - 1
+    z = torch.cat([vae.encode(imgs[i : i + 64]).latent_dist.mean for i in range(0, n, 64)])
+    return z.mean().item(), z.std().item()
+
+
+def train_unet(args) -> None:
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(args.seed)
+    tok = load_tokenizer(args.tokenizer)
+    vae = _trained(args, "vae", make_vae()).eval().requires_grad_(False)
+    _, std = latent_stats(vae)
+    scaling = 1.0 / std
+    clip = _trained(args, "clip", make_clip())
+    text = CLIPTextModel(clip.config.text_config)
+    text.text_model.load_state_dict(clip.text_model.state_dict())
+    unet = make_unet()
+    sched = DDPMScheduler(**scheduler_config())
+    lr = args.lr or 5e-4
+    opt = torch.optim.AdamW(
+        [{"params": unet.parameters(), "lr": lr}, {"params": text.parameters(), "lr": lr * 0.2}], weight_decay=0.01
+    )
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+
+    class Joint(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet, self.text = unet, text
+
+    joint = Joint()
+    ema = copy.deepcopy(joint).requires_grad_(False)
+
+    def step_fn(step):
+        b = world.sample(
+            args.batch or 64, seed=args.seed * 1_000_003 + step, prompts=world.training_prompts(),
+            drop_size=0.15, drop_background=0.10,
+        )
+        g = torch.Generator().manual_seed(10_000_000 + step)
+        ids = tok(b.captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        drop = torch.rand(len(ids), generator=g) < CAPTION_DROP
+        ids = torch.where(drop[:, None], empty, ids)
+        with torch.no_grad():
+            z = vae.encode(b.images * 2 - 1).latent_dist.sample(generator=g) * scaling
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=g)
+        eps = torch.randn(z.shape, generator=g)
+        zt = sched.add_noise(z, eps, t)
+        for i, group in enumerate(opt.param_groups):
+            group["lr"] = _lr(step, lr * (1.0 if i == 0 else 0.2))
+        cond = text(ids)[0]
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        w = (snr[t].clamp(max=5.0) / snr[t]).view(-1, 1, 1, 1)  # min-SNR-5 for epsilon prediction
+        loss = (w * (pred - eps) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
+        opt.step()
+        return loss.item()
+
+    meta_file = args.out / "unet-scaling.json"
+    meta_file.write_text(json.dumps({"scaling_factor": scaling, "latent_std": std}))
+    _run("unet", args, {"model": joint}, opt, step_fn, ema=ema, ema_decay=0.999)
+
+
+def package(args) -> None:
+    """Assemble the diffusers folder from the trained stages (fp16 where it keeps quality)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    tok = load_tokenizer(args.tokenizer)
+    vae = _trained(args, "vae", make_vae())
+    scaling = json.loads((args.out / "unet-scaling.json").read_text())["scaling_factor"]
+    vae.register_to_config(scaling_factor=round(scaling, 5))
+    clip = _trained(args, "clip", make_clip())
+    unet = make_unet()
+    text = CLIPTextModel(clip.config.text_config)
+    state = __import__("safetensors.torch", fromlist=["load_file"]).load_file(args.out / "unet-ckpt" / "ema.safetensors")
+    unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    text.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("text.")})
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**scheduler_config()),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    dest = args.package_to
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    dtype = torch.float16 if args.fp16 else torch.float32
+    pipe.unet.to(dtype)
+    pipe.text_encoder.to(dtype)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    clip.to(dtype).save_pretrained(tmp / "clip", safe_serialization=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    print(f"packaged to {dest}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m latentlab.embedded.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=["tokenizer", "vae", "clip", "unet", "package"])
+    p.add_argument("--out", type=Path, default=Path("runs/shapes"), help="checkpoint folder (resumed if present)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: OUT/tokenizer)")
+    p.add_argument("--bpe", type=Path, help="bpe_simple_vocab_16e6.txt.gz (tokenizer stage)")
+    p.add_argument("--minutes", type=float, help="stop after this much training time (cumulative over resumes)")
+    p.add_argument("--steps", type=int, help="stop at this step (cumulative over resumes)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
+    p.add_argument("--package-to", type=Path, default=Path(__file__).parent / "model")
+    p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.tokenizer = args.tokenizer or args.out / "tokenizer"
+    if args.stage == "tokenizer":
+        if args.bpe is None:
+            p.error("the tokenizer stage needs --bpe PATH/bpe_simple_vocab_16e6.txt.gz (from the open_clip_torch wheel)")
+        build_tokenizer(args.bpe, args.tokenizer)
+        return
+    if args.stage in ("vae", "clip", "unet") and args.minutes is None and args.steps is None:
+        p.error("give --minutes or --steps")
+    {"vae": train_vae, "clip": train_clip, "unet": train_unet, "package": package}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
