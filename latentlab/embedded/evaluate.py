@@ -71,8 +71,26 @@ def segment(images: torch.Tensor) -> tuple[list[str], list[str], torch.Tensor]:
     return bgs, fgs, torch.stack(masks)
 
 
+def normalise_masks(masks: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Crop each (H, W) mask to its bounding box, pad to a square and resize to ``size``: removes position and
+    scale so the classifier only has to learn shape (and rotation)."""
+    out = torch.zeros(len(masks), size, size)
+    for i, m in enumerate(masks):
+        ys, xs = m.nonzero(as_tuple=True)
+        if len(ys) == 0:
+            continue
+        y0, y1, x0, x1 = ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1
+        crop = m[y0:y1, x0:x1].float()
+        side = max(crop.shape) + 2
+        sq = torch.zeros(side, side)
+        oy, ox = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+        sq[oy : oy + crop.shape[0], ox : ox + crop.shape[1]] = crop
+        out[i] = F.interpolate(sq[None, None], size=(size, size), mode="area")[0, 0]
+    return out
+
+
 class ShapeNet(torch.nn.Module):
-    """Shape from a 64x64 binary mask; small and trained in about a minute on fresh renders."""
+    """Shape from a binary mask, normalised for position and scale; trained in a minute or two on fresh renders."""
 
     def __init__(self):
         super().__init__()
@@ -86,7 +104,7 @@ class ShapeNet(torch.nn.Module):
         )
 
     def forward(self, masks: torch.Tensor) -> torch.Tensor:
-        return self.net(masks.float().unsqueeze(1))
+        return self.net(normalise_masks(masks).unsqueeze(1))
 
 
 def _masks_and_labels(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,11 +114,11 @@ def _masks_and_labels(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return masks, labels
 
 
-def train_shape_classifier(steps: int = 300, seed: int = 0) -> tuple[ShapeNet, float]:
+def train_shape_classifier(steps: int = 400, seed: int = 0) -> tuple[ShapeNet, float]:
     """Train the mask classifier on fresh renders; return it and its accuracy on 512 held-out renders."""
     torch.manual_seed(seed)
     net = ShapeNet()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for step in range(steps):
         masks, labels = _masks_and_labels(64, seed=10_000 + step)
         # Degrade masks a little (erode/dilate) so the classifier tolerates a generator's soft edges.

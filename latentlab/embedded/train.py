@@ -323,11 +323,24 @@ def train_clip(args) -> None:
     lr = args.lr or 5e-4
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
 
+    train_prompts = world.training_prompts()
+
     def step_fn(step):
+        n = args.batch or 128
+        n_hard = int(n * args.hard_negatives)
         b = world.sample(
-            args.batch or 128, seed=args.seed * 1_000_003 + step, prompts=world.training_prompts(),
-            drop_size=0.2, drop_background=0.2,
+            n - n_hard, seed=args.seed * 1_000_003 + step, prompts=train_prompts, drop_size=0.2, drop_background=0.2
         )
+        if n_hard:
+            # Hard negatives: groups that share size, colour and background and differ only in shape. In random
+            # batches two items rarely share colours, so the contrastive loss can be solved without shape.
+            g = torch.Generator().manual_seed(77_000_000 + step)
+            hard: list[tuple[str, str, str, str]] = []
+            while len(hard) < n_hard:
+                size, colour, _, bg = train_prompts[int(torch.randint(len(train_prompts), (1,), generator=g))]
+                hard += [p for p in train_prompts if (p[0], p[1], p[3]) == (size, colour, bg)]
+            hb = world.render_prompts(hard[:n_hard], seed=88_000_000 + step)
+            b = world.Batch(torch.cat([b.images, hb.images]), b.captions + hb.captions, b.attributes + hb.attributes)
         ids = tok(b.captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
         for group in opt.param_groups:
             group["lr"] = _lr(step, lr)
@@ -367,9 +380,9 @@ def train_unet(args) -> None:
     scaling = 1.0 / std
     clip = _trained(args, "clip", make_clip())
     text = CLIPTextModel(clip.config.text_config)
-    text.text_model.load_state_dict(clip.text_model.state_dict())
+    text.load_state_dict(clip.text_model.state_dict())
     unet = make_unet()
-    sched = DDPMScheduler(**scheduler_config())
+    sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"})
     lr = args.lr or 5e-4
     opt = torch.optim.AdamW(
         [{"params": unet.parameters(), "lr": lr}, {"params": text.parameters(), "lr": lr * 0.2}], weight_decay=0.01
@@ -462,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hard-negatives", type=float, default=0.5, help="clip: fraction of each batch in shape-only groups")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--package-to", type=Path, default=Path(__file__).parent / "model")

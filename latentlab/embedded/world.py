@@ -213,10 +213,26 @@ def sample(
     prompts = all_prompts() if prompts is None else prompts
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(prompts), (n,), generator=g).tolist()
-    u = torch.rand(n, 6, generator=g).tolist()
+    return render_prompts(
+        [prompts[j] for j in idx], seed=seed + 1, drop_size=drop_size, drop_background=drop_background,
+        resolution=resolution,
+    )
+
+
+def render_prompts(
+    prompts: list[tuple[str, str, str, str]],
+    *,
+    seed: int,
+    drop_size: float = 0.0,
+    drop_background: float = 0.0,
+    resolution: int = RESOLUTION,
+) -> Batch:
+    """Render exactly these (size, colour, shape, background) prompts, in order, with seeded position/rotation."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(len(prompts), 6, generator=g).tolist()
     images, captions, attrs = [], [], []
     scale = resolution / RESOLUTION
-    for k, (size, colour, shape, bg) in enumerate(prompts[j] for j in idx):
+    for k, (size, colour, shape, bg) in enumerate(prompts):
         uu = u[k]
         lo, hi = SIZES[size]
         radius = (lo + (hi - lo) * uu[0]) * scale

@@ -1,0 +1,171 @@
+"""Video files: stream frames to mp4 (H.264) or gif with the ffmpeg bundled in imageio-ffmpeg, atomically.
+
+One responsibility, and the only module that imports imageio/imageio-ffmpeg. Frames are piped to ffmpeg as they
+come (memory stays flat over long renders); the file is written under a temporary name beside the target and
+renamed into place only when complete, so a killed render never leaves a half-written video under the final name
+and never clobbers an existing file. An existing output is refused unless ``overwrite=True``.
+
+mp4: libx264, yuv420p (plays everywhere; needs even width and height), ``-movflags +faststart`` (playable while
+downloading), ``macro_block_size=1`` (imageio-ffmpeg would otherwise resize to multiples of 16).
+gif: ffmpeg's palettegen/paletteuse (one palette for the whole clip), looping forever.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentlab import _checks
+
+__all__ = ["VideoWriter", "write_video", "read_video", "FORMATS"]
+
+FORMATS = (".mp4", ".gif")
+
+
+def _to_uint8_frames(frames: torch.Tensor | np.ndarray, upscale: int) -> np.ndarray:
+    """(N, 3, H, W) float in [0, 1] tensor, or (N, H, W, 3) uint8 array -> (N, H*up, W*up, 3) uint8."""
+    if isinstance(frames, np.ndarray):
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"array `frames` must be uint8 (N, H, W, 3), got {frames.dtype} {frames.shape}")
+        frames = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    _checks.tensor(frames, "frames", min_ndim=4)
+    if frames.shape[1] != 3:
+        raise ValueError(f"`frames` must be (N, 3, H, W), got shape {tuple(frames.shape)}")
+    x = frames.detach().float().cpu()
+    if upscale > 1:
+        x = torch.nn.functional.interpolate(x, scale_factor=upscale, mode="bicubic", align_corners=False)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+class VideoWriter:
+    """Stream frames into ``path`` (.mp4 or .gif); use as a context manager.
+
+    Parameters
+    ----------
+    path : path-like
+        Target file; its suffix picks the format.
+    fps : float
+        Frames per second.
+    upscale : int
+        Integer upscaling (bicubic) applied to every frame before encoding, for small models' tiny frames.
+    overwrite : bool
+        Replace an existing file (atomically, at the end). Without it an existing file raises ``FileExistsError``
+        before any work.
+    quality : int
+        x264 constant rate factor for mp4 (lower is better; 18 is visually lossless).
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> out = Path(tempfile.mkdtemp()) / "demo.mp4"
+    >>> with VideoWriter(out, fps=12) as w:
+    ...     w.append(torch.rand(6, 3, 32, 48))
+    >>> frames, info = read_video(out)
+    >>> frames.shape, info["codec"]
+    ((6, 32, 48, 3), 'h264')
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fps: float, upscale: int = 1, overwrite: bool = False,
+                 quality: int = 18):
+        self.path = Path(path)
+        if self.path.suffix.lower() not in FORMATS:
+            raise ValueError(f"`path` must end in one of {FORMATS}, got {self.path.name!r}")
+        if not (isinstance(fps, (int, float)) and not isinstance(fps, bool) and 0 < fps <= 240):
+            raise ValueError(f"`fps` must be a number in (0, 240], got {fps!r}")
+        self.upscale = _checks.positive_int(upscale, "upscale")
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"the folder of `path` does not exist: {self.path.parent}")
+        self.fps, self.quality = float(fps), int(quality)
+        self.tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self._gen = None
+        self._size: tuple[int, int] | None = None
+        self.n_frames = 0
+
+    def _open(self, width: int, height: int) -> None:
+        import imageio_ffmpeg
+
+        if self.path.suffix.lower() == ".mp4":
+            if width % 2 or height % 2:
+                raise ValueError(
+                    f"H.264 (yuv420p) needs an even width and height, got {width}x{height}; use an even size or "
+                    "upscale=2"
+                )
+            kw = dict(codec="libx264", pix_fmt_out="yuv420p", quality=None,
+                      output_params=["-crf", str(self.quality), "-movflags", "+faststart"])
+        else:
+            kw = dict(codec="gif", pix_fmt_out="rgb24", quality=None,
+                      output_params=["-filter_complex", "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse",
+                                     "-loop", "0"])
+        self._gen = imageio_ffmpeg.write_frames(
+            str(self.tmp), (width, height), fps=self.fps, macro_block_size=1, ffmpeg_log_level="error", **kw
+        )
+        self._gen.send(None)
+        self._size = (width, height)
+
+    def append(self, frames: torch.Tensor | np.ndarray) -> None:
+        """Append frames: (N, 3, H, W) float tensor in [0, 1] or (N, H, W, 3) uint8 array."""
+        arr = _to_uint8_frames(frames, self.upscale)
+        h, w = arr.shape[1:3]
+        if self._gen is None:
+            self._open(w, h)
+        elif (w, h) != self._size:
+            raise ValueError(f"every frame must be {self._size[0]}x{self._size[1]}, got {w}x{h}")
+        for frame in arr:
+            self._gen.send(np.ascontiguousarray(frame))
+        self.n_frames += len(arr)
+
+    def close(self) -> Path:
+        """Finish the file and move it into place."""
+        if self._gen is None:
+            raise ValueError("no frames were written")
+        self._gen.close()
+        self._gen = None
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self._gen is not None:
+            try:
+                self._gen.close()
+            except Exception:  # noqa: BLE001 - ffmpeg may already be gone; we only clean up
+                pass
+            self._gen = None
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_video(path: str | os.PathLike, frames: torch.Tensor | np.ndarray, *, fps: float, upscale: int = 1,
+                overwrite: bool = False) -> Path:
+    """Write all ``frames`` at once (see :class:`VideoWriter`)."""
+    with VideoWriter(path, fps=fps, upscale=upscale, overwrite=overwrite) as w:
+        w.append(frames)
+    return Path(path)
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Decode a video to (N, H, W, 3) uint8 and report codec, pixel format, fps and size (for round-trip tests)."""
+    import imageio_ffmpeg
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such video: {path}")
+    gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    meta = gen.__next__()
+    w, h = meta["size"]
+    frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen]
+    codec = (meta.get("codec") or "").split()[0].rstrip(",")
+    info = {"fps": meta.get("fps"), "size": (w, h), "codec": codec, "pix_fmt": meta.get("pix_fmt")}
+    return np.stack(frames), info
