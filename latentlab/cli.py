@@ -36,7 +36,7 @@ def _settings_from_args(args: argparse.Namespace):
     from latentlab.morph import Keyframe, MorphSettings, frames_for_duration
 
     prompts, seeds = list(args.prompts), list(args.seeds or [])
-    n = max(len(prompts), len(seeds), 2 if len(prompts) + len(seeds) else 0)
+    n = max(len(prompts), len(seeds))
     if len(prompts) > 1 and len(seeds) > 1 and len(prompts) != len(seeds):
         raise ValueError(f"give one prompt, one seed, or as many seeds as prompts: got {len(prompts)} prompts and "
                          f"{len(seeds)} seeds")

@@ -1,0 +1,85 @@
+"""Morph rendering on a tiny pipeline: exact frames, manifest, single-frame re-render, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from latentlab import cli
+from latentlab.morph import Keyframe, MorphSettings, manifest_path, plan, render_frame, render_morph
+from latentlab.video import read_video
+
+
+def _settings(**kw):
+    base = dict(keyframes=(Keyframe("a red star", 1), Keyframe("a blue ring", 2), Keyframe(None, 3)), n_frames=9)
+    base.update(kw)
+    return MorphSettings(**base)
+
+
+def test_plan_paths_are_independent_and_hit_keyframes(tiny_lab):
+    s = _settings(prompt_interpolation="slerp", noise_easing="smoothstep")
+    p = plan(tiny_lab, s)
+    assert p.latents.shape == (9, 4, 8, 8) and len(p.conditioning) == 9
+    assert torch.equal(p.latents[0], tiny_lab.noise(1)[0]) and torch.equal(p.latents[8], tiny_lab.noise(3)[0])
+    cond = tiny_lab.encode_prompt(["a red star", "a blue ring"])
+    torch.testing.assert_close(p.conditioning.prompt_embeds[0], cond.prompt_embeds[0])
+    torch.testing.assert_close(p.conditioning.prompt_embeds[4], cond.prompt_embeds[1])
+    torch.testing.assert_close(p.conditioning.prompt_embeds[8], cond.prompt_embeds[1])  # prompt carried over
+    assert [f["noise_t"] for f in p.frames][:3] == [0.0, pytest.approx(0.15625), 0.5]
+    assert [f["prompt_t"] for f in p.frames][:3] == [0.0, 0.25, 0.5]
+
+
+def test_render_writes_video_and_manifest_that_recreates_frames(tiny_lab, tmp_path):
+    out = render_morph(tiny_lab, _settings(), tmp_path / "m.mp4", batch_size=4, progress=False, upscale=2)
+    frames, info = read_video(out)
+    assert frames.shape == (9, 32, 32, 3)
+    man = json.loads(manifest_path(out).read_text())
+    assert man["model"] == tiny_lab.model_id and len(man["frames"]) == 9
+    assert man["resolved_keyframes"][2] == {"prompt": "a blue ring", "seed": 3}
+    assert man["scheduler"]["class"] == "DDIMScheduler"
+    assert {"latentlab", "torch", "diffusers", "transformers"} <= set(man["versions"])
+    p = plan(tiny_lab, _settings())
+    batch = tiny_lab.generate(p.latents[4:8], p.conditioning[4:8])
+    again = render_frame(tiny_lab, manifest_path(out), 5)
+    torch.testing.assert_close(again, batch[1:2], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"`index` must be < 9"):
+        render_frame(tiny_lab, manifest_path(out), 9)
+
+
+def test_settings_errors():
+    with pytest.raises(ValueError, match="the first keyframe needs a prompt"):
+        MorphSettings(keyframes=(Keyframe(seed=1), Keyframe("x")))
+    with pytest.raises(ValueError, match=r"`keyframes` must be a tuple of at least 2"):
+        MorphSettings(keyframes=(Keyframe("x"),))
+    with pytest.raises(ValueError, match=r"`noise_interpolation` must be one of"):
+        _settings(noise_interpolation="cubic")
+    round_trip = MorphSettings.from_dict(_settings().to_dict())
+    assert round_trip == _settings()
+
+
+def test_cli_refuses_bad_input_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    def boom(model):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(cli, "_load_lab", boom)
+    existing = tmp_path / "m.mp4"
+    existing.write_bytes(b"mine")
+    assert cli.main(["morph", "a", "b", "-o", str(existing)]) == cli.EXIT_USAGE
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["morph", "a", "b", "-o", str(tmp_path / "m.avi")]) == cli.EXIT_USAGE
+    assert cli.main(["morph", "a", "-o", str(tmp_path / "x.mp4")]) == cli.EXIT_USAGE
+    assert "needs two keyframes" in capsys.readouterr().err
+    assert cli.main(["morph", "a", "b", "c", "--seeds", "1", "2", "-o", str(tmp_path / "x.mp4")]) == cli.EXIT_USAGE
+    assert existing.read_bytes() == b"mine"
+
+
+def test_cli_renders_with_a_model_folder(tiny_sd_path, tmp_path):
+    out = tmp_path / "walk.gif"
+    code = cli.main(["morph", "a red star", "--seeds", "1", "2", "--loop", "--frames", "6", "--steps", "2",
+                     "--model", str(tiny_sd_path), "-o", str(out)])
+    assert code == 0
+    frames, _ = read_video(out)
+    assert frames.shape == (6, 16, 16, 3)
+    assert json.loads(manifest_path(out).read_text())["settings"]["loop"] is True
