@@ -265,7 +265,8 @@ def _run(stage, args, modules, opt, step_fn, *, ema=None, ema_decay=0.999, log_e
     step = meta["step"]
     running = None
     while not clock.done(step, meta["elapsed"]):
-        loss = step_fn(step)
+        scale = _cooldown_scale(args, clock.elapsed(meta["elapsed"]))
+        loss = step_fn(step, scale)
         step += 1
         if ema is not None:
             ema_update(ema, modules["model"], min(ema_decay, (1 + step) / (10 + step)))
@@ -285,6 +286,15 @@ def _lr(step: int, base: float, warmup: int = 200) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
 
+def _cooldown_scale(args, elapsed: float) -> float:
+    """Learning-rate multiplier: 1, then linear decay to 0 over the last ``--cooldown`` fraction of ``--minutes``."""
+    if not args.cooldown or args.minutes is None:
+        return 1.0
+    total = args.minutes * 60
+    start = total * (1 - args.cooldown)
+    return max(0.0, min(1.0, 1 - (elapsed - start) / (total - start)))
+
+
 # --- stages --------------------------------------------------------------------------------------------------------
 
 
@@ -294,14 +304,14 @@ def train_vae(args) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr or 1e-3, weight_decay=0.0)
     crop = 32
 
-    def step_fn(step):
+    def step_fn(step, scale):
         batch = world.sample(args.batch or 32, seed=args.seed * 1_000_003 + step).images
         # Aligned crops: the latent grid of a crop is a sub-grid of the full image's latent grid.
         g = torch.Generator().manual_seed(step)
         oy, ox = (torch.randint(0, (world.RESOLUTION - crop) // 8 + 1, (2,), generator=g) * 8).tolist()
         x = batch[:, :, oy : oy + crop, ox : ox + crop] * 2 - 1
         for group in opt.param_groups:
-            group["lr"] = _lr(step, args.lr or 1e-3)
+            group["lr"] = _lr(step, args.lr or 1e-3) * scale
         post = vae.encode(x).latent_dist
         z = post.sample(generator=g)
         rec = vae.decode(z).sample
@@ -325,7 +335,7 @@ def train_clip(args) -> None:
 
     train_prompts = world.training_prompts()
 
-    def step_fn(step):
+    def step_fn(step, scale):
         n = args.batch or 128
         n_hard = int(n * args.hard_negatives)
         b = world.sample(
@@ -341,9 +351,9 @@ def train_clip(args) -> None:
                 hard += [p for p in train_prompts if (p[0], p[1], p[3]) == (size, colour, bg)]
             hb = world.render_prompts(hard[:n_hard], seed=88_000_000 + step)
             b = world.Batch(torch.cat([b.images, hb.images]), b.captions + hb.captions, b.attributes + hb.attributes)
-        ids = tok(b.captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        ids = tok(b.captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
         for group in opt.param_groups:
-            group["lr"] = _lr(step, lr)
+            group["lr"] = _lr(step, lr) * scale
         pixel = (b.images - 0.5) / 0.5
         out = model(input_ids=ids, pixel_values=pixel, return_loss=True)
         opt.zero_grad(set_to_none=True)
@@ -376,8 +386,13 @@ def train_unet(args) -> None:
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.tokenizer)
     vae = _trained(args, "vae", make_vae()).eval().requires_grad_(False)
-    _, std = latent_stats(vae)
-    scaling = 1.0 / std
+    meta_file = args.out / "unet-scaling.json"
+    if meta_file.exists():  # resuming: keep the scaling the UNet has been trained with
+        scaling = json.loads(meta_file.read_text())["scaling_factor"]
+    else:
+        _, std = latent_stats(vae)
+        scaling = 1.0 / std
+        meta_file.write_text(json.dumps({"scaling_factor": scaling, "latent_std": std}))
     clip = _trained(args, "clip", make_clip())
     text = CLIPTextModel(clip.config.text_config)
     text.load_state_dict(clip.text_model.state_dict())
@@ -389,7 +404,7 @@ def train_unet(args) -> None:
     )
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
-    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
 
     class Joint(torch.nn.Module):
         def __init__(self):
@@ -399,13 +414,13 @@ def train_unet(args) -> None:
     joint = Joint()
     ema = copy.deepcopy(joint).requires_grad_(False)
 
-    def step_fn(step):
+    def step_fn(step, scale):
         b = world.sample(
             args.batch or 64, seed=args.seed * 1_000_003 + step, prompts=world.training_prompts(),
             drop_size=0.15, drop_background=0.10,
         )
         g = torch.Generator().manual_seed(10_000_000 + step)
-        ids = tok(b.captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        ids = tok(b.captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
         drop = torch.rand(len(ids), generator=g) < CAPTION_DROP
         ids = torch.where(drop[:, None], empty, ids)
         with torch.no_grad():
@@ -414,7 +429,7 @@ def train_unet(args) -> None:
         eps = torch.randn(z.shape, generator=g)
         zt = sched.add_noise(z, eps, t)
         for i, group in enumerate(opt.param_groups):
-            group["lr"] = _lr(step, lr * (1.0 if i == 0 else 0.2))
+            group["lr"] = _lr(step, lr * (1.0 if i == 0 else 0.2)) * scale
         cond = text(ids)[0]
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         w = (snr[t].clamp(max=5.0) / snr[t]).view(-1, 1, 1, 1)  # min-SNR-5 for epsilon prediction
@@ -425,8 +440,6 @@ def train_unet(args) -> None:
         opt.step()
         return loss.item()
 
-    meta_file = args.out / "unet-scaling.json"
-    meta_file.write_text(json.dumps({"scaling_factor": scaling, "latent_std": std}))
     _run("unet", args, {"model": joint}, opt, step_fn, ema=ema, ema_decay=0.999)
 
 
@@ -473,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, help="stop after this much training time (cumulative over resumes)")
     p.add_argument("--steps", type=int, help="stop at this step (cumulative over resumes)")
     p.add_argument("--batch", type=int)
+    p.add_argument("--cooldown", type=float, default=0.0,
+                   help="decay the learning rate linearly to 0 over this last fraction of --minutes")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hard-negatives", type=float, default=0.5, help="clip: fraction of each batch in shape-only groups")

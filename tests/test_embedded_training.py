@@ -1,0 +1,65 @@
+"""The embedded model's world, evaluator and a few-step smoke run of every training stage (the real run is a
+developer's job: see latentlab/embedded/MODEL_CARD.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from latentlab.embedded import evaluate, train, world
+
+
+def test_world_is_seeded_and_captioned():
+    a, b = world.sample(8, seed=3), world.sample(8, seed=3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not torch.equal(a.images, world.sample(8, seed=4).images)
+    assert a.images.min() >= 0 and a.images.max() <= 1
+    for cap, attr in zip(a.captions, a.attributes):
+        assert cap == world.caption(attr["size"], attr["colour"], attr["shape"], attr["background"])
+        assert attr["colour"] != attr["background"]
+
+
+def test_held_out_prompts_are_never_trained_on():
+    held, trained = set(world.held_out_prompts()), set(world.training_prompts())
+    assert len(held) == world.N_HELD_OUT >= 256
+    assert not held & trained and len(held | trained) == len(world.all_prompts()) == 1008
+    b = world.sample(200, seed=0, prompts=world.training_prompts())
+    assert not {tuple(x[k] for k in ("size", "colour", "shape", "background")) for x in b.attributes} & held
+    # Every attribute pair is still seen in training (compositional generalisation, not extrapolation).
+    for i, j in [(1, 2), (1, 3), (2, 3)]:
+        pairs = {(p[i], p[j]) for p in world.all_prompts()}
+        assert pairs == {(p[i], p[j]) for p in trained}
+
+
+def test_evaluator_reads_colours_from_rendered_images():
+    b = world.sample(32, seed=11)
+    bgs, fgs, masks = evaluate.segment(b.images)
+    assert bgs == [a["background"] for a in b.attributes]
+    assert fgs == [a["colour"] for a in b.attributes]
+    assert masks.shape == (32, 64, 64) and masks.any(dim=(1, 2)).all()
+    assert evaluate.score([{"background": "red", "colour": "blue", "shape": "star"}],
+                          [{"background": "red", "colour": "blue", "shape": "ring"}]) == {
+        "background": 1.0, "colour": 1.0, "shape": 0.0, "all": 0.0}
+
+
+def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from tests.conftest import _tiny_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    _tiny_tokenizer(tok_dir).save_pretrained(tok_dir)
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--tokenizer", str(tok_dir), "--threads", str(torch.get_num_threads())]
+    train.main(["vae", "--steps", "2", "--batch", "4", *common])
+    train.main(["clip", "--steps", "2", "--batch", "8", *common])
+    train.main(["unet", "--steps", "2", "--batch", "4", *common])
+    train.main(["unet", "--steps", "3", "--batch", "4", *common])  # resumes from the checkpoint
+    assert __import__("json").loads((out / "unet-ckpt" / "meta.json").read_text())["step"] == 3
+    train.main(["package", "--package-to", str(tmp_path / "model"), *common])
+    assert not list((tmp_path / "model").rglob("*.bin")) and not list((tmp_path / "model").rglob("*.pt"))
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red star", num_inference_steps=2, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
+    assert 0.05 < pipe.vae.config.scaling_factor < 5  # set from the data, not SD's 0.18215
