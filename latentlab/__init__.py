@@ -9,6 +9,7 @@ notebook packages are imported by the modules that own them, when first used.
 torch.Size([1, 4, 8, 8])
 """
 
+from latentlab.backend import Conditioning, Lab
 from latentlab.ops import (
     add_direction,
     analogy,
@@ -26,7 +27,9 @@ from latentlab.seeds import noise, variation_noise
 __version__ = "0.1.0"
 
 __all__ = [
+    "Conditioning",
     "EASINGS",
+    "Lab",
     "Schedule",
     "add_direction",
     "analogy",

@@ -21,3 +21,11 @@ def test_two_commands_install_cpu_torch_first():
     assert "latentlab morph" in main
     assert "pytest" in test
     assert "Run the test suite:" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_python_examples_in_the_readme_run():
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

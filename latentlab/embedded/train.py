@@ -466,11 +466,19 @@ def package(args) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    # fp16 storage where diffusers upcasts on load (UNet, VAE: no measurable PSNR change) and for the separate CLIP;
+    # the pipeline's text encoder stays float32 because transformers loads it in its stored dtype, and a float16
+    # text encoder beside a float32 UNet breaks a plain `StableDiffusionPipeline.from_pretrained(path)`.
     dtype = torch.float16 if args.fp16 else torch.float32
     pipe.unet.to(dtype)
-    pipe.text_encoder.to(dtype)
+    pipe.vae.to(dtype)
     pipe.save_pretrained(tmp, safe_serialization=True)
     clip.to(dtype).save_pretrained(tmp / "clip", safe_serialization=True)
+    # Ship the tokenizer as OpenAI's vocab.json + merges.txt (1.5 MB, read by transformers 4 and 5) rather than the
+    # 3.6 MB tokenizer.json that transformers 5 also writes.
+    (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(args.tokenizer / name, tmp / "tokenizer" / name)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
