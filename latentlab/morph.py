@@ -16,17 +16,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-import latentlab
 from latentlab import _checks
 from latentlab.backend import Conditioning, Generator
 from latentlab.paths import EASINGS, METHODS, keyframe_path, schedule
 from latentlab.seeds import noise
+from latentlab.store import versions
 
 __all__ = ["Keyframe", "MorphSettings", "plan", "render_morph", "render_frame", "MANIFEST_VERSION"]
 
@@ -132,14 +131,6 @@ def plan(lab: Generator, settings: MorphSettings) -> Plan:
     return Plan(lat, cond_path, frames)
 
 
-def _versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {"latentlab": latentlab.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-
-
 def _scheduler_record(lab) -> dict:
     sched = getattr(getattr(lab, "pipe", None), "scheduler", None)
     if sched is None:
@@ -205,7 +196,7 @@ def render_morph(
         "resolved_keyframes": [{"prompt": pr, "seed": s} for pr, s in zip(prompts, seeds)],
         "upscale": upscale,
         "frames": p.frames,
-        "versions": _versions(),
+        "versions": versions(),
     })
     return output
 

@@ -1,0 +1,84 @@
+"""Save and load latents and embeddings with their provenance, in safetensors (never pickles).
+
+One responsibility: files of named tensors plus a JSON provenance record (seed, prompt, model id, scheduler, steps,
+guidance, versions, anything else the caller adds) stored in the safetensors header's string metadata. Files are
+written under a temporary name and renamed into place; an existing file is refused unless ``overwrite=True``.
+
+Examples
+--------
+>>> import tempfile, torch
+>>> from pathlib import Path
+>>> path = Path(tempfile.mkdtemp()) / "z.safetensors"
+>>> save(path, {"latents": torch.zeros(1, 4, 8, 8)}, provenance={"seed": 7, "prompt": "a red star"})
+PosixPath('...z.safetensors')
+>>> tensors, prov = load(path)
+>>> tensors["latents"].shape, prov["seed"], prov["prompt"]
+(torch.Size([1, 4, 8, 8]), 7, 'a red star')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+__all__ = ["save", "load", "versions", "PROVENANCE_KEY"]
+
+PROVENANCE_KEY = "latentlab.provenance"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that determine a result (those that are imported or installed)."""
+    from importlib import metadata
+
+    import latentlab
+
+    out = {"latentlab": latentlab.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("diffusers", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, provenance: dict | None = None,
+         overwrite: bool = False) -> Path:
+    """Write ``tensors`` and a JSON-serialisable ``provenance`` dict (plus :func:`versions`) to ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"`path` must end in .safetensors, got {path.name!r}")
+    if not isinstance(tensors, dict) or not tensors:
+        raise TypeError("`tensors` must be a non-empty dict of name -> torch.Tensor")
+    for k, v in tensors.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"`tensors` must map str to torch.Tensor, got {type(k).__name__} -> {type(v).__name__}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    record = {"versions": versions(), **(provenance or {})}
+    try:
+        meta = json.dumps(record)
+    except TypeError as e:
+        raise TypeError(f"`provenance` must be JSON-serialisable: {e}") from None
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={PROVENANCE_KEY: meta})
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read tensors and provenance written by :func:`save` (any safetensors file works; provenance may be empty)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, json.loads(meta.get(PROVENANCE_KEY, "{}"))
