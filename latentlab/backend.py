@@ -224,6 +224,14 @@ class Lab:
                 self._prompt_cache[(p,)] = Conditioning(emb[i : i + 1], None if pooled is None else pooled[i : i + 1])
         return Conditioning.cat([self._prompt_cache[(p,)] for p in prompts])
 
+    def negative_conditioning(self, negative_prompt: str = "") -> Conditioning:
+        """The unconditional side of classifier-free guidance, as the pipeline itself builds it: SDXL pipelines
+        with ``force_zeros_for_empty_prompt`` use zeros for an empty negative prompt, others encode the text."""
+        cond = self.encode_prompt(negative_prompt)
+        if self.is_sdxl and negative_prompt == "" and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+            return cond.map(torch.zeros_like)
+        return cond
+
     # --- generation --------------------------------------------------------------------------------------------
 
     def _call_kwargs(self, cond: Conditioning, negative: Conditioning | None, guidance_scale: float) -> dict:
@@ -269,7 +277,7 @@ class Lab:
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
         _checks.positive_int(steps, "num_inference_steps")
         cfg = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        negative = self.encode_prompt(self.negative_prompt if negative_prompt is None else negative_prompt)
+        negative = self.negative_conditioning(self.negative_prompt if negative_prompt is None else negative_prompt)
         size = batch_size or n
         _checks.positive_int(size, "batch_size")
         outs, start = [], 0

@@ -69,3 +69,34 @@ def tiny_lab(tiny_sd_path):
     lab = Lab.from_pretrained(tiny_sd_path, device="cpu")
     lab.num_inference_steps, lab.guidance_scale = 3, 3.0
     return lab
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory):
+    """A tiny random SDXL-layout pipeline (two text encoders, pooled embeds, time ids): 16x16 images, f=2."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    root = tmp_path_factory.mktemp("tiny-sdxl")
+    torch.manual_seed(0)
+    tok = _tiny_tokenizer(root / "tok-src")
+    cfg = dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               max_position_embeddings=16, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=16)
+    text = CLIPTextModel(CLIPTextConfig(**cfg))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+                                norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=16)
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=sched)
+    path = root / "pipe"
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -64,3 +64,22 @@ def test_vae_round_trip_and_errors(tiny_lab):
         tiny_lab.generate(torch.zeros(1, 3, 8, 8), tiny_lab.encode_prompt("x"))
     with pytest.raises(ValueError, match=r"`conditioning` must have 1 or 2 items"):
         tiny_lab.generate(tiny_lab.noise([1, 2]), tiny_lab.encode_prompt(["a", "b", "c"]))
+
+
+def test_sdxl_layout_pooled_embeds_and_parity(tiny_sdxl_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from latentlab.backend import Lab
+
+    lab = Lab.from_pretrained(tiny_sdxl_path, device="cpu")
+    assert lab.is_sdxl and lab.latent_shape() == (4, 8, 8)
+    cond = lab.encode_prompt(["a red star", "a blue ring"])
+    assert cond.prompt_embeds.shape == (2, 16, 32) and cond.pooled_prompt_embeds.shape == (2, 16)
+    z = lab.noise([1, 2])
+    ours = lab.generate(z, cond, num_inference_steps=3, guidance_scale=3.0)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(["a red star", "a blue ring"], latents=z, num_inference_steps=3, guidance_scale=3.0,
+                  output_type="pt").images
+    assert ours.shape == (2, 3, 16, 16)
+    assert torch.equal(ours, theirs)
