@@ -24,7 +24,7 @@ import torch
 from latentlab import _checks
 from latentlab.seeds import noise as _noise
 
-__all__ = ["Lab", "Conditioning", "Generator"]
+__all__ = ["Lab", "Conditioning", "Generator", "Trajectory"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,17 @@ class Conditioning:
         """Apply ``fn`` to every tensor field (e.g. an interpolation)."""
         pooled = None if self.pooled_prompt_embeds is None else fn(self.pooled_prompt_embeds)
         return Conditioning(fn(self.prompt_embeds), pooled)
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One denoising run step by step: ``latents[i]`` after step ``i``, ``x0[i]`` the clean latent the model
+    predicted at step ``i`` (both ``(steps, batch, C, h, w)``, float32, CPU), and the final ``images``."""
+
+    timesteps: tuple[float, ...]
+    latents: torch.Tensor
+    x0: torch.Tensor
+    images: torch.Tensor
 
 
 class Generator(Protocol):
@@ -314,6 +325,81 @@ class Lab:
         if output_type == "latent":
             return out.float().cpu()
         return self.decode(out)
+
+    def _alphas_cumprod_at(self, t: torch.Tensor) -> torch.Tensor:
+        """Cumulative alpha at (possibly fractional) timestep t, interpolating sigma linearly as Euler schedulers do."""
+        ac = self.pipe.scheduler.alphas_cumprod.double()
+        sigmas = ((1 - ac) / ac).sqrt()
+        tt = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        lo = int(min(max(0, int(tt)), len(ac) - 1))
+        hi = min(lo + 1, len(ac) - 1)
+        sigma = sigmas[lo] + (sigmas[hi] - sigmas[lo]) * (tt - lo)
+        return 1 / (1 + sigma**2)
+
+    @torch.no_grad()
+    def trajectory(
+        self,
+        latents: torch.Tensor,
+        conditioning: Conditioning,
+        *,
+        negative_prompt: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> Trajectory:
+        """Denoise like :meth:`generate` and record every step's latents and predicted clean latent (x0).
+
+        x0 comes from the UNet's own output (read with a forward hook; nothing is patched), combined for
+        classifier-free guidance as the pipeline combines it, and converted with the scheduler's cumulative alphas:
+        ``x0 = (x_t - sqrt(1 - ᾱ) ε) / sqrt(ᾱ)`` for epsilon prediction, ``sqrt(ᾱ) x_t - sqrt(1 - ᾱ) v`` for
+        v-prediction. Decode any of them with :meth:`decode` to watch the image form.
+        """
+        _checks.tensor(latents, "latents", min_ndim=4)
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        cfg = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        negative = self.negative_conditioning(self.negative_prompt if negative_prompt is None else negative_prompt)
+        b = latents.shape[0]
+        if len(conditioning) == 1 and b > 1:
+            conditioning = conditioning.map(lambda t: t.expand(b, *t.shape[1:]))
+        pred_type = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+        guided = cfg > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
+        x0s, lats, ts = [], [], []
+
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["sample"]
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            out = output[0] if isinstance(output, tuple) else output.sample
+            if guided:  # the pipeline batches [unconditional, conditional]
+                x = x.chunk(2)[1]
+                uncond, cond = out.chunk(2)
+                out = uncond + cfg * (cond - uncond)
+            a = self._alphas_cumprod_at(t).to(x.device)
+            x, out = x.double(), out.double()
+            if pred_type == "epsilon":
+                x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+            elif pred_type == "v_prediction":
+                x0 = a.sqrt() * x - (1 - a).sqrt() * out
+            else:
+                x0 = out
+            x0s.append(x0.float().cpu())
+            ts.append(float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t))
+
+        def on_step_end(pipe, i, t, callback_kwargs):
+            lats.append(callback_kwargs["latents"].float().cpu())
+            return {}
+
+        handle = self.pipe.unet.register_forward_hook(hook, with_kwargs=True)
+        try:
+            neg = negative.map(lambda t: t.expand(b, *t.shape[1:]))
+            f = self.vae_scale_factor
+            final = self.pipe(
+                latents=latents.to(self.device, self.dtype), height=latents.shape[2] * f, width=latents.shape[3] * f,
+                num_inference_steps=steps, guidance_scale=cfg, output_type="latent",
+                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+                **self._call_kwargs(conditioning, neg, cfg),
+            ).images
+        finally:
+            handle.remove()
+        return Trajectory(tuple(ts), torch.stack(lats), torch.stack(x0s), self.decode(final))
 
     # --- VAE -----------------------------------------------------------------------------------------------------
 

@@ -83,3 +83,28 @@ def test_sdxl_layout_pooled_embeds_and_parity(tiny_sdxl_path):
                   output_type="pt").images
     assert ours.shape == (2, 3, 16, 16)
     assert torch.equal(ours, theirs)
+
+
+def test_trajectory_x0_satisfies_the_ddim_update(tiny_lab):
+    """With deterministic DDIM, every step is x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps, where
+    eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t): the captured x0 must satisfy it at every step."""
+    z = tiny_lab.noise([3, 4])
+    traj = tiny_lab.trajectory(z, tiny_lab.encode_prompt(["a red star", "a blue ring"]), num_inference_steps=5,
+                               guidance_scale=3.0)
+    assert traj.latents.shape == traj.x0.shape == (5, 2, 4, 8, 8) and len(traj.timesteps) == 5
+    sched = tiny_lab.pipe.scheduler
+    ac = sched.alphas_cumprod.double()
+    step = sched.config.num_train_timesteps // 5
+    x_t = z.double()
+    for i, t in enumerate(traj.timesteps):
+        a_t = ac[int(t)]
+        prev = int(t) - step
+        a_prev = ac[prev] if prev >= 0 else sched.final_alpha_cumprod.double()
+        x0 = traj.x0[i].double()
+        eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        torch.testing.assert_close(traj.latents[i].double(), expected, rtol=1e-4, atol=1e-4)
+        x_t = traj.latents[i].double()
+    same = tiny_lab.generate(z, tiny_lab.encode_prompt(["a red star", "a blue ring"]), num_inference_steps=5,
+                             guidance_scale=3.0)
+    assert torch.equal(traj.images, same)
