@@ -115,11 +115,13 @@ class Lab:
 
     Examples
     --------
-    >>> lab = Lab.default()                                         # doctest: +SKIP
-    >>> z = lab.noise([1, 2])                                       # doctest: +SKIP
-    >>> images = lab.generate(z, lab.encode_prompt(["a red star", "a blue ring"]))  # doctest: +SKIP
-    >>> images.shape                                                # doctest: +SKIP
-    torch.Size([2, 3, 64, 64])
+    >>> lab = Lab.default()
+    >>> z = lab.noise([1, 2])
+    >>> z.shape
+    torch.Size([2, 4, 8, 8])
+    >>> images = lab.generate(z, lab.encode_prompt(["a red star", "a blue ring"]))
+    >>> images.shape, images.dtype
+    (torch.Size([2, 3, 64, 64]), torch.float32)
     """
 
     pipe: Any

@@ -1,0 +1,43 @@
+"""The shipped embedded model: standard diffusers folder, small, safetensors only, and it does what it says."""
+
+from __future__ import annotations
+
+import torch
+
+from latentlab import Lab, embedded
+from latentlab.embedded import evaluate, world
+
+
+def test_shipped_folder_is_plain_diffusers_small_and_safetensors_only():
+    from diffusers import StableDiffusionPipeline
+
+    path = embedded.model_path()
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 40 * 1000**2
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    pipe = StableDiffusionPipeline.from_pretrained(path)  # no latentlab code involved
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a large red circle on a blue background", num_inference_steps=8, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 64, 64)
+
+
+def test_default_lab_follows_prompts_on_held_out_combinations():
+    lab = Lab.default()
+    assert lab.latent_shape() == (4, 8, 8) and lab.default_size() == (64, 64)
+    prompts = world.held_out_prompts()[::16]  # 16 combinations never seen in training
+    images = lab.generate(lab.noise(list(range(len(prompts)))),
+                          lab.encode_prompt([world.caption(*p) for p in prompts]))
+    bgs, fgs, _ = evaluate.segment(images)
+    bg_acc = sum(b == p[3] for b, p in zip(bgs, prompts)) / len(prompts)
+    fg_acc = sum(f == p[1] for f, p in zip(fgs, prompts)) / len(prompts)
+    assert bg_acc >= 0.8 and fg_acc >= 0.7, (bg_acc, fg_acc)
+
+
+def test_embedded_clip_reads_colours():
+    from transformers import CLIPModel, CLIPTokenizer
+
+    clip = CLIPModel.from_pretrained(embedded.clip_path(), dtype=torch.float32)
+    tok = CLIPTokenizer.from_pretrained(embedded.model_path() / "tokenizer")
+    scores = evaluate.clip_zero_shot(clip, tok, n=64)
+    assert scores["colour"] >= 0.9 and scores["background"] >= 0.9, scores
