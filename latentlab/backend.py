@@ -106,6 +106,14 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def _latents_mean_std(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel latent mean/std from the VAE config (some SDXL-family VAEs), shaped (1, C, 1, 1) like ``like``."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like)
+
+
 @dataclass
 class Lab:
     """A diffusers pipeline plus what latentlab needs to know about it.
@@ -257,6 +265,26 @@ class Lab:
                 kw["negative_pooled_prompt_embeds"] = negative.pooled_prompt_embeds
         return kw
 
+    def _prepare(self, latents, conditioning, negative_prompt, num_inference_steps, guidance_scale):
+        """Validate a generation request before any model work; resolve defaults; one conditioning per latent."""
+        _checks.tensor(latents, "latents", min_ndim=4)
+        expected = self.latent_shape(height=latents.shape[2] * self.vae_scale_factor,
+                                     width=latents.shape[3] * self.vae_scale_factor)
+        if tuple(latents.shape[1:]) != expected:
+            raise ValueError(f"`latents` must have shape (batch, {expected[0]}, h, w), got {tuple(latents.shape)}")
+        if not isinstance(conditioning, Conditioning):
+            raise TypeError(f"`conditioning` must be a Conditioning (from encode_prompt), got {type(conditioning).__name__}")
+        n = latents.shape[0]
+        if len(conditioning) == 1 and n > 1:
+            conditioning = conditioning.map(lambda t: t.expand(n, *t.shape[1:]))
+        if len(conditioning) != n:
+            raise ValueError(f"`conditioning` must have 1 or {n} items (one per latent), got {len(conditioning)}")
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        _checks.positive_int(steps, "num_inference_steps")
+        cfg = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        negative = self.negative_conditioning(self.negative_prompt if negative_prompt is None else negative_prompt)
+        return conditioning, negative, steps, cfg
+
     def generate(
         self,
         latents: torch.Tensor,
@@ -274,23 +302,10 @@ class Lab:
         latent (or one item, used for all). Runs in batches of ``batch_size`` (default: all at once), halving on
         out-of-memory. ``output_type="latent"`` returns the final latents instead of images.
         """
-        _checks.tensor(latents, "latents", min_ndim=4)
-        expected = self.latent_shape(height=latents.shape[2] * self.vae_scale_factor,
-                                     width=latents.shape[3] * self.vae_scale_factor)
-        if tuple(latents.shape[1:]) != expected:
-            raise ValueError(f"`latents` must have shape (batch, {expected[0]}, h, w), got {tuple(latents.shape)}")
-        if not isinstance(conditioning, Conditioning):
-            raise TypeError(f"`conditioning` must be a Conditioning (from encode_prompt), got {type(conditioning).__name__}")
-        n = latents.shape[0]
-        if len(conditioning) == 1 and n > 1:
-            conditioning = conditioning.map(lambda t: t.expand(n, *t.shape[1:]))
-        if len(conditioning) != n:
-            raise ValueError(f"`conditioning` must have 1 or {n} items (one per latent), got {len(conditioning)}")
+        conditioning, negative, steps, cfg = self._prepare(latents, conditioning, negative_prompt,
+                                                           num_inference_steps, guidance_scale)
         _checks.choice(output_type, "output_type", ("pt", "latent"))
-        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
-        _checks.positive_int(steps, "num_inference_steps")
-        cfg = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        negative = self.negative_conditioning(self.negative_prompt if negative_prompt is None else negative_prompt)
+        n = latents.shape[0]
         size = batch_size or n
         _checks.positive_int(size, "batch_size")
         outs, start = [], 0
@@ -355,13 +370,9 @@ class Lab:
         ``x0 = (x_t - sqrt(1 - ᾱ) ε) / sqrt(ᾱ)`` for epsilon prediction, ``sqrt(ᾱ) x_t - sqrt(1 - ᾱ) v`` for
         v-prediction. Decode any of them with :meth:`decode` to watch the image form.
         """
-        _checks.tensor(latents, "latents", min_ndim=4)
-        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
-        cfg = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        negative = self.negative_conditioning(self.negative_prompt if negative_prompt is None else negative_prompt)
+        conditioning, negative, steps, cfg = self._prepare(latents, conditioning, negative_prompt,
+                                                           num_inference_steps, guidance_scale)
         b = latents.shape[0]
-        if len(conditioning) == 1 and b > 1:
-            conditioning = conditioning.map(lambda t: t.expand(b, *t.shape[1:]))
         pred_type = self.pipe.scheduler.config.get("prediction_type", "epsilon")
         guided = cfg > 1.0 and self.pipe.unet.config.time_cond_proj_dim is None
         x0s, lats, ts = [], [], []
@@ -413,11 +424,9 @@ class Lab:
         """
         vae = self.pipe.vae
         z = latents.to(self.device, vae.dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(z)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(z)
-            z = z * std_t / vae.config.scaling_factor + mean_t
+        stats = _latents_mean_std(vae, z)
+        if stats is not None:
+            z = z * stats[1] / vae.config.scaling_factor + stats[0]
         else:
             z = z / vae.config.scaling_factor
         img = vae.decode(z, return_dict=False)[0]
@@ -441,9 +450,7 @@ class Lab:
         vae = self.pipe.vae
         x = (images.to(self.device, vae.dtype) * 2 - 1)
         z = vae.encode(x).latent_dist.mean
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(z)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(z)
-            return ((z - mean_t) * vae.config.scaling_factor / std_t).to(self.dtype)
+        stats = _latents_mean_std(vae, z)
+        if stats is not None:
+            return ((z - stats[0]) * vae.config.scaling_factor / stats[1]).to(self.dtype)
         return (z * vae.config.scaling_factor).to(self.dtype)
