@@ -63,3 +63,10 @@ def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
     assert 0.05 < pipe.vae.config.scaling_factor < 5  # set from the data, not SD's 0.18215
+    # Unpack the packaged model and keep training from it (no original checkpoints needed).
+    again = tmp_path / "again"
+    train.main(["unpack", "--out", str(again), "--package-to", str(tmp_path / "model"), "--tokenizer", str(tok_dir),
+                "--threads", str(torch.get_num_threads())])
+    train.main(["unet", "--steps", "1", "--batch", "4", "--out", str(again), "--tokenizer", str(tok_dir),
+                "--threads", str(torch.get_num_threads())])
+    assert __import__("json").loads((again / "unet-ckpt" / "meta.json").read_text())["step"] == 1

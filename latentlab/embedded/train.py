@@ -18,6 +18,8 @@ Stages (``python -m latentlab.embedded.train STAGE --out runs/shapes``):
    text tower and is fine-tuned jointly.
 5. ``package`` — write the diffusers folder (fp16 safetensors) that ``StableDiffusionPipeline.from_pretrained``
    loads with no latentlab code, plus the CLIP model under ``clip/``.
+6. ``unpack`` — the reverse: a packaged folder back into checkpoints in ``--out`` (fresh optimizer), to continue
+   training from the shipped model when the original checkpoints are gone.
 
 Every stage is time-boxed (``--minutes``) or step-boxed (``--steps``) and checkpoints every ``--save-every``
 seconds; running a stage again resumes it.
@@ -485,9 +487,43 @@ def package(args) -> None:
     print(f"packaged to {dest}")
 
 
+def unpack(args) -> None:
+    """Turn a packaged model folder (``--package-to``, default the shipped one) back into resumable checkpoints in
+    ``--out``, so training can continue without the original ``runs/`` folder (fresh optimizer state, step 0)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPModel, CLIPTextModel
+
+    src = args.package_to
+    if not (src / "model_index.json").is_file():
+        raise FileNotFoundError(f"no packaged model in {src}")
+    if any((args.out / f"{s}-ckpt").exists() for s in ("vae", "clip", "unet")):
+        raise FileExistsError(f"{args.out} already holds checkpoints; unpack into an empty folder")
+    vae = AutoencoderKL.from_pretrained(src / "vae", dtype=torch.float32)
+    clip = CLIPModel.from_pretrained(src / "clip", dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(src / "unet", dtype=torch.float32)
+    text = CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32)
+    joint = {**{f"unet.{k}": v for k, v in unet.state_dict().items()},
+             **{f"text.{k}": v for k, v in text.state_dict().items()}}
+    meta = json.dumps({"step": 0, "elapsed": 0.0, "log": [], "unpacked_from": str(src)})
+    for stage, state, ema in (("vae", vae.state_dict(), True), ("clip", clip.state_dict(), False), ("unet", joint, True)):
+        d = args.out / f"{stage}-ckpt"
+        d.mkdir(parents=True)
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, d / "model.safetensors")
+        if ema:
+            save_file(tensors, d / "ema.safetensors")
+        save_file({}, d / "optimizer.safetensors")
+        (d / "meta.json").write_text(meta)
+    (args.out / "unet-scaling.json").write_text(json.dumps({"scaling_factor": vae.config.scaling_factor}))
+    if not args.tokenizer.exists():
+        shutil.copytree(src / "tokenizer", args.tokenizer)
+    print(f"unpacked {src} into {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m latentlab.embedded.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["tokenizer", "vae", "clip", "unet", "package"])
+    p.add_argument("stage", choices=["tokenizer", "vae", "clip", "unet", "package", "unpack"])
     p.add_argument("--out", type=Path, default=Path("runs/shapes"), help="checkpoint folder (resumed if present)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: OUT/tokenizer)")
     p.add_argument("--bpe", type=Path, help="bpe_simple_vocab_16e6.txt.gz (tokenizer stage)")
@@ -514,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.stage in ("vae", "clip", "unet") and args.minutes is None and args.steps is None:
         p.error("give --minutes or --steps")
-    {"vae": train_vae, "clip": train_clip, "unet": train_unet, "package": package}[args.stage](args)
+    {"vae": train_vae, "clip": train_clip, "unet": train_unet, "package": package, "unpack": unpack}[args.stage](args)
 
 
 if __name__ == "__main__":
