@@ -31,7 +31,6 @@ import argparse
 import copy
 import gzip
 import json
-import math
 import os
 import shutil
 import time
