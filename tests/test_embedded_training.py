@@ -3,6 +3,8 @@ developer's job: see latentlab/embedded/MODEL_CARD.md)."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from latentlab.embedded import evaluate, train, world
@@ -54,7 +56,7 @@ def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
     train.main(["clip", "--steps", "2", "--batch", "8", *common])
     train.main(["unet", "--steps", "2", "--batch", "4", *common])
     train.main(["unet", "--steps", "3", "--batch", "4", *common])  # resumes from the checkpoint
-    assert __import__("json").loads((out / "unet-ckpt" / "meta.json").read_text())["step"] == 3
+    assert json.loads((out / "unet-ckpt" / "meta.json").read_text())["step"] == 3
     train.main(["package", "--package-to", str(tmp_path / "model"), *common])
     assert not list((tmp_path / "model").rglob("*.bin")) and not list((tmp_path / "model").rglob("*.pt"))
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", dtype=torch.float32)
@@ -69,4 +71,4 @@ def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
                 "--threads", str(torch.get_num_threads())])
     train.main(["unet", "--steps", "1", "--batch", "4", "--out", str(again), "--tokenizer", str(tok_dir),
                 "--threads", str(torch.get_num_threads())])
-    assert __import__("json").loads((again / "unet-ckpt" / "meta.json").read_text())["step"] == 1
+    assert json.loads((again / "unet-ckpt" / "meta.json").read_text())["step"] == 1

@@ -447,6 +447,7 @@ def train_unet(args) -> None:
 def package(args) -> None:
     """Assemble the diffusers folder from the trained stages (fp16 where it keeps quality)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file
     from transformers import CLIPTextModel
 
     tok = load_tokenizer(args.tokenizer)
@@ -456,7 +457,7 @@ def package(args) -> None:
     clip = _trained(args, "clip", make_clip())
     unet = make_unet()
     text = CLIPTextModel(clip.config.text_config)
-    state = __import__("safetensors.torch", fromlist=["load_file"]).load_file(args.out / "unet-ckpt" / "ema.safetensors")
+    state = load_file(args.out / "unet-ckpt" / "ema.safetensors")
     unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
     text.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("text.")})
     pipe = StableDiffusionPipeline(
