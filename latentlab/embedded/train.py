@@ -327,6 +327,62 @@ def train_vae(args) -> None:
     _run("vae", args, {"model": vae}, opt, step_fn, ema=ema, ema_decay=0.999)
 
 
+def foreground_weights(images: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (N, 1, H, W): ``1 + weight`` on and next to the shape, 1 on the flat background.
+
+    The shape is small against a flat background, so an unweighted pixel loss is dominated by the background and a
+    decoder can score a high PSNR while drawing small shapes as blobs (measured: shape of VAE reconstructions of
+    "small" prompts read right only 47 % of the time at 29.7 dB)."""
+    border = torch.cat([images[:, :, 0, :], images[:, :, -1, :], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
+    bg = border.median(dim=2).values[:, :, None, None]
+    fg = ((images - bg).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    fg = F.max_pool2d(fg, 5, 1, 2)  # include the edges just outside the shape
+    return 1.0 + weight * fg
+
+
+def train_decoder(args, *, encoder: bool = False) -> None:
+    """Fine-tune the VAE decoder (stage ``decoder``: encoder frozen, so the latent space and the UNet are unchanged)
+    or the whole VAE (stage ``vae2``: the encoder too, when the latents themselves lose small shapes; the UNet then
+    has to be trained further on the new latents). Full 64x64 images, foreground-weighted L1 + MSE, decoding
+    posterior samples (the UNet's outputs are never exactly on the encoder's manifold)."""
+    torch.manual_seed(args.seed)
+    vae = _trained(args, "vae", make_vae())
+    if not encoder:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    lr = args.lr or 2e-4
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def step_fn(step, scale):
+        x = world.sample(args.batch or 32, seed=args.seed * 1_000_003 + 5_000_000 + step).images
+        w = foreground_weights(x, args.fg_weight)
+        g = torch.Generator().manual_seed(20_000_000 + step)
+        with torch.set_grad_enabled(encoder):
+            post = vae.encode(x * 2 - 1).latent_dist
+            z = post.sample(generator=g)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, lr, warmup=50) * scale
+        rec = (vae.decode(z).sample + 1) / 2
+        err = rec - x
+        loss = ((err.abs() + err**2) * w).sum() / (w.sum() * 3)
+        if encoder:
+            loss = loss + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss.item()
+
+    ema = copy.deepcopy(vae).requires_grad_(False)
+    _run("vae2" if encoder else "decoder", args, {"model": vae}, opt, step_fn, ema=ema, ema_decay=0.998)
+
+
+def latest_vae_stage(out: Path) -> str:
+    """The VAE the later stages use: a whole-VAE fine-tune, else a decoder fine-tune, else the first VAE."""
+    return next(s for s in ("vae2", "decoder", "vae") if (out / f"{s}-ckpt" / "meta.json").exists() or s == "vae")
+
+
 def train_clip(args) -> None:
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.tokenizer)
@@ -386,7 +442,7 @@ def train_unet(args) -> None:
 
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.tokenizer)
-    vae = _trained(args, "vae", make_vae()).eval().requires_grad_(False)
+    vae = _trained(args, latest_vae_stage(args.out), make_vae()).eval().requires_grad_(False)
     meta_file = args.out / "unet-scaling.json"
     if meta_file.exists():  # resuming: keep the scaling the UNet has been trained with
         scaling = json.loads(meta_file.read_text())["scaling_factor"]
@@ -451,7 +507,7 @@ def package(args) -> None:
     from transformers import CLIPTextModel
 
     tok = load_tokenizer(args.tokenizer)
-    vae = _trained(args, "vae", make_vae())
+    vae = _trained(args, latest_vae_stage(args.out), make_vae())
     scaling = json.loads((args.out / "unet-scaling.json").read_text())["scaling_factor"]
     vae.register_to_config(scaling_factor=round(scaling, 5))
     clip = _trained(args, "clip", make_clip())
@@ -523,7 +579,7 @@ def unpack(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m latentlab.embedded.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["tokenizer", "vae", "clip", "unet", "package", "unpack"])
+    p.add_argument("stage", choices=["tokenizer", "vae", "decoder", "vae2", "clip", "unet", "package", "unpack"])
     p.add_argument("--out", type=Path, default=Path("runs/shapes"), help="checkpoint folder (resumed if present)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: OUT/tokenizer)")
     p.add_argument("--bpe", type=Path, help="bpe_simple_vocab_16e6.txt.gz (tokenizer stage)")
@@ -535,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hard-negatives", type=float, default=0.5, help="clip: fraction of each batch in shape-only groups")
+    p.add_argument("--fg-weight", type=float, default=9.0, help="decoder: extra loss weight on and around the shape")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--package-to", type=Path, default=Path(__file__).parent / "model")
@@ -548,9 +605,10 @@ def main(argv: list[str] | None = None) -> None:
             p.error("the tokenizer stage needs --bpe PATH/bpe_simple_vocab_16e6.txt.gz (from the open_clip_torch wheel)")
         build_tokenizer(args.bpe, args.tokenizer)
         return
-    if args.stage in ("vae", "clip", "unet") and args.minutes is None and args.steps is None:
+    if args.stage in ("vae", "decoder", "vae2", "clip", "unet") and args.minutes is None and args.steps is None:
         p.error("give --minutes or --steps")
-    {"vae": train_vae, "clip": train_clip, "unet": train_unet, "package": package, "unpack": unpack}[args.stage](args)
+    {"vae": train_vae, "decoder": train_decoder,
+     "vae2": lambda a: train_decoder(a, encoder=True), "clip": train_clip, "unet": train_unet, "package": package, "unpack": unpack}[args.stage](args)
 
 
 if __name__ == "__main__":
