@@ -9,7 +9,8 @@ notebook packages are imported by the modules that own them, when first used.
 torch.Size([1, 4, 8, 8])
 """
 
-from latentlab.backend import Conditioning, Lab
+from latentlab.backend import Conditioning, Inversion, Lab
+from latentlab.clip import CLIP
 from latentlab.ops import (
     add_direction,
     analogy,
@@ -27,8 +28,10 @@ from latentlab.seeds import noise, variation_noise
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIP",
     "Conditioning",
     "EASINGS",
+    "Inversion",
     "Lab",
     "Schedule",
     "add_direction",

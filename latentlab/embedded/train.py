@@ -532,6 +532,14 @@ def package(args) -> None:
     pipe.vae.to(dtype)
     pipe.save_pretrained(tmp, safe_serialization=True)
     clip.to(dtype).save_pretrained(tmp / "clip", safe_serialization=True)
+    # How CLIP's images were normalised in training ((x - 0.5) / 0.5 at 64x64): read by latentlab.clip and by
+    # transformers' CLIPImageProcessor.
+    (tmp / "clip" / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "size": {"shortest_edge": world.RESOLUTION}, "crop_size": {"height": world.RESOLUTION, "width": world.RESOLUTION},
+        "do_resize": True, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "resample": 3,
+    }, indent=2) + "\n")
     # Ship the tokenizer as OpenAI's vocab.json + merges.txt (1.5 MB, read by transformers 4 and 5) rather than the
     # 3.6 MB tokenizer.json that transformers 5 also writes.
     (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
