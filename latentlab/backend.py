@@ -173,6 +173,7 @@ class Lab:
     batch_invariant: bool | None = None
     _prompt_cache: dict[tuple[str, ...], Conditioning] = field(default_factory=dict, repr=False)
     _auto_batch: int | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     # --- construction ------------------------------------------------------------------------------------------
 
@@ -258,6 +259,31 @@ class Lab:
         """Initial latents for ``seed`` (one item per seed), drawn on the CPU: the same on every device."""
         n = len(seed) if isinstance(seed, (list, tuple)) else 1
         return _noise(seed, (n, *self.latent_shape(height=height, width=width)), device=self.device, dtype=self.dtype)
+
+    def fingerprint(self) -> str:
+        """A short hash that changes when the model changes: model id, component configs, and a sample of every
+        weight tensor of the UNet, VAE and text encoder(s) (first and last values; cheap, and any retraining
+        changes them). Cache keys of rendered frames include it."""
+        import hashlib
+        import json
+
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.model_id.encode())
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                module = getattr(self.pipe, name, None)
+                if module is None:
+                    continue
+                h.update(name.encode())
+                cfg = getattr(module, "config", None)
+                cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})  # transformers / diffusers
+                cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and not k.endswith("_version")}
+                h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+                for k, v in module.state_dict().items():
+                    flat = v.detach().flatten()
+                    h.update(k.encode())
+                    h.update(torch.cat([flat[:8], flat[-8:]]).float().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     # --- prompts -----------------------------------------------------------------------------------------------
 

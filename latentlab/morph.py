@@ -13,23 +13,32 @@ several seeds is a seed walk.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from latentlab import _checks
 from latentlab.backend import Conditioning, Generator
-from latentlab.paths import EASINGS, METHODS, keyframe_path, schedule
+from latentlab.paths import EASINGS, METHODS, ease, path_at, retime, schedule
 from latentlab.seeds import noise
 from latentlab.store import versions
 
-__all__ = ["Keyframe", "MorphSettings", "plan", "render_morph", "render_frame", "MANIFEST_VERSION"]
+__all__ = ["MANIFEST_VERSION", "PACINGS", "Keyframe", "MorphSettings", "Plan", "cache_dir", "clip_distance",
+           "frame_key", "pixel_distance", "plan", "render_frame", "render_morph"]
+
+log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+PACINGS: tuple[str, ...] = ("none", "even")
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,9 @@ class MorphSettings:
     negative_prompt: str | None = None
     height: int | None = None
     width: int | None = None
+    pacing: str = "none"
+    pacing_samples: int = 8
+    pacing_steps: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.keyframes, tuple) or len(self.keyframes) < 2:
@@ -75,6 +87,10 @@ class MorphSettings:
         _checks.choice(self.prompt_interpolation, "prompt_interpolation", METHODS)
         _checks.choice(self.noise_easing, "noise_easing", EASINGS)
         _checks.choice(self.prompt_easing, "prompt_easing", EASINGS)
+        _checks.choice(self.pacing, "pacing", PACINGS)
+        _checks.positive_int(self.pacing_samples, "pacing_samples", minimum=2)
+        if self.pacing_steps is not None:
+            _checks.positive_int(self.pacing_steps, "pacing_steps")
 
     def resolved(self) -> tuple[list[str], list[int]]:
         """Prompts and seeds of every keyframe after carrying missing values forward."""
@@ -99,36 +115,117 @@ class MorphSettings:
 
 @dataclass(frozen=True)
 class Plan:
-    """Per-frame inputs of a morph: initial latents (N, C, h, w) and conditioning (N items)."""
+    """Where every frame of a morph lies on the noise path and on the prompt path, plus the keyframes.
 
-    latents: torch.Tensor
-    conditioning: Conditioning
+    Inputs are computed per slice (:meth:`inputs`), so a 1,000-frame render never holds 1,000 latents or prompt
+    embeddings at once.
+    """
+
+    settings: MorphSettings
+    keys: list[torch.Tensor]
+    conds: list[Conditioning]
     frames: list[dict] = field(default_factory=list)
 
+    def inputs(self, start: int, stop: int) -> tuple[torch.Tensor, Conditioning]:
+        """Initial latents (n, C, h, w) and conditioning (n items) of frames ``start:stop``."""
+        fr = self.frames[start:stop]
+        s = self.settings
+        lat = path_at(self.keys, [f["noise_segment"] for f in fr], [f["noise_t"] for f in fr],
+                      method=s.noise_interpolation, loop=s.loop)[:, 0]
+        cond = Conditioning.cat(self.conds).map(
+            lambda t: path_at([x.float().cpu().unsqueeze(0) for x in t], [f["prompt_segment"] for f in fr],
+                              [f["prompt_t"] for f in fr], method=s.prompt_interpolation, loop=s.loop)[:, 0].to(t.dtype)
+        )
+        return lat, cond
 
-def plan(lab: Generator, settings: MorphSettings) -> Plan:
-    """Compute every frame's initial noise and prompt conditioning (cheap: no denoising)."""
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.inputs(0, len(self.frames))[0]
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return self.inputs(0, len(self.frames))[1]
+
+
+def pixel_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The weight-free default distance between consecutive frames: RMS pixel difference (images in [0, 1],
+    area-downsampled to at most 64 px so large models' previews cost little). Returns one value per pair."""
+    side = max(a.shape[-2:])
+    if side > 64:
+        size = (max(1, a.shape[-2] * 64 // side), max(1, a.shape[-1] * 64 // side))
+        a = torch.nn.functional.interpolate(a, size=size, mode="area")
+        b = torch.nn.functional.interpolate(b, size=size, mode="area")
+    return (a - b).pow(2).flatten(1).mean(1).sqrt()
+
+
+def clip_distance(clip) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A distance from a :class:`latentlab.clip.CLIP`: ``1 - cos`` of the image embeddings."""
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        e = clip.embed_images(torch.cat([a, b]))
+        return (1 - (e[: len(a)] * e[len(a) :]).sum(1)).clamp(min=0)
+
+    distance.__name__ = f"clip:{clip.model_id}"
+    return distance
+
+
+def plan(lab: Generator, settings: MorphSettings, *, distance=None, frames: list[dict] | None = None) -> Plan:
+    """Where every frame lies on both paths (cheap unless ``settings.pacing == "even"``).
+
+    With ``frames`` (a manifest's per-frame records) those positions are used as they are: that is how a single
+    frame is re-created without re-running the pacing previews.
+
+    Pacing ``"even"``: every segment is previewed at ``pacing_samples + 1`` evenly spaced points (both paths
+    linear, ``pacing_steps`` denoising steps), the change between consecutive previews is measured with
+    ``distance`` (default :func:`pixel_distance`; :func:`clip_distance` for a perceptual one) and the segment is
+    re-timed with :func:`latentlab.paths.retime` so that frames change by about the same amount. Easing composes
+    on top: a frame's ``t`` is ``retime(ease(raw))``, so easing still shapes the (now perceptual) speed and frames
+    still land exactly on the keyframes.
+    """
     prompts, seeds = settings.resolved()
-    k = len(prompts)
     shape = (1, *lab.latent_shape(height=settings.height, width=settings.width))
     keys = [noise(s, shape) for s in seeds]
-    lat = keyframe_path(keys, settings.n_frames, method=settings.noise_interpolation, loop=settings.loop,
-                        easing=settings.noise_easing)[:, 0]
     conds = [lab.encode_prompt(p) for p in prompts]
-    cond_path = Conditioning.cat(conds).map(
-        lambda t: keyframe_path(
-            [x.float().cpu().unsqueeze(0) for x in t], settings.n_frames, method=settings.prompt_interpolation,
-            loop=settings.loop, easing=settings.prompt_easing,
-        )[:, 0].to(t.dtype)
-    )
+    if frames is not None:
+        if len(frames) != settings.n_frames:
+            raise ValueError(f"`frames` must have {settings.n_frames} records, got {len(frames)}")
+        return Plan(settings, keys, conds, [dict(f) for f in frames])
+    k = len(prompts)
     ns = schedule(k, settings.n_frames, loop=settings.loop, easing=settings.noise_easing)
     ps = schedule(k, settings.n_frames, loop=settings.loop, easing=settings.prompt_easing)
-    frames = [
+    records = [
         {"index": i, "noise_segment": ns.segment[i], "noise_t": ns.t[i], "prompt_segment": ps.segment[i],
          "prompt_t": ps.t[i]}
         for i in range(settings.n_frames)
     ]
-    return Plan(lat, cond_path, frames)
+    if settings.pacing == "even":
+        records = _pace(lab, settings, keys, conds, records, ns, ps, distance or pixel_distance)
+    return Plan(settings, keys, conds, records)
+
+
+def _pace(lab, settings, keys, conds, records, ns, ps, distance):
+    n_seg = ns.n_segments
+    m = settings.pacing_samples
+    grid = [j / m for j in range(m + 1)]
+    probe = Plan(settings, keys, conds, [
+        {"noise_segment": s, "noise_t": g, "prompt_segment": s, "prompt_t": g} for s in range(n_seg) for g in grid
+    ])
+    steps = settings.pacing_steps or max(2, (settings.num_inference_steps or getattr(lab, "num_inference_steps", 8)) // 2)
+    lat, cond = probe.inputs(0, len(probe.frames))
+    log.info("pacing: previewing %d points at %d steps", len(lat), steps)
+    images = lab.generate(lat, cond, negative_prompt=settings.negative_prompt, num_inference_steps=steps,
+                          guidance_scale=settings.guidance_scale)
+    images = images.view(n_seg, m + 1, *images.shape[1:])
+    per_seg = [distance(images[s, :-1], images[s, 1:]).double() for s in range(n_seg)]
+    out = []
+    for r in records:
+        r = dict(r)
+        raw_n = ns.position[r["index"]] - ns.segment[r["index"]]
+        raw_p = ps.position[r["index"]] - ps.segment[r["index"]]
+        r["noise_t"] = float(retime(grid, per_seg[r["noise_segment"]], ease(raw_n, settings.noise_easing))[0])
+        r["prompt_t"] = float(retime(grid, per_seg[r["prompt_segment"]], ease(raw_p, settings.prompt_easing))[0])
+        out.append(r)
+    return out
 
 
 def _scheduler_record(lab) -> dict:
@@ -151,6 +248,38 @@ def manifest_path(video: str | os.PathLike) -> Path:
     return video.with_name(video.name + ".json")
 
 
+def cache_dir(video: str | os.PathLike) -> Path:
+    """Where finished frames of ``video`` are kept until it is complete: ``.morph.mp4.frames/`` beside it."""
+    video = Path(video)
+    return video.with_name(f".{video.name}.frames")
+
+
+def frame_key(lab, latents: torch.Tensor, conditioning: Conditioning, *, negative_prompt, num_inference_steps,
+              guidance_scale) -> str:
+    """Hash of everything that determines one frame's pixels: the model (:meth:`Lab.fingerprint`), scheduler,
+    steps, guidance, negative prompt, how the backend batches (batch size / invariance, device, dtype), the
+    versions of torch/diffusers/latentlab, and the exact bytes of the frame's initial latent and conditioning."""
+    h = hashlib.sha256()
+    fp = lab.fingerprint() if hasattr(lab, "fingerprint") else lab.model_id
+    batching = getattr(lab, "_resolve_batch", None)
+    meta = {
+        "model": fp, "scheduler": _scheduler_record(lab), "steps": num_inference_steps, "guidance": guidance_scale,
+        "negative": negative_prompt, "batching": batching(1, None) if batching else None,
+        "device": str(getattr(lab, "device", "")), "dtype": str(getattr(lab, "dtype", "")), "versions": versions(),
+    }
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for t in (latents, conditioning.prompt_embeds, conditioning.pooled_prompt_embeds):
+        if t is not None:
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8: what is cached and what the video encoder receives."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def render_morph(
     lab,
     settings: MorphSettings,
@@ -160,49 +289,92 @@ def render_morph(
     upscale: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    distance=None,
+    keep_cache: bool = False,
 ) -> Path:
     """Render ``settings`` with ``lab`` to ``output`` (.mp4/.gif) and write its manifest; returns the video path.
 
-    Validation (output suffix, existing files, sizes) happens before any model work.
+    1. Validation (output suffix, existing files, sizes) happens before any model work.
+    2. Frames are planned (:func:`plan`; pacing previews if asked), then generated ``batch_size`` at a time and
+       streamed to the encoder: memory stays flat however long the video.
+    3. Every finished frame is also stored in :func:`cache_dir` under its :func:`frame_key`. A render that is
+       killed and run again takes its finished frames from there and produces identical frames (the backend is
+       batch-invariant on CPU); the cache is removed after success unless ``keep_cache``.
+    4. The video is written under a temporary name and renamed into place; the manifest last.
     """
+    import shutil
+
     from tqdm.auto import tqdm
 
+    from latentlab import store
     from latentlab.video import VideoWriter
 
     output = Path(output)
     man = manifest_path(output)
     if man.exists() and not overwrite:
         raise FileExistsError(f"{man} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    _checks.positive_int(batch_size, "batch_size")
     writer = VideoWriter(output, fps=settings.fps, upscale=upscale, overwrite=overwrite)
-    p = plan(lab, settings)
+    p = plan(lab, settings, distance=distance)
     steps = settings.num_inference_steps
+    kw = dict(negative_prompt=settings.negative_prompt, num_inference_steps=steps,
+              guidance_scale=settings.guidance_scale)
+    cache = cache_dir(output)
+    cache.mkdir(exist_ok=True)
+    reused = 0
     with writer, tqdm(total=settings.n_frames, desc="frames", unit="frame", disable=not progress) as bar:
         for start in range(0, settings.n_frames, batch_size):
-            sl = slice(start, min(settings.n_frames, start + batch_size))
-            images = lab.generate(p.latents[sl], p.conditioning[sl], negative_prompt=settings.negative_prompt,
-                                  num_inference_steps=steps, guidance_scale=settings.guidance_scale)
-            writer.append(images)
-            bar.update(images.shape[0])
+            stop = min(settings.n_frames, start + batch_size)
+            lat, cond = p.inputs(start, stop)
+            keys = [frame_key(lab, lat[i : i + 1], cond[i], **kw) for i in range(stop - start)]
+            frames: list[np.ndarray | None] = [None] * (stop - start)
+            for i, key in enumerate(keys):
+                f = cache / f"{key}.safetensors"
+                if f.is_file():
+                    frames[i] = store.load(f)[0]["frame"].numpy()
+                    reused += 1
+            todo = [i for i, fr in enumerate(frames) if fr is None]
+            if todo:
+                images = _to_uint8(lab.generate(lat[todo], cond[todo], **kw))
+                for i, img in zip(todo, images):
+                    frames[i] = img
+                    store.save(cache / f"{keys[i]}.safetensors", {"frame": torch.from_numpy(img)},
+                               provenance={"index": start + i, "video": output.name}, overwrite=True)
+            writer.append(np.stack(frames))
+            for i in range(stop - start):
+                p.frames[start + i]["key"] = keys[i]
+            bar.update(stop - start)
+    if reused:
+        log.info("resumed: %d of %d frames came from %s", reused, settings.n_frames, cache)
     prompts, seeds = settings.resolved()
     _write_json_atomic(man, {
         "manifest_version": MANIFEST_VERSION,
         "video": output.name,
         "model": lab.model_id,
+        "model_fingerprint": lab.fingerprint() if hasattr(lab, "fingerprint") else None,
         "num_inference_steps": steps if steps is not None else getattr(lab, "num_inference_steps", None),
         "guidance_scale": settings.guidance_scale if settings.guidance_scale is not None
         else getattr(lab, "guidance_scale", None),
         "scheduler": _scheduler_record(lab),
         "settings": settings.to_dict(),
+        "pacing_distance": None if settings.pacing == "none" else getattr(distance or pixel_distance, "__name__", "?"),
         "resolved_keyframes": [{"prompt": pr, "seed": s} for pr, s in zip(prompts, seeds)],
         "upscale": upscale,
+        "frames_reused_from_cache": reused,
         "frames": p.frames,
         "versions": versions(),
     })
+    if not keep_cache:
+        shutil.rmtree(cache, ignore_errors=True)
     return output
 
 
 def render_frame(lab, manifest: str | os.PathLike | dict, index: int) -> torch.Tensor:
-    """Re-create frame ``index`` of a rendered morph from its manifest: (1, 3, H, W) in [0, 1]."""
+    """Re-create frame ``index`` of a rendered morph from its manifest: (1, 3, H, W) in [0, 1].
+
+    Uses the manifest's own per-frame positions (so paced renders need no previews) and warns if the model's
+    fingerprint differs from the one that rendered the video.
+    """
     data = manifest if isinstance(manifest, dict) else json.loads(Path(manifest).read_text())
     if data.get("manifest_version") != MANIFEST_VERSION:
         raise ValueError(f"unsupported manifest version {data.get('manifest_version')!r}")
@@ -210,8 +382,13 @@ def render_frame(lab, manifest: str | os.PathLike | dict, index: int) -> torch.T
     _checks.positive_int(index, "index", minimum=0)
     if index >= settings.n_frames:
         raise ValueError(f"`index` must be < {settings.n_frames} (the number of frames), got {index}")
-    p = plan(lab, settings)
-    return lab.generate(p.latents[index : index + 1], p.conditioning[index], negative_prompt=settings.negative_prompt,
+    fp = data.get("model_fingerprint")
+    if fp and hasattr(lab, "fingerprint") and lab.fingerprint() != fp:
+        warnings.warn(f"the manifest was rendered by model {data['model']!r} with fingerprint {fp}, this one is "
+                      f"{lab.fingerprint()}: the frame will differ", RuntimeWarning, stacklevel=2)
+    p = plan(lab, settings, frames=data["frames"])
+    lat, cond = p.inputs(index, index + 1)
+    return lab.generate(lat, cond, negative_prompt=settings.negative_prompt,
                         num_inference_steps=data["num_inference_steps"], guidance_scale=data["guidance_scale"])
 
 

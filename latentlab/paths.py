@@ -28,7 +28,7 @@ import torch
 from latentlab import _checks
 from latentlab.ops import _compute_dtype, _flat, _unit, lerp, slerp
 
-__all__ = ["EASINGS", "ease", "Schedule", "schedule", "keyframe_path", "circular_walk"]
+__all__ = ["EASINGS", "METHODS", "Schedule", "circular_walk", "ease", "keyframe_path", "path_at", "retime", "schedule"]
 
 EASINGS: tuple[str, ...] = ("linear", "smoothstep", "smootherstep", "cosine", "ease-in", "ease-out")
 METHODS: tuple[str, ...] = ("slerp", "lerp", "spline")
@@ -168,21 +168,49 @@ def keyframe_path(
     True
     """
     keys = _checks.tensor_sequence(keyframes, "keyframes", min_len=2)
-    _checks.choice(method, "method", METHODS)
     sched = schedule(len(keys), n_frames, loop=loop, easing=easing)
+    return path_at(keys, sched.segment, sched.t, method=method, loop=loop)
+
+
+def path_at(
+    keyframes: Sequence[torch.Tensor] | torch.Tensor,
+    segment: Sequence[int],
+    t: Sequence[float],
+    *,
+    method: str = "slerp",
+    loop: bool = False,
+) -> torch.Tensor:
+    """The path through ``keyframes`` at given points: ``t[i]`` of the way along segment ``segment[i]``.
+
+    :func:`keyframe_path` is this at a :func:`schedule`'s points; re-timed paths (e.g. perceptually even pacing)
+    evaluate it at their own points. Returns ``(len(t), *keyframe.shape)``.
+
+    >>> keys = torch.eye(2).view(2, 1, 2)
+    >>> path_at(keys, [0, 0], [0.0, 0.5], method="lerp").squeeze(1)
+    tensor([[1.0000, 0.0000],
+            [0.5000, 0.5000]])
+    """
+    keys = _checks.tensor_sequence(keyframes, "keyframes", min_len=2)
+    _checks.choice(method, "method", METHODS)
     k = len(keys)
-    seg = torch.tensor(sched.segment)
-    t = torch.tensor(sched.t, dtype=torch.float64)
+    n_seg = k if loop else k - 1
+    seg = torch.as_tensor(list(segment), dtype=torch.long)
+    tt = torch.as_tensor(list(t), dtype=torch.float64)
+    if seg.ndim != 1 or seg.shape != tt.shape:
+        raise ValueError(f"`segment` and `t` must be 1-D and of equal length, got {tuple(seg.shape)} and {tuple(tt.shape)}")
+    if len(seg) and (int(seg.min()) < 0 or int(seg.max()) >= n_seg):
+        raise ValueError(f"`segment` values must be in [0, {n_seg}), got {int(seg.min())}..{int(seg.max())}")
+    _checks.unit_interval(tt, "t")
     like = keys[0]
     if method in ("slerp", "lerp"):
         fn = slerp if method == "slerp" else lerp
-        out = torch.empty((len(sched), *like.shape), dtype=like.dtype, device=like.device)
-        for s in range(sched.n_segments):
+        out = torch.empty((len(tt), *like.shape), dtype=like.dtype, device=like.device)
+        for s in range(n_seg):
             idx = (seg == s).nonzero().flatten()
             if len(idx):
-                out[idx.to(like.device)] = fn(keys[s], keys[(s + 1) % k], t[idx].to(like.device))
+                out[idx.to(like.device)] = fn(keys[s], keys[(s + 1) % k], tt[idx].to(like.device))
         return out
-    return _spline(keys, seg, t, loop).to(like.dtype).reshape(len(sched), *like.shape)
+    return _spline(keys, seg, tt, loop).to(like.dtype).reshape(len(tt), *like.shape)
 
 
 def _spline(keys: list[torch.Tensor], seg: torch.Tensor, t: torch.Tensor, loop: bool) -> torch.Tensor:
@@ -210,6 +238,38 @@ def _spline(keys: list[torch.Tensor], seg: torch.Tensor, t: torch.Tensor, loop: 
     at1 = (t == 1).to(x.device)
     out[at0] = x[i0[at0]]
     out[at1] = x[i1[at1]]
+    return out
+
+
+def retime(samples: Sequence[float] | torch.Tensor, distances: Sequence[float] | torch.Tensor,
+           t: float | torch.Tensor) -> torch.Tensor:
+    """Re-time a segment so equal steps in ``t`` make equal changes: invert the cumulative ``distances``.
+
+    ``samples`` are increasing points from 0 to 1 where a segment was previewed and ``distances`` the change
+    between consecutive previews (``len(samples) - 1`` non-negative values). The cumulative change, normalised to
+    [0, 1], is a monotone curve C; the result is C⁻¹(t) (piecewise linear), so frames at evenly spaced ``t`` are
+    evenly spaced in the distance. A tiny floor on the distances keeps C strictly increasing (a segment that does
+    not change at all is re-timed linearly). 0 and 1 map to themselves.
+
+    >>> [round(x, 3) for x in retime([0, 0.5, 1], [3.0, 1.0], torch.tensor([0.0, 0.75, 1.0])).tolist()]
+    [0.0, 0.5, 1.0]
+    """
+    x = torch.as_tensor(samples, dtype=torch.float64).flatten()
+    d = torch.as_tensor(distances, dtype=torch.float64).flatten()
+    if len(x) < 2 or len(d) != len(x) - 1:
+        raise ValueError(f"`distances` must have len(samples) - 1 = {len(x) - 1} values, got {len(d)}")
+    if x[0] != 0 or x[-1] != 1 or bool((x.diff() <= 0).any()):
+        raise ValueError("`samples` must increase strictly from 0 to 1")
+    if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
+        raise ValueError("`distances` must be finite and non-negative")
+    d = d + max(float(d.mean()), 1e-12) * 1e-3
+    c = torch.cat([torch.zeros(1, dtype=torch.float64), d.cumsum(0)])
+    c = c / c[-1]
+    tt = torch.as_tensor(_checks.unit_interval(t), dtype=torch.float64).reshape(-1)
+    j = torch.searchsorted(c, tt, right=True).clamp(1, len(c) - 1)
+    w = (tt - c[j - 1]) / (c[j] - c[j - 1])
+    out = (x[j - 1] + w * (x[j] - x[j - 1])).clamp(0, 1)
+    out[tt == 0], out[tt == 1] = 0.0, 1.0
     return out
 
 

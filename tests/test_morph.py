@@ -83,3 +83,79 @@ def test_cli_renders_with_a_model_folder(tiny_sd_path, tmp_path):
     frames, _ = read_video(out)
     assert frames.shape == (6, 16, 16, 3)
     assert json.loads(manifest_path(out).read_text())["settings"]["loop"] is True
+
+
+def test_killed_render_resumes_with_identical_frames(tiny_lab, tmp_path, monkeypatch):
+    from latentlab.morph import cache_dir
+
+    s = _settings(n_frames=10)
+    clean = render_morph(tiny_lab, s, tmp_path / "clean.mp4", batch_size=4, progress=False)
+    out = tmp_path / "m.mp4"
+    calls, original = [], tiny_lab.generate
+
+    def dies_on_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return original(*a, **k)
+
+    monkeypatch.setattr(tiny_lab, "generate", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        render_morph(tiny_lab, s, out, batch_size=4, progress=False)
+    assert not out.exists() and not manifest_path(out).exists()  # no half-written video
+    assert len(list(cache_dir(out).glob("*.safetensors"))) == 8  # two finished batches kept
+    monkeypatch.setattr(tiny_lab, "generate", original)
+    generated = []
+    monkeypatch.setattr(tiny_lab, "generate", lambda lat, *a, **k: generated.append(len(lat)) or original(lat, *a, **k))
+    render_morph(tiny_lab, s, out, batch_size=4, progress=False)
+    assert generated == [2]  # only the missing frames
+    assert json.loads(manifest_path(out).read_text())["frames_reused_from_cache"] == 8
+    np = pytest.importorskip("numpy")
+    assert np.array_equal(read_video(out)[0], read_video(clean)[0])
+    assert not cache_dir(out).exists()  # removed after success
+
+
+def test_cache_keys_change_with_anything_that_changes_a_frame(tiny_lab):
+    from latentlab.morph import frame_key
+
+    p = plan(tiny_lab, _settings())
+    lat, cond = p.inputs(0, 2)
+    kw = dict(negative_prompt=None, num_inference_steps=3, guidance_scale=3.0)
+    base = frame_key(tiny_lab, lat[:1], cond[0], **kw)
+    assert base == frame_key(tiny_lab, lat[:1].clone(), cond[0], **kw)
+    assert base != frame_key(tiny_lab, lat[1:2], cond[0], **kw)
+    assert base != frame_key(tiny_lab, lat[:1], cond[1], **kw)
+    assert base != frame_key(tiny_lab, lat[:1], cond[0], **{**kw, "num_inference_steps": 4})
+    assert base != frame_key(tiny_lab, lat[:1], cond[0], **{**kw, "negative_prompt": "blurry"})
+    with torch.no_grad():
+        next(tiny_lab.pipe.unet.parameters()).view(-1)[0] += 1.0  # "retrained" model
+    tiny_lab._fingerprint = None
+    assert base != frame_key(tiny_lab, lat[:1], cond[0], **kw)
+
+
+def test_even_pacing_spreads_change_evenly_and_keeps_keyframes(tiny_lab, tmp_path):
+    from latentlab.morph import pixel_distance
+
+    kf = (Keyframe("a red star", 1), Keyframe("a blue ring", 2))
+    plain = _settings(keyframes=kf, n_frames=13)
+    paced = _settings(keyframes=kf, n_frames=13, pacing="even", pacing_samples=12, pacing_steps=3)
+
+    def spread(settings):
+        p = plan(tiny_lab, settings)
+        lat, cond = p.inputs(0, settings.n_frames)
+        img = tiny_lab.generate(lat, cond)
+        d = pixel_distance(img[:-1], img[1:])
+        return (d.std() / d.mean()).item(), p
+
+    cv_plain, _ = spread(plain)
+    cv_paced, p = spread(paced)
+    assert cv_paced < cv_plain
+    assert p.frames[0]["noise_t"] == 0.0 and p.frames[-1]["noise_t"] == 1.0
+    ts = [f["noise_t"] for f in p.frames]
+    assert ts == sorted(ts) and ts != [f["noise_t"] for f in plan(tiny_lab, plain).frames]
+    # A paced render's manifest re-creates a frame without re-running the previews.
+    out = render_morph(tiny_lab, paced, tmp_path / "p.gif", progress=False)
+    man = json.loads(manifest_path(out).read_text())
+    assert man["pacing_distance"] == "pixel_distance"
+    lat, cond = p.inputs(6, 7)
+    torch.testing.assert_close(render_frame(tiny_lab, manifest_path(out), 6), tiny_lab.generate(lat, cond))

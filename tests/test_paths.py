@@ -133,3 +133,28 @@ def test_circular_walk_is_seamless_and_gaussian():
     assert ll.norm_zscore(walk.reshape(n, -1)).abs().max() < 4
     torch.testing.assert_close(walk[n // 4], b, rtol=1e-5, atol=1e-5)  # theta = pi / 2
     assert math.isclose(float(walk[n // 2].flatten()[0]), float(-a.flatten()[0]), rel_tol=1e-5)
+
+
+@given(st.lists(st.floats(0, 10), min_size=1, max_size=12), st.lists(st.floats(0, 1), min_size=1, max_size=20))
+def test_retime_is_a_monotone_map_of_the_unit_interval_fixing_its_ends(dist, ts):
+    from latentlab.paths import retime
+
+    samples = torch.linspace(0, 1, len(dist) + 1)
+    out = retime(samples, dist, torch.tensor(sorted(ts), dtype=torch.float64))
+    assert bool((out.diff() >= -1e-12).all()) and bool(((out >= 0) & (out <= 1)).all())
+    ends = retime(samples, dist, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert ends.tolist() == [0.0, 1.0]
+
+
+def test_retime_spreads_change_evenly():
+    """A segment whose first half changes 3x as much as its second gets 3/4 of the frames in its first half."""
+    from latentlab.paths import retime
+
+    t = torch.linspace(0, 1, 9, dtype=torch.float64)
+    out = retime([0, 0.5, 1], [3.0, 1.0], t)
+    change = torch.where(out <= 0.5, 3 * out, 1.5 + (out - 0.5))  # cumulative change at the retimed points
+    torch.testing.assert_close(change.diff(), torch.full((8,), 0.25, dtype=torch.float64), atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match=r"`distances` must have len\(samples\) - 1 = 2 values, got 1"):
+        retime([0, 0.5, 1], [1.0], 0.5)
+    with pytest.raises(ValueError, match=r"`samples` must increase strictly from 0 to 1"):
+        retime([0, 0.7, 0.5, 1], [1.0, 1.0, 1.0], 0.5)

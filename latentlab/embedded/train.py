@@ -356,7 +356,7 @@ def train_decoder(args, *, encoder: bool = False) -> None:
 
     def step_fn(step, scale):
         x = world.sample(args.batch or 32, seed=args.seed * 1_000_003 + 5_000_000 + step).images
-        w = foreground_weights(x, args.fg_weight)
+        w = foreground_weights(x, 9.0 if args.fg_weight is None else args.fg_weight)
         g = torch.Generator().manual_seed(20_000_000 + step)
         with torch.set_grad_enabled(encoder):
             post = vae.encode(x * 2 - 1).latent_dist
@@ -490,7 +490,13 @@ def train_unet(args) -> None:
         cond = text(ids)[0]
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         w = (snr[t].clamp(max=5.0) / snr[t]).view(-1, 1, 1, 1)  # min-SNR-5 for epsilon prediction
-        loss = (w * (pred - eps) ** 2).mean()
+        if args.fg_weight:
+            # More weight on the latent pixels that hold the shape (small shapes are one or two latent pixels);
+            # a positive per-pixel weight leaves each pixel's optimum unchanged, it only re-allocates capacity.
+            sp = F.max_pool2d(foreground_weights(b.images, args.fg_weight), 8)
+            loss = (w * sp * (pred - eps) ** 2).mean() / sp.mean()
+        else:
+            loss = (w * (pred - eps) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
@@ -599,7 +605,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hard-negatives", type=float, default=0.5, help="clip: fraction of each batch in shape-only groups")
-    p.add_argument("--fg-weight", type=float, default=9.0, help="decoder: extra loss weight on and around the shape")
+    p.add_argument("--fg-weight", type=float,
+                   help="extra loss weight on and around the shape (decoder/vae2: default 9; unet: default 0)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--package-to", type=Path, default=Path(__file__).parent / "model")
