@@ -17,10 +17,52 @@ EXIT_FAILED, EXIT_USAGE, EXIT_MISSING = 1, 2, 3
 
 MORPH_EXAMPLES = """examples:
   latentlab morph "a large red circle on a blue background" "a small yellow star on a black background" -o morph.mp4
-  latentlab morph "a red star" --seeds 1 2 3 4 --loop --frames 96 -o walk.gif     # a looping seed walk
+  latentlab morph "a red star" "a blue ring" --pacing even -o even.mp4     # frames change by about the same amount
   latentlab morph "a red ring" "a green cross" --seeds 7 --noise-easing smoothstep --upscale 8 -o m.mp4
   latentlab morph "a cat" "a dog" --model runwayml/stable-diffusion-v1-5 --steps 25 -o cat-dog.mp4   # on a GPU
+A killed render resumes when run again (finished frames are cached beside the output until it completes).
 """
+
+WALK_EXAMPLES = """examples:
+  latentlab walk "a large red star on a blue background" --seeds 1 2 3 4 --frames 96 -o walk.mp4
+  latentlab walk "a small green ring on a white background" --seeds 5 6 --seconds 6 -o walk.gif
+A walk is a seamless loop through the seeds' noise at a fixed prompt (a C1-smooth spherical spline by default).
+"""
+
+GRID_EXAMPLES = """examples:
+  latentlab grid "a large red star on a blue background" "a large red ring on a blue background" --seeds 1 2 3 4 -o grid.png
+Rows are prompts, columns are seeds; a JSON manifest is written beside the image.
+"""
+
+FRAME_EXAMPLES = """examples:
+  latentlab frame morph.mp4.json 12 -o frame12.png
+  latentlab frame morph.mp4.json 0 --upscale 8 -o first.png
+Re-creates one frame of a rendered video from its manifest (same model, seeds, path positions and settings).
+"""
+
+
+def _error(command: str, e: BaseException) -> int:
+    print(f"latentlab {command}: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _check_output(out: Path, suffixes: tuple[str, ...], overwrite: bool, extra: tuple[Path, ...] = ()) -> None:
+    if out.suffix.lower() not in suffixes:
+        raise ValueError(f"--output must end in {' or '.join(suffixes)}, got {out.name!r}")
+    for p in (out, *extra):
+        if p.exists() and not overwrite:
+            raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of --output does not exist: {out.parent}")
+
+
+def _embedded_missing(model: str | None) -> bool:
+    if model is None and not embedded.is_available():
+        print("latentlab: the embedded default model is not available, so there is nothing to render with.\n"
+              "It is built by `python -m latentlab.embedded.train` (see latentlab/embedded/MODEL_CARD.md).",
+              file=sys.stderr)
+        return True
+    return False
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -36,6 +78,12 @@ def _settings_from_args(args: argparse.Namespace):
     from latentlab.morph import Keyframe, MorphSettings, frames_for_duration
 
     prompts, seeds = list(args.prompts), list(args.seeds or [])
+    if args.command == "walk":
+        if len(prompts) != 1 or len(seeds) < 2:
+            raise ValueError(f"a walk needs one prompt and at least two --seeds, got {len(prompts)} prompt(s) and "
+                             f"{len(seeds)} seed(s)")
+        args.loop = True
+        args.noise_interp = args.noise_interp or ("spline" if len(seeds) > 2 else "slerp")
     n = max(len(prompts), len(seeds))
     if len(prompts) > 1 and len(seeds) > 1 and len(prompts) != len(seeds):
         raise ValueError(f"give one prompt, one seed, or as many seeds as prompts: got {len(prompts)} prompts and "
@@ -52,6 +100,7 @@ def _settings_from_args(args: argparse.Namespace):
         noise_interpolation=args.noise_interp, noise_easing=args.noise_easing,
         prompt_interpolation=args.prompt_interp, prompt_easing=args.prompt_easing,
         num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+        pacing=args.pacing,
     )
 
 
@@ -62,68 +111,185 @@ def _load_lab(model: str | None):
 
 
 def _cmd_morph(args: argparse.Namespace) -> int:
+    """``morph`` and ``walk``: keyframes -> video + manifest."""
     from latentlab.morph import manifest_path, render_morph
 
     out = Path(args.output)
     try:
         settings = _settings_from_args(args)
-        if out.suffix.lower() not in (".mp4", ".gif"):
-            raise ValueError(f"--output must end in .mp4 or .gif, got {out.name!r}")
-        for p in (out, manifest_path(out)):
-            if p.exists() and not args.overwrite:
-                raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
-        if not out.parent.is_dir():
-            raise FileNotFoundError(f"the folder of --output does not exist: {out.parent}")
+        _check_output(out, (".mp4", ".gif"), args.overwrite, (manifest_path(out),))
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
-        print(f"latentlab morph: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.model is None and not embedded.is_available():
-        print("latentlab: the embedded default model is not trained yet, so there is nothing to render a morph "
-              "with.\nIt is built by `python -m latentlab.embedded.train` (see latentlab/embedded/MODEL_CARD.md).",
-              file=sys.stderr)
+        return _error(args.command, e)
+    if _embedded_missing(args.model):
         return EXIT_MISSING
     lab = _load_lab(args.model)
     upscale = args.upscale if args.upscale is not None else (4 if args.model is None else 1)
+    distance = None
+    if args.pacing == "even" and args.pacing_clip:
+        from latentlab.clip import CLIP
+        from latentlab.morph import clip_distance
+
+        distance = clip_distance(CLIP.default() if args.pacing_clip == "embedded"
+                                 else CLIP.from_pretrained(args.pacing_clip))
     try:
-        render_morph(lab, settings, out, batch_size=args.batch_size, upscale=upscale, overwrite=args.overwrite)
+        render_morph(lab, settings, out, batch_size=args.batch_size, upscale=upscale, overwrite=args.overwrite,
+                     distance=distance, keep_cache=args.keep_cache)
     except (ValueError, TypeError) as e:
-        print(f"latentlab morph: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(args.command, e)
+    except KeyboardInterrupt:
+        print(f"\nlatentlab {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_FAILED
     print(f"wrote {out} ({settings.n_frames} frames at {settings.fps:g} fps) and {manifest_path(out)}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _cmd_grid(args: argparse.Namespace) -> int:
+    import json
+
+    from latentlab.morph import manifest_path
+    from latentlab.store import versions
+    from latentlab.video import image_grid, write_image
+
+    out = Path(args.output)
+    try:
+        if not args.prompts:
+            raise ValueError("give at least one prompt")
+        seeds = list(args.seeds or [0])
+        _check_output(out, (".png", ".jpg", ".webp"), args.overwrite, (manifest_path(out),))
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        return _error("grid", e)
+    if _embedded_missing(args.model):
+        return EXIT_MISSING
+    lab = _load_lab(args.model)
+    upscale = args.upscale if args.upscale is not None else (2 if args.model is None else 1)
+    prompts = [p for p in args.prompts for _ in seeds]
+    images = lab.generate(lab.noise([s for _ in args.prompts for s in seeds]), lab.encode_prompt(prompts),
+                          num_inference_steps=args.steps, guidance_scale=args.guidance,
+                          negative_prompt=args.negative_prompt)
+    write_image(out, image_grid(images, len(seeds)), upscale=upscale, overwrite=args.overwrite)
+    man = manifest_path(out)
+    man.write_text(json.dumps({
+        "image": out.name, "model": lab.model_id, "model_fingerprint": lab.fingerprint(),
+        "rows_prompts": list(args.prompts), "columns_seeds": seeds,
+        "num_inference_steps": args.steps or lab.num_inference_steps,
+        "guidance_scale": lab.guidance_scale if args.guidance is None else args.guidance,
+        "negative_prompt": args.negative_prompt, "upscale": upscale, "versions": versions(),
+    }, indent=1) + "\n")
+    print(f"wrote {out} ({len(args.prompts)} prompts x {len(seeds)} seeds) and {man}")
+    return 0
+
+
+def _cmd_frame(args: argparse.Namespace) -> int:
+    import json
+
+    from latentlab.morph import render_frame
+    from latentlab.video import write_image
+
+    out, man = Path(args.output), Path(args.manifest)
+    try:
+        if not man.is_file():
+            raise FileNotFoundError(f"no such manifest: {man}")
+        data = json.loads(man.read_text())
+        n = data.get("settings", {}).get("n_frames")
+        if n is None:
+            raise ValueError(f"{man} is not a latentlab video manifest")
+        if not 0 <= args.index < n:
+            raise ValueError(f"INDEX must be in [0, {n}), got {args.index}")
+        _check_output(out, (".png", ".jpg", ".webp"), args.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError, json.JSONDecodeError) as e:
+        return _error("frame", e)
+    model = None if data["model"] == "latentlab/embedded-shapes" else data["model"]
+    if args.model:
+        model = args.model
+    if _embedded_missing(model):
+        return EXIT_MISSING
+    lab = _load_lab(model)
+    image = render_frame(lab, data, args.index)
+    upscale = args.upscale if args.upscale is not None else data.get("upscale", 1)
+    write_image(out, image, upscale=upscale, overwrite=args.overwrite)
+    print(f"wrote {out} (frame {args.index} of {data['video']})")
+    return 0
+
+
+def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
+    from latentlab.morph import PACINGS
     from latentlab.paths import EASINGS, METHODS
 
+    m.add_argument("-o", "--output", default="walk.mp4" if walk else "morph.mp4",
+                   help="output .mp4 or .gif (default: %(default)s)")
+    m.add_argument("--frames", type=int, default=96 if walk else 48, help="exact number of frames (default: %(default)s)")
+    m.add_argument("--seconds", type=float, help="duration instead of --frames: frames = round(seconds * fps)")
+    m.add_argument("--fps", type=float, default=12.0, help="frames per second (default: %(default)s)")
+    if not walk:
+        m.add_argument("--loop", action="store_true", help="return to the first keyframe (seamless loop)")
+    m.add_argument("--noise-interp", choices=METHODS, default=None if walk else "slerp",
+                   help="noise path (default: " + ("spline for 3+ seeds, else slerp)" if walk else "%(default)s)"))
+    m.add_argument("--noise-easing", choices=EASINGS, default="linear")
+    m.add_argument("--prompt-interp", choices=METHODS, default="lerp", help="prompt path (default: %(default)s)")
+    m.add_argument("--prompt-easing", choices=EASINGS, default="linear")
+    m.add_argument("--pacing", choices=PACINGS, default="none",
+                   help="'even': re-time from a cheap preview so consecutive frames change by about the same amount")
+    m.add_argument("--pacing-clip", metavar="CLIP", nargs="?", const="embedded",
+                   help="measure the pacing change with CLIP image embeddings (the embedded CLIP, or a transformers "
+                        "CLIP id/folder) instead of pixels")
+    _generation_options(m)
+    m.add_argument("--batch-size", type=int, default=16, help="frames denoised together (default: %(default)s)")
+    m.add_argument("--upscale", type=int, help="integer upscaling of frames (default: 4 for the embedded model)")
+    m.add_argument("--keep-cache", action="store_true", help="keep the per-frame cache after a successful render")
+    m.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _generation_options(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    m.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    m.add_argument("--negative-prompt")
+    m.add_argument("--model", help="diffusers model id or folder (default: the embedded model)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentlab", description="Explore the latent space of diffusion models.")
     p.add_argument("--version", action="version", version=f"latentlab {latentlab.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions and where the embedded model is")
     info.set_defaults(func=_cmd_info)
+    fmt = argparse.RawDescriptionHelpFormatter
     m = sub.add_parser("morph", help="render a morph (or seed walk) video between keyframes",
                        description="Render a morph between keyframe prompts and/or seeds to mp4 or gif, with a "
                                    "JSON manifest beside it that can re-create any frame.",
-                       epilog=MORPH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=MORPH_EXAMPLES, formatter_class=fmt)
     m.add_argument("prompts", nargs="*", help="keyframe prompts (one prompt + several --seeds is a seed walk)")
     m.add_argument("--seeds", type=int, nargs="+", help="keyframe seeds (default 0; missing ones carry over)")
-    m.add_argument("-o", "--output", default="morph.mp4", help="output .mp4 or .gif (default: %(default)s)")
-    m.add_argument("--frames", type=int, default=48, help="exact number of frames (default: %(default)s)")
-    m.add_argument("--seconds", type=float, help="duration instead of --frames: frames = round(seconds * fps)")
-    m.add_argument("--fps", type=float, default=12.0, help="frames per second (default: %(default)s)")
-    m.add_argument("--loop", action="store_true", help="return to the first keyframe (seamless loop)")
-    m.add_argument("--noise-interp", choices=METHODS, default="slerp", help="noise path (default: %(default)s)")
-    m.add_argument("--noise-easing", choices=EASINGS, default="linear")
-    m.add_argument("--prompt-interp", choices=METHODS, default="lerp", help="prompt path (default: %(default)s)")
-    m.add_argument("--prompt-easing", choices=EASINGS, default="linear")
-    m.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    m.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
-    m.add_argument("--negative-prompt")
-    m.add_argument("--batch-size", type=int, default=16, help="frames denoised together (default: %(default)s)")
-    m.add_argument("--upscale", type=int, help="integer upscaling of frames (default: 4 for the embedded model)")
-    m.add_argument("--model", help="diffusers model id or folder (default: the embedded model)")
-    m.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _render_options(m)
     m.set_defaults(func=_cmd_morph)
+    w = sub.add_parser("walk", help="render a seamless looping walk through seeds at one prompt",
+                       description="Render a looping walk through the noise of several seeds at a fixed prompt.",
+                       epilog=WALK_EXAMPLES, formatter_class=fmt)
+    w.add_argument("prompts", nargs=1, metavar="prompt")
+    w.add_argument("--seeds", type=int, nargs="+", required=True, help="the seeds to walk through (2 or more)")
+    _render_options(w, walk=True)
+    w.set_defaults(func=_cmd_morph)
+    g = sub.add_parser("grid", help="an image grid: prompts (rows) x seeds (columns)",
+                       description="Generate every prompt at every seed and tile them into one image.",
+                       epilog=GRID_EXAMPLES, formatter_class=fmt)
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--seeds", type=int, nargs="+", help="column seeds (default: 0)")
+    g.add_argument("-o", "--output", default="grid.png", help="output .png/.jpg/.webp (default: %(default)s)")
+    g.add_argument("--upscale", type=int, help="integer upscaling (default: 2 for the embedded model)")
+    g.add_argument("--overwrite", action="store_true")
+    _generation_options(g)
+    g.set_defaults(func=_cmd_grid)
+    f = sub.add_parser("frame", help="re-render one frame of a video from its manifest",
+                       description="Re-create frame INDEX of a rendered morph or walk from the JSON manifest "
+                                   "beside it.", epilog=FRAME_EXAMPLES, formatter_class=fmt)
+    f.add_argument("manifest", help="the video's manifest (e.g. morph.mp4.json)")
+    f.add_argument("index", type=int)
+    f.add_argument("-o", "--output", default="frame.png", help="output .png/.jpg/.webp (default: %(default)s)")
+    f.add_argument("--upscale", type=int, help="integer upscaling (default: the video's)")
+    f.add_argument("--model", help="use this model instead of the one named in the manifest")
+    f.add_argument("--overwrite", action="store_true")
+    f.set_defaults(func=_cmd_frame)
     return p
 
 

@@ -20,9 +20,10 @@ import torch
 
 from latentlab import _checks
 
-__all__ = ["VideoWriter", "write_video", "read_video", "FORMATS"]
+__all__ = ["FORMATS", "IMAGE_FORMATS", "VideoWriter", "image_grid", "read_video", "write_image", "write_video"]
 
 FORMATS = (".mp4", ".gif")
+IMAGE_FORMATS = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def _to_uint8_frames(frames: torch.Tensor | np.ndarray, upscale: int) -> np.ndarray:
@@ -169,3 +170,46 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     codec = (meta.get("codec") or "").split()[0].rstrip(",")
     info = {"fps": meta.get("fps"), "size": (w, h), "codec": codec, "pix_fmt": meta.get("pix_fmt")}
     return np.stack(frames), info
+
+
+def image_grid(images: torch.Tensor, n_cols: int, *, gap: int = 2, fill: float = 1.0) -> torch.Tensor:
+    """Tile (N, 3, H, W) images row by row into one (3, rows*(H+gap)-gap, cols*(W+gap)-gap) image.
+
+    >>> image_grid(torch.zeros(6, 3, 4, 4), 3).shape
+    torch.Size([3, 10, 16])
+    """
+    _checks.tensor(images, "images", min_ndim=4)
+    n_cols = _checks.positive_int(n_cols, "n_cols")
+    n, c, h, w = images.shape
+    rows = -(-n // n_cols)
+    out = torch.full((c, rows * (h + gap) - gap, n_cols * (w + gap) - gap), float(fill), dtype=images.dtype)
+    for i in range(n):
+        r, k = divmod(i, n_cols)
+        out[:, r * (h + gap) : r * (h + gap) + h, k * (w + gap) : k * (w + gap) + w] = images[i]
+    return out
+
+
+def write_image(path: str | os.PathLike, image: torch.Tensor, *, upscale: int = 1, overwrite: bool = False) -> Path:
+    """Write one (3, H, W) or (1, 3, H, W) image in [0, 1] to .png/.jpg/.webp, atomically (temporary name, then
+    rename); an existing file is refused unless ``overwrite``."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise ValueError(f"`path` must end in one of {IMAGE_FORMATS}, got {path.name!r}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder of `path` does not exist: {path.parent}")
+    _checks.tensor(image, "image", min_ndim=3)
+    x = image if image.ndim == 4 else image.unsqueeze(0)
+    if x.shape[0] != 1:
+        raise ValueError(f"`image` must be one image (3, H, W) or (1, 3, H, W), got shape {tuple(image.shape)}")
+    arr = _to_uint8_frames(x, _checks.positive_int(upscale, "upscale"))[0]
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        iio.imwrite(tmp, arr)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -159,3 +159,42 @@ def test_even_pacing_spreads_change_evenly_and_keeps_keyframes(tiny_lab, tmp_pat
     assert man["pacing_distance"] == "pixel_distance"
     lat, cond = p.inputs(6, 7)
     torch.testing.assert_close(render_frame(tiny_lab, manifest_path(out), 6), tiny_lab.generate(lat, cond))
+
+
+def test_cli_walk_grid_and_frame(tiny_sd_path, tmp_path, capsys):
+    walk = tmp_path / "walk.mp4"
+    assert cli.main(["walk", "a red star", "--seeds", "1", "2", "3", "--frames", "6", "--steps", "2",
+                     "--model", str(tiny_sd_path), "-o", str(walk)]) == 0
+    man = json.loads(manifest_path(walk).read_text())
+    assert man["settings"]["loop"] is True and man["settings"]["noise_interpolation"] == "spline"
+    assert read_video(walk)[0].shape == (6, 16, 16, 3)
+    frame = tmp_path / "f.png"
+    assert cli.main(["frame", str(manifest_path(walk)), "4", "-o", str(frame), "--upscale", "1"]) == 0
+    import imageio.v3 as iio
+
+    from latentlab.backend import Lab
+    from latentlab.morph import render_frame
+
+    lab = Lab.from_pretrained(tiny_sd_path, device="cpu")
+    exact = (render_frame(lab, manifest_path(walk), 4)[0].permute(1, 2, 0) * 255).round()
+    assert torch.equal(torch.from_numpy(iio.imread(frame)).float(), exact)
+    # ... and it is that frame of the video (nearer to it than to any other frame, through the codec's loss).
+    video = torch.from_numpy(read_video(walk)[0]).float()
+    assert int((video - exact).abs().flatten(1).mean(1).argmin()) == 4
+    big = tmp_path / "big.png"
+    assert cli.main(["frame", str(manifest_path(walk)), "4", "-o", str(big), "--upscale", "2"]) == 0
+    assert iio.imread(big).shape == (32, 32, 3)
+    grid = tmp_path / "g.png"
+    assert cli.main(["grid", "a red star", "a blue ring", "--seeds", "1", "2", "3", "--steps", "2",
+                     "--model", str(tiny_sd_path), "-o", str(grid)]) == 0
+    assert iio.imread(grid).shape == (16 * 2 + 2, 16 * 3 + 4, 3)
+    assert json.loads(manifest_path(grid).read_text())["columns_seeds"] == [1, 2, 3]
+    capsys.readouterr()
+    # errors before any model work, with exit code 2
+    assert cli.main(["walk", "a red star", "--seeds", "1", "-o", str(tmp_path / "w2.mp4")]) == cli.EXIT_USAGE
+    assert "needs one prompt and at least two --seeds" in capsys.readouterr().err
+    assert cli.main(["frame", str(manifest_path(walk)), "6", "-o", str(tmp_path / "x.png")]) == cli.EXIT_USAGE
+    assert "INDEX must be in [0, 6), got 6" in capsys.readouterr().err
+    assert cli.main(["frame", str(tmp_path / "nope.json"), "0"]) == cli.EXIT_USAGE
+    assert cli.main(["grid", "a", "-o", str(grid)]) == cli.EXIT_USAGE
+    assert "exists; pass --overwrite" in capsys.readouterr().err
