@@ -18,6 +18,7 @@ PosixPath('...z.safetensors')
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -32,6 +33,11 @@ PROVENANCE_KEY = "latentlab.provenance"
 
 def versions() -> dict[str, str]:
     """Versions of the packages that determine a result (those that are imported or installed)."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
     from importlib import metadata
 
     import latentlab
@@ -42,7 +48,7 @@ def versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out.items())
 
 
 def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, provenance: dict | None = None,
