@@ -1,0 +1,190 @@
+"""The latent atlas: many generations over seeds x prompts, with everything needed to map and explain them.
+
+One responsibility: collect, per item, the initial noise, the final latent, the CLIP image embedding of the
+image, the CLIP text embedding of its prompt, a thumbnail and its provenance (seed, prompt, any attributes the
+caller knows); save/load that in one safetensors file; and draw any 2-D projection of it with the thumbnails
+(matplotlib, imported lazily). Projections themselves live in :mod:`latentlab.project`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from latentlab import _checks
+
+__all__ = ["Atlas", "apply_direction", "build_atlas", "plot_atlas", "prompt_direction"]
+
+
+@dataclass
+class Atlas:
+    """N generated items: ``noise`` and ``latents`` (N, C, h, w), ``image_embeds`` and ``prompt_embeds`` (N, D)
+    from CLIP, ``thumbnails`` (N, 3, s, s) uint8, and ``items`` (one dict per item: seed, prompt, attributes)."""
+
+    noise: torch.Tensor
+    latents: torch.Tensor
+    image_embeds: torch.Tensor
+    prompt_embeds: torch.Tensor
+    thumbnails: torch.Tensor
+    items: list[dict]
+    provenance: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def labels(self, key: str) -> list:
+        """The value of ``key`` for every item (e.g. ``"prompt"``, ``"seed"``, or an attribute like ``"colour"``)."""
+        missing = [i for i, it in enumerate(self.items) if key not in it]
+        if missing:
+            raise KeyError(f"items have no {key!r} (first missing: item {missing[0]}); known: {sorted(self.items[0])}")
+        return [it[key] for it in self.items]
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        from latentlab import store
+
+        tensors = {k: getattr(self, k) for k in ("noise", "latents", "image_embeds", "prompt_embeds", "thumbnails")}
+        return store.save(path, tensors, provenance={**self.provenance, "items": self.items}, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Atlas:
+        from latentlab import store
+
+        t, prov = store.load(path)
+        items = prov.pop("items", None)
+        if items is None:
+            raise ValueError(f"{path} is not a latentlab atlas (no items in its provenance)")
+        return cls(t["noise"], t["latents"], t["image_embeds"], t["prompt_embeds"], t["thumbnails"], items, prov)
+
+
+def build_atlas(lab, prompts: Sequence[str], seeds: Sequence[int], *, clip=None,
+                attributes: dict[str, dict] | None = None, thumbnail: int = 64, chunk: int = 64,
+                num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                progress: bool = True) -> Atlas:
+    """Generate every prompt at every seed (N = len(prompts) * len(seeds), prompt-major) and collect an atlas.
+
+    ``clip`` defaults to the embedded CLIP; ``attributes`` maps a prompt to extra metadata for its items (e.g.
+    ``{"a red star": {"colour": "red", "shape": "star"}}``). Work runs ``chunk`` items at a time.
+
+    Examples
+    --------
+    >>> from latentlab import Lab
+    >>> atlas = build_atlas(Lab.default(), ["a red star", "a blue ring"], [1, 2, 3], progress=False)
+    >>> len(atlas), atlas.latents.shape, atlas.image_embeds.shape, atlas.labels("prompt")[3]
+    (6, torch.Size([6, 4, 8, 8]), torch.Size([6, 64]), 'a blue ring')
+    """
+    from tqdm.auto import tqdm
+
+    from latentlab.store import versions
+
+    prompts, seeds = list(prompts), list(seeds)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("`prompts` must be a non-empty list of strings")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise TypeError("`seeds` must be a non-empty list of ints")
+    _checks.positive_int(thumbnail, "thumbnail")
+    _checks.positive_int(chunk, "chunk")
+    if clip is None:
+        from latentlab.clip import CLIP
+
+        clip = CLIP.default()
+    pairs = [(p, s) for p in prompts for s in seeds]
+    text = clip.embed_text(prompts)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("noise", "latents", "image_embeds", "thumbnails")}
+    with tqdm(total=len(pairs), desc="atlas", unit="item", disable=not progress) as bar:
+        for i in range(0, len(pairs), chunk):
+            part = pairs[i : i + chunk]
+            z = lab.noise([s for _, s in part])
+            final = lab.generate(z, lab.encode_prompt([p for p, _ in part]), output_type="latent",
+                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+            images = lab.decode(final)
+            out["noise"].append(z.float().cpu())
+            out["latents"].append(final)
+            out["image_embeds"].append(clip.embed_images(images))
+            small = torch.nn.functional.interpolate(images, size=(thumbnail, thumbnail), mode="area")
+            out["thumbnails"].append((small * 255).round().to(torch.uint8))
+            bar.update(len(part))
+    attributes = attributes or {}
+    items = [{"prompt": p, "seed": s, **attributes.get(p, {})} for p, s in pairs]
+    prov = {"model": lab.model_id, "clip": clip.model_id, "versions": versions(),
+            "num_inference_steps": num_inference_steps or getattr(lab, "num_inference_steps", None),
+            "guidance_scale": guidance_scale if guidance_scale is not None else getattr(lab, "guidance_scale", None)}
+    idx = torch.tensor([prompts.index(p) for p, _ in pairs])
+    return Atlas(torch.cat(out["noise"]), torch.cat(out["latents"]), torch.cat(out["image_embeds"]), text[idx],
+                 torch.cat(out["thumbnails"]), items, prov)
+
+
+def plot_atlas(atlas: Atlas, coords, *, color_by: str | None = "prompt", thumbnails: bool = True,
+               zoom: float = 0.35, ax=None, title: str | None = None):
+    """Scatter a 2-D projection of ``atlas`` (``coords``: (N, 2)), coloured by an item key, with thumbnails.
+
+    Returns the matplotlib Figure.
+    """
+    import matplotlib
+
+    if ax is None and "inline" not in matplotlib.get_backend().lower():
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    c = torch.as_tensor(coords, dtype=torch.float64)
+    if c.ndim != 2 or c.shape != (len(atlas), 2):
+        raise ValueError(f"`coords` must have shape ({len(atlas)}, 2), got {tuple(c.shape)}")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, 8))
+    else:
+        fig = ax.figure
+    if color_by is not None:
+        labels = atlas.labels(color_by)
+        names = sorted(set(labels), key=str)
+        cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        for j, name in enumerate(names):
+            idx = [i for i, v in enumerate(labels) if v == name]
+            ax.scatter(c[idx, 0], c[idx, 1], s=18, color=cmap(j % cmap.N), label=str(name))
+        if len(names) <= 20:
+            ax.legend(title=color_by, fontsize="small", markerscale=1.5, loc="best")
+    else:
+        ax.scatter(c[:, 0], c[:, 1], s=10)
+    if thumbnails:
+        for i in range(len(atlas)):
+            img = atlas.thumbnails[i].permute(1, 2, 0).numpy()
+            ab = AnnotationBbox(OffsetImage(img, zoom=zoom), (float(c[i, 0]), float(c[i, 1])), frameon=False)
+            ax.add_artist(ab)
+    ax.set_title(title or f"{len(atlas)} items ({atlas.provenance.get('model', '?')})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def prompt_direction(lab, positive: str, negative: str):
+    """The difference of two prompts' conditioning (``positive`` - ``negative``) as a
+    :class:`~latentlab.backend.Conditioning`: a direction in the space the UNet is conditioned on, e.g.
+    ``prompt_direction(lab, "a green star", "a red star")`` points from red to green."""
+    from latentlab.backend import Conditioning
+
+    a, b = lab.encode_prompt(positive), lab.encode_prompt(negative)
+    pooled = None if a.pooled_prompt_embeds is None else a.pooled_prompt_embeds - b.pooled_prompt_embeds
+    return Conditioning(a.prompt_embeds - b.prompt_embeds, pooled)
+
+
+def apply_direction(conditioning, direction, k: float | Sequence[float]):
+    """``conditioning + k * direction`` (every field; one item per ``k`` when ``k`` is a sequence)."""
+    from latentlab.backend import Conditioning
+
+    if not isinstance(conditioning, Conditioning) or not isinstance(direction, Conditioning):
+        raise TypeError("`conditioning` and `direction` must be Conditioning objects (from encode_prompt / "
+                        "prompt_direction)")
+    if len(conditioning) != 1 and not isinstance(k, (int, float)):
+        raise ValueError("a sequence of `k` needs a single-item `conditioning`")
+    ks = [float(k)] if isinstance(k, (int, float)) else [float(v) for v in k]
+    items = []
+    for v in ks:
+        pe = conditioning.prompt_embeds + v * direction.prompt_embeds
+        pooled = None
+        if conditioning.pooled_prompt_embeds is not None:
+            pooled = conditioning.pooled_prompt_embeds + v * direction.pooled_prompt_embeds
+        items.append(Conditioning(pe, pooled))
+    return Conditioning.cat(items)

@@ -1,0 +1,115 @@
+"""Projections and directions: PCA against scikit-learn, UMAP contract, directions in sigma units."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from latentlab.project import PCA, UMAP, knn_accuracy, move, orthogonalize, pca_direction, trustworthiness
+
+
+def _data(n=300, d=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scales = 10 * 0.8 ** torch.arange(d, dtype=torch.float64)  # well-separated spectrum
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * scales + 3.0
+
+
+@pytest.mark.parametrize("solver", ["full", "randomized"])
+def test_pca_matches_scikit_learn(solver):
+    from sklearn.decomposition import PCA as SkPCA
+
+    x = _data()
+    ours = PCA(5, svd_solver=solver, random_state=0).fit(x)
+    sk = SkPCA(5, svd_solver="full").fit(x.numpy())
+    np.testing.assert_allclose(ours.explained_variance_.numpy(), sk.explained_variance_, rtol=1e-3)
+    np.testing.assert_allclose(ours.explained_variance_ratio_.numpy(), sk.explained_variance_ratio_, rtol=1e-3)
+    # components equal up to sign (both fix signs the same way)
+    np.testing.assert_allclose(np.abs(ours.components_.numpy() @ sk.components_.T), np.eye(5), atol=1e-3)
+    np.testing.assert_allclose(np.abs(ours.transform(x).numpy()), np.abs(sk.transform(x.numpy())), atol=1e-2)
+
+
+def test_pca_inverse_transform_round_trips_with_all_components_and_keeps_item_shape():
+    x = torch.randn(50, 2, 3, 4, generator=torch.Generator().manual_seed(1))
+    pca = PCA(24).fit(x)
+    torch.testing.assert_close(pca.inverse_transform(pca.transform(x)), x, atol=1e-4, rtol=0)
+    assert PCA(2, random_state=3, svd_solver="randomized").fit(x).components_.shape == (2, 24)
+    with pytest.raises(ValueError, match=r"`n_components` must be <= min\(n_samples, n_features\) = 24, got 25"):
+        PCA(25).fit(x)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        PCA(2).transform(x)
+    with pytest.raises(ValueError, match=r"`X` items must have 24 values"):
+        pca.transform(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="finite"):
+        PCA(2).fit(torch.full((4, 3), float("nan")))
+
+
+def test_randomized_pca_is_reproducible_with_random_state():
+    x = _data(n=3000, d=60).float()
+    a = PCA(3, svd_solver="randomized", random_state=7).fit(x).components_
+    b = PCA(3, svd_solver="randomized", random_state=7).fit(x).components_
+    assert torch.equal(a, b)
+
+
+def test_pca_direction_moves_by_sigma_units():
+    x = _data()
+    pca = PCA(3).fit(x)
+    d = pca_direction(pca, 1)
+    shifted = pca.transform(move(x[:5], d, 2.0))
+    delta = shifted - pca.transform(x[:5])
+    torch.testing.assert_close(delta[:, 1], torch.full((5,), 2.0, dtype=delta.dtype) * pca.explained_variance_[1].sqrt())
+    torch.testing.assert_close(delta[:, [0, 2]], torch.zeros(5, 2, dtype=delta.dtype), atol=1e-9, rtol=0)
+    sweep = move(x[:2], d, torch.tensor([-1.0, 0.0, 1.0]))
+    assert sweep.shape == (3, 2, 40) and torch.equal(sweep[1], x[:2])
+
+
+@settings(max_examples=50)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 4))
+def test_orthogonalize_removes_the_span_and_keeps_the_norm(seed, n_other):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(16, generator=g, dtype=torch.float64)
+    others = [torch.randn(16, generator=g, dtype=torch.float64) for _ in range(n_other)]
+    out = orthogonalize(d, others)
+    for o in others:
+        assert abs(float(out @ o)) < 1e-8 * float(o.norm() * out.norm())
+    torch.testing.assert_close(out.norm(), d.norm())
+
+
+def test_orthogonalize_and_move_errors():
+    d = torch.tensor([1.0, 0.0])
+    with pytest.raises(ValueError, match="lies in the span"):
+        orthogonalize(d, torch.tensor([2.0, 0.0]))
+    with pytest.raises(ValueError, match=r"`against\[0\]` must have the shape"):
+        orthogonalize(d, torch.ones(3))
+    with pytest.raises(ValueError, match=r"`direction` must have the shape of one item of `x` \(2,\)"):
+        move(torch.ones(4, 2), torch.ones(3), 1.0)
+    z = torch.randn(3, 4, 8, 8)
+    moved = move(z, torch.randn(4, 8, 8), 3.0, renormalize=True)
+    torch.testing.assert_close(moved.flatten(1).norm(dim=1), z.flatten(1).norm(dim=1))
+
+
+def test_structure_metrics_see_structure_and_its_absence():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 4
+    centres = torch.randn(4, 10, generator=g) * 10
+    x = centres[labels] + torch.randn(200, 10, generator=g)
+    emb = PCA(2).fit_transform(x)
+    assert knn_accuracy(emb, labels.tolist()) > 0.95
+    shuffled = emb[torch.randperm(200, generator=g)]
+    assert knn_accuracy(shuffled, labels.tolist()) < 0.5
+    assert trustworthiness(x, emb) > trustworthiness(x, shuffled) + 0.2
+
+
+def test_umap_contract_and_pca_first_for_wide_inputs():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(120) % 3
+    x = (torch.randn(3, 80, generator=g) * 8)[labels] + torch.randn(120, 80, generator=g)
+    u = UMAP(n_neighbors=10, pca_components=20, random_state=0)
+    emb = u.fit_transform(x)
+    assert emb.shape == (120, 2) and u.pca_.components_.shape == (20, 80)
+    assert knn_accuracy(emb, labels.tolist()) > 0.95
+    assert u.transform(x[:5]).shape == (5, 2)
+    with pytest.raises(ValueError, match=r"more than `n_neighbors` = 10 samples, got 5"):
+        UMAP(n_neighbors=10).fit(x[:5])
