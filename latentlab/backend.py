@@ -735,15 +735,18 @@ class Lab:
         _checks.tensor(latents, "latents", min_ndim=4)
         return self._batched(self._decode_batch, latents, batch_size=batch_size)
 
-    def _decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
+    def _unscale(self, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Latents as the UNet sees them -> as the VAE decoder takes them (the pipelines' arithmetic)."""
         vae = self.pipe.vae
-        z = latents.to(self.device, vae.dtype)
+        z = latents.to(self.device, dtype)
         stats = _latents_mean_std(vae, z)
         if stats is not None:
-            z = z * stats[1] / vae.config.scaling_factor + stats[0]
-        else:
-            z = z / vae.config.scaling_factor
-        img = vae.decode(z, return_dict=False)[0]
+            return z * stats[1] / vae.config.scaling_factor + stats[0]
+        return z / vae.config.scaling_factor
+
+    def _decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        img = vae.decode(self._unscale(latents, vae.dtype), return_dict=False)[0]
         bad = ~torch.isfinite(img).flatten(1).all(1)
         if bool(bad.any()) and vae.dtype != torch.float32:
             log.info("re-decoding %d non-finite item(s) in float32", int(bad.sum()))
@@ -751,7 +754,7 @@ class Lab:
             vae.to(torch.float32)
             try:
                 img = img.float()
-                img[bad] = vae.decode(z[bad].float(), return_dict=False)[0]
+                img[bad] = vae.decode(self._unscale(latents[bad], torch.float32), return_dict=False)[0]
             finally:
                 vae.to(dtype)
         return (img.float() / 2 + 0.5).clamp(0, 1).cpu()

@@ -226,3 +226,39 @@ def test_ddim_inversion_round_trip_on_the_embedded_model():
     # Guidance breaks the approximation (the well-known reason for null-text inversion): worse reconstructions.
     guided = lab.invert(z0, cond, num_inference_steps=10, guidance_scale=4.0)
     assert guided.latent_rmse.mean() > coarse.latent_rmse.mean()
+
+
+def test_non_finite_low_precision_decodes_are_redone_in_float32(tiny_lab):
+    """fp16 VAEs (SDXL's especially) can overflow to inf/NaN; those items are decoded again in float32."""
+    vae = tiny_lab.pipe.vae
+    z = tiny_lab.noise([1, 2])
+    reference = tiny_lab.decode(z)
+    vae.to(torch.bfloat16)
+
+    def overflow_item_0_in_low_precision(module, args, output):
+        if output.dtype != torch.float32:
+            output = output.clone()
+            output[0] = float("inf")
+        return output
+
+    handle = vae.decoder.register_forward_hook(overflow_item_0_in_low_precision)
+    try:
+        out = tiny_lab.decode(z)
+    finally:
+        handle.remove()
+    assert torch.isfinite(out).all()
+    # item 0 was redone in float32 (from the float32 latents; the weights carry bfloat16 rounding)
+    torch.testing.assert_close(out[0], reference[0], atol=2e-2, rtol=0)
+    assert vae.dtype == torch.bfloat16  # and the VAE is back in its own dtype
+    vae.to(torch.float32)
+
+
+def test_turbo_checkpoints_get_turbo_defaults(tiny_sd_path, tmp_path):
+    import shutil
+
+    from latentlab.backend import Lab
+
+    turbo = shutil.copytree(tiny_sd_path, tmp_path / "tiny-sd-turbo")
+    lab = Lab.from_pretrained(turbo, device="cpu")
+    assert (lab.num_inference_steps, lab.guidance_scale) == (4, 0.0)
+    assert Lab.from_pretrained(tiny_sd_path, device="cpu").guidance_scale > 1
