@@ -19,6 +19,8 @@ MORPH_EXAMPLES = """examples:
   latentlab morph "a large red circle on a blue background" "a small yellow star on a black background" -o morph.mp4
   latentlab morph "a red star" "a blue ring" --pacing even -o even.mp4     # frames change by about the same amount
   latentlab morph "a red ring" "a green cross" --seeds 7 --noise-easing smoothstep --upscale 8 -o m.mp4
+  latentlab morph "a large red ring on a white background" "a large blue star on a white background" \
+      --images ring.png none -o from-image.mp4                           # start from an image (DDIM inversion)
   latentlab morph "a cat" "a dog" --model runwayml/stable-diffusion-v1-5 --steps 25 -o cat-dog.mp4   # on a GPU
 A killed render resumes when run again (finished frames are cached beside the output until it completes).
 """
@@ -90,8 +92,13 @@ def _settings_from_args(args: argparse.Namespace):
                          f"{len(seeds)} seeds")
     if n < 2:
         raise ValueError("a morph needs two keyframes: give two prompts, or one prompt and two --seeds")
+    images = list(getattr(args, "images", None) or [])
+    if images and len(images) != n:
+        raise ValueError(f"--images must give one image (or 'none') per keyframe: {n} keyframes, got {len(images)}")
+    images = [None if im is None or im.lower() == "none" else im for im in images] or [None] * n
     keys = tuple(
-        Keyframe(prompt=prompts[i] if i < len(prompts) else None, seed=seeds[i] if i < len(seeds) else None)
+        Keyframe(prompt=prompts[i] if i < len(prompts) else None, seed=seeds[i] if i < len(seeds) else None,
+                 image=images[i])
         for i in range(n)
     )
     n_frames = frames_for_duration(args.seconds, args.fps) if args.seconds else args.frames
@@ -261,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=MORPH_EXAMPLES, formatter_class=fmt)
     m.add_argument("prompts", nargs="*", help="keyframe prompts (one prompt + several --seeds is a seed walk)")
     m.add_argument("--seeds", type=int, nargs="+", help="keyframe seeds (default 0; missing ones carry over)")
+    m.add_argument("--images", nargs="+", metavar="IMAGE",
+                   help="keyframe images, one per keyframe ('none' to skip one): each is encoded and DDIM-inverted "
+                        "with its keyframe's prompt, and that noise becomes the keyframe's point on the noise path")
     _render_options(m)
     m.set_defaults(func=_cmd_morph)
     w = sub.add_parser("walk", help="render a seamless looping walk through seeds at one prompt",

@@ -43,10 +43,18 @@ PACINGS: tuple[str, ...] = ("none", "even")
 
 @dataclass(frozen=True)
 class Keyframe:
-    """One keyframe: a prompt, a seed, or both (missing values carry over from the previous keyframe)."""
+    """One keyframe: a prompt, a seed, an image, or several (missing prompt/seed carry over from the previous
+    keyframe).
+
+    An ``image`` (path to a png/jpg/webp) is encoded with the VAE and DDIM-inverted with the keyframe's prompt at
+    the morph's steps and guidance: the resulting noise is the keyframe's point on the noise path (its seed is then
+    unused). The frame at the keyframe approximates the image; the inversion's reconstruction PSNR is recorded in
+    the manifest.
+    """
 
     prompt: str | None = None
     seed: int | None = None
+    image: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,9 @@ class MorphSettings:
                 raise ValueError(f"`keyframes[{i}].seed` must be an int in [0, 2**64), got {k.seed!r}")
         if self.keyframes[0].prompt is None:
             raise ValueError("the first keyframe needs a prompt")
+        for i, k in enumerate(self.keyframes):
+            if k.image is not None and not Path(k.image).is_file():
+                raise FileNotFoundError(f"`keyframes[{i}].image` does not exist: {k.image}")
         _checks.positive_int(self.n_frames, "n_frames", minimum=2)
         if not (isinstance(self.fps, (int, float)) and 0 < self.fps <= 240):
             raise ValueError(f"`fps` must be in (0, 240], got {self.fps!r}")
@@ -125,6 +136,7 @@ class Plan:
     keys: list[torch.Tensor]
     conds: list[Conditioning]
     frames: list[dict] = field(default_factory=list)
+    image_keyframes: list[dict] = field(default_factory=list)
 
     def inputs(self, start: int, stop: int) -> tuple[torch.Tensor, Conditioning]:
         """Initial latents (n, C, h, w) and conditioning (n items) of frames ``start:stop``."""
@@ -186,10 +198,15 @@ def plan(lab: Generator, settings: MorphSettings, *, distance=None, frames: list
     shape = (1, *lab.latent_shape(height=settings.height, width=settings.width))
     keys = [noise(s, shape) for s in seeds]
     conds = [lab.encode_prompt(p) for p in prompts]
+    images = []
+    for i, k in enumerate(settings.keyframes):
+        if k.image is not None:
+            keys[i], note = _image_key(lab, k.image, conds[i], shape, settings)
+            images.append({"keyframe": i, **note})
     if frames is not None:
         if len(frames) != settings.n_frames:
             raise ValueError(f"`frames` must have {settings.n_frames} records, got {len(frames)}")
-        return Plan(settings, keys, conds, [dict(f) for f in frames])
+        return Plan(settings, keys, conds, [dict(f) for f in frames], images)
     k = len(prompts)
     ns = schedule(k, settings.n_frames, loop=settings.loop, easing=settings.noise_easing)
     ps = schedule(k, settings.n_frames, loop=settings.loop, easing=settings.prompt_easing)
@@ -200,7 +217,32 @@ def plan(lab: Generator, settings: MorphSettings, *, distance=None, frames: list
     ]
     if settings.pacing == "even":
         records = _pace(lab, settings, keys, conds, records, ns, ps, distance or pixel_distance)
-    return Plan(settings, keys, conds, records)
+    return Plan(settings, keys, conds, records, images)
+
+
+def _image_key(lab, path: str, cond: Conditioning, shape, settings) -> torch.Tensor:
+    """An image keyframe's noise: load, fit to the model's size (centre crop, area resize), encode, DDIM-invert."""
+    from latentlab.video import read_image
+
+    f = getattr(lab, "vae_scale_factor", 8)
+    h, w = shape[2] * f, shape[3] * f
+    img = read_image(path)
+    ih, iw = img.shape[2:]
+    scale = max(h / ih, w / iw)
+    nh, nw = max(h, round(ih * scale)), max(w, round(iw * scale))
+    img = torch.nn.functional.interpolate(img, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (nh - h) // 2, (nw - w) // 2
+    img = img[:, :, top : top + h, left : left + w].clamp(0, 1)
+    inv = lab.invert(lab.encode(img), cond, num_inference_steps=settings.num_inference_steps,
+                     guidance_scale=settings.guidance_scale if settings.guidance_scale is not None
+                     else getattr(lab, "guidance_scale", 1.0))
+    log.info("image keyframe %s: inversion round trip %.1f dB", path, float(inv.psnr[0]))
+    note = {"image": path, "sha256": _file_digest(path), "inversion_psnr_db": round(float(inv.psnr[0]), 2)}
+    return inv.noise.to(torch.float32), note
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _pace(lab, settings, keys, conds, records, ns, ps, distance):
@@ -361,6 +403,7 @@ def render_morph(
         "resolved_keyframes": [{"prompt": pr, "seed": s} for pr, s in zip(prompts, seeds)],
         "upscale": upscale,
         "frames_reused_from_cache": reused,
+        "image_keyframes": p.image_keyframes,
         "frames": p.frames,
         "versions": versions(),
     })
@@ -387,6 +430,11 @@ def render_frame(lab, manifest: str | os.PathLike | dict, index: int) -> torch.T
         warnings.warn(f"the manifest was rendered by model {data['model']!r} with fingerprint {fp}, this one is "
                       f"{lab.fingerprint()}: the frame will differ", RuntimeWarning, stacklevel=2)
     p = plan(lab, settings, frames=data["frames"])
+    recorded = {d["keyframe"]: d["sha256"] for d in data.get("image_keyframes", [])}
+    for d in p.image_keyframes:
+        if recorded.get(d["keyframe"]) not in (None, d["sha256"]):
+            warnings.warn(f"keyframe image {d['image']} changed since the render: the frame will differ",
+                          RuntimeWarning, stacklevel=2)
     lat, cond = p.inputs(index, index + 1)
     return lab.generate(lat, cond, negative_prompt=settings.negative_prompt,
                         num_inference_steps=data["num_inference_steps"], guidance_scale=data["guidance_scale"])

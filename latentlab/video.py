@@ -20,7 +20,8 @@ import torch
 
 from latentlab import _checks
 
-__all__ = ["FORMATS", "IMAGE_FORMATS", "VideoWriter", "image_grid", "read_video", "write_image", "write_video"]
+__all__ = ["FORMATS", "IMAGE_FORMATS", "VideoWriter", "image_grid", "read_image", "read_video", "write_image",
+           "write_video"]
 
 FORMATS = (".mp4", ".gif")
 IMAGE_FORMATS = (".png", ".jpg", ".jpeg", ".webp")
@@ -213,3 +214,19 @@ def write_image(path: str | os.PathLike, image: torch.Tensor, *, upscale: int = 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """Read an image file to (1, 3, H, W) float32 in [0, 1] (alpha dropped, greyscale expanded)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such image: {path}")
+    arr = np.asarray(iio.imread(path))
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"{path} is not an RGB(A) or greyscale image (array shape {arr.shape})")
+    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
+    return torch.from_numpy(arr[..., :3].astype(np.float32) / scale).permute(2, 0, 1).unsqueeze(0).contiguous()

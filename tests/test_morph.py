@@ -227,3 +227,25 @@ def test_memory_stays_flat_over_a_1000_frame_render(tiny_sd_path):
 
     short, long = peak(100), peak(1000)
     assert long - short < 15, (short, long)
+
+
+def test_image_keyframe_is_inverted_and_the_morph_starts_at_the_image(tmp_path):
+    from latentlab import Lab
+    from latentlab.embedded import world
+    from latentlab.video import write_image
+
+    lab = Lab.default()
+    b = world.render_prompts([("large", "red", "ring", "white")], seed=3)
+    img_path = write_image(tmp_path / "ring.png", b.images[0])
+    s = MorphSettings(keyframes=(Keyframe("a large red ring on a white background", image=str(img_path)),
+                                 Keyframe("a large blue star on a white background", 4)),
+                      n_frames=4, num_inference_steps=10)
+    out = render_morph(lab, s, tmp_path / "m.mp4", progress=False)
+    man = json.loads(manifest_path(out).read_text())
+    note = man["image_keyframes"][0]
+    assert note["keyframe"] == 0 and note["inversion_psnr_db"] > 20 and len(note["sha256"]) == 64
+    first = render_frame(lab, manifest_path(out), 0)
+    psnr = 10 * torch.log10(1 / (first - b.images).pow(2).mean())
+    assert psnr > 18, float(psnr)  # the morph starts at (an approximation of) the image
+    with pytest.raises(FileNotFoundError, match=r"`keyframes\[1\].image` does not exist"):
+        MorphSettings(keyframes=(Keyframe("a"), Keyframe("b", image=str(tmp_path / "missing.png"))))

@@ -17,7 +17,7 @@ def _data(n=300, d=40, seed=0):
     return torch.randn(n, d, generator=g, dtype=torch.float64) * scales + 3.0
 
 
-@pytest.mark.parametrize("solver", ["full", "randomized"])
+@pytest.mark.parametrize("solver", ["full", "covariance_eigh", "randomized"])
 def test_pca_matches_scikit_learn(solver):
     from sklearn.decomposition import PCA as SkPCA
 
