@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         ours, t_ours = _timed(lambda: PCA(50, svd_solver="randomized", random_state=0).fit_transform(x))
         agree = float(np.abs(np.corrcoef(sk[:, 0], ours[:, 0].numpy())[0, 1]))
         rows.append((n, "PCA-50 scikit-learn (randomized)", t_sk, 1.0, None, None, ""))
-        rows.append((n, "PCA-50 latentlab (torch)", t_ours, t_sk / t_ours, None, None, f"|corr(PC1)| = {agree:.4f}"))
+        rows.append((n, "PCA-50 latentlab (torch)", t_ours, t_sk / t_ours, None, None, f"corr(PC1) = ±{agree:.4f}"))
         print(f"n={n}: sklearn PCA {t_sk:.2f} s, torch PCA {t_ours:.2f} s -> {t_sk / t_ours:.2f}x", flush=True)
         with_pca, t_with = _timed(lambda: UMAP(pca_components=50, random_state=0).fit_transform(x))
         tw_with, knn_with = _quality(x, with_pca, labels)
