@@ -44,6 +44,8 @@ class Atlas:
         return [it[key] for it in self.items]
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """One safetensors file: the tensors, and the items + provenance as JSON metadata (atomic; no silent
+        overwrite)."""
         from latentlab import store
 
         tensors = {k: getattr(self, k) for k in ("noise", "latents", "image_embeds", "prompt_embeds", "thumbnails")}
@@ -51,6 +53,7 @@ class Atlas:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Atlas:
+        """Read an atlas written by :meth:`save` (never unpickles)."""
         from latentlab import store
 
         t, prov = store.load(path)

@@ -74,6 +74,7 @@ class PCA:
         return f"PCA(n_components={self.n_components}, svd_solver={self.svd_solver!r}, random_state={self.random_state})"
 
     def fit(self, X, y=None) -> PCA:
+        """Fit on ``X`` (n_samples, ...) — items of any shape are flattened; ``y`` is ignored."""
         x, self.item_shape_ = _as_2d(X)
         n, d = x.shape
         k = _checks.positive_int(self.n_components, "n_components")
@@ -117,6 +118,7 @@ class PCA:
             raise RuntimeError("this PCA is not fitted yet: call fit(X) first")
 
     def transform(self, X) -> torch.Tensor:
+        """Coordinates (n, n_components) of ``X`` on the fitted components."""
         self._check_fitted()
         x, shape = _as_2d(X)
         if x.shape[1] != self.n_features_in_:
@@ -125,6 +127,7 @@ class PCA:
         return (x.to(self.components_.dtype) - self.mean_) @ self.components_.T
 
     def fit_transform(self, X, y=None) -> torch.Tensor:
+        """``fit(X)`` then ``transform(X)``."""
         return self.fit(X).transform(X)
 
     def inverse_transform(self, Z) -> torch.Tensor:
@@ -160,6 +163,7 @@ class UMAP:
         return self.pca_.transform(x)
 
     def fit(self, X, y=None) -> UMAP:
+        """Fit on ``X`` (n_samples, ...); the embedding of ``X`` is ``embedding_``."""
         try:
             import umap
         except ImportError as e:  # pragma: no cover - umap-learn is a dependency
@@ -175,9 +179,11 @@ class UMAP:
         return self
 
     def fit_transform(self, X, y=None) -> torch.Tensor:
+        """Fit on ``X`` and return its embedding (n, n_components)."""
         return self.fit(X).embedding_
 
     def transform(self, X) -> torch.Tensor:
+        """Embed new points with the fitted model."""
         if not hasattr(self, "umap_"):
             raise RuntimeError("this UMAP is not fitted yet: call fit(X) first")
         x, _ = _as_2d(X)
