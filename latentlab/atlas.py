@@ -143,10 +143,15 @@ def plot_atlas(atlas: Atlas, coords, *, color_by: str | None = "prompt", thumbna
     if color_by is not None:
         labels = atlas.labels(color_by)
         names = sorted(set(labels), key=str)
+        from matplotlib.colors import is_color_like
+
         cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        # Labels that are colour names ("red", "blue", ...) are drawn in that colour, not in a palette's.
+        named = all(isinstance(n, str) and is_color_like(n) for n in names)
         for j, name in enumerate(names):
             idx = [i for i, v in enumerate(labels) if v == name]
-            ax.scatter(c[idx, 0], c[idx, 1], s=18, color=cmap(j % cmap.N), label=str(name))
+            ax.scatter(c[idx, 0], c[idx, 1], s=18, color=name if named else cmap(j % cmap.N), label=str(name),
+                       edgecolors="black", linewidths=0.5)
         if len(names) <= 20:
             ax.legend(title=color_by, fontsize="small", markerscale=1.5, loc="best")
     else:
