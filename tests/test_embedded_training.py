@@ -57,6 +57,14 @@ def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
     train.main(["unet", "--steps", "2", "--batch", "4", *common])
     train.main(["unet", "--steps", "3", "--batch", "4", *common])  # resumes from the checkpoint
     assert json.loads((out / "unet-ckpt" / "meta.json").read_text())["step"] == 3
+    before = json.loads((out / "unet-scaling.json").read_text())
+    # Fine-tune the decoder, then the whole VAE; the UNet then continues on the new latents with a new scaling.
+    train.main(["decoder", "--steps", "2", "--batch", "4", *common])
+    train.main(["vae2", "--steps", "2", "--batch", "4", *common])
+    assert train.latest_vae_stage(out) == "vae2"
+    train.main(["unet", "--steps", "4", "--batch", "4", "--fg-weight", "2", *common])
+    after = json.loads((out / "unet-scaling.json").read_text())
+    assert after["vae_stage"] == "vae2" and after["latent_std"] != before["latent_std"]
     train.main(["package", "--package-to", str(tmp_path / "model"), *common])
     assert not list((tmp_path / "model").rglob("*.bin")) and not list((tmp_path / "model").rglob("*.pt"))
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", dtype=torch.float32)

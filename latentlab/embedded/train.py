@@ -442,14 +442,18 @@ def train_unet(args) -> None:
 
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.tokenizer)
-    vae = _trained(args, latest_vae_stage(args.out), make_vae()).eval().requires_grad_(False)
+    vae_stage = latest_vae_stage(args.out)
+    vae = _trained(args, vae_stage, make_vae()).eval().requires_grad_(False)
     meta_file = args.out / "unet-scaling.json"
-    if meta_file.exists():  # resuming: keep the scaling the UNet has been trained with
-        scaling = json.loads(meta_file.read_text())["scaling_factor"]
+    recorded = json.loads(meta_file.read_text()) if meta_file.exists() else None
+    if recorded is not None and recorded.get("vae_stage", "vae") == vae_stage:
+        scaling = recorded["scaling_factor"]  # resuming: keep the scaling the UNet has been trained with
     else:
+        # First run, or the VAE was fine-tuned since (stage vae2): the latents changed, so set the scaling from the
+        # new latents and let the UNet continue on them.
         _, std = latent_stats(vae)
         scaling = 1.0 / std
-        meta_file.write_text(json.dumps({"scaling_factor": scaling, "latent_std": std}))
+        meta_file.write_text(json.dumps({"scaling_factor": scaling, "latent_std": std, "vae_stage": vae_stage}))
     clip = _trained(args, "clip", make_clip())
     text = CLIPTextModel(clip.config.text_config)
     text.load_state_dict(clip.text_model.state_dict())
