@@ -149,6 +149,15 @@ def score(predicted: list[dict[str, str]], truth: list[dict[str, str]]) -> dict[
     return out
 
 
+def shape_by_size(predicted: list[dict[str, str]], truth: list[dict[str, str]]) -> dict[str, float]:
+    """Shape accuracy for each size word (small shapes are the hard case)."""
+    out = {}
+    for size in world.SIZE_NAMES:
+        pairs = [(p, t) for p, t in zip(predicted, truth) if t["size"] == size]
+        out[size] = sum(p["shape"] == t["shape"] for p, t in pairs) / max(1, len(pairs))
+    return out
+
+
 CHANCE = {
     "background": 1 / len(world.COLOUR_NAMES),
     "colour": 1 / (len(world.COLOUR_NAMES) - 1),
@@ -170,6 +179,21 @@ def vae_psnr(vae, n: int = 256, seed: int = 123_456) -> float:
         mse = ((rec - x) ** 2).mean(dim=(1, 2, 3))
         psnrs.append(10 * torch.log10(1.0 / mse.clamp(min=1e-10)))
     return torch.cat(psnrs).mean().item()
+
+
+@torch.no_grad()
+def vae_reconstruction_score(vae, shape_net: ShapeNet, n: int = 512, seed: int = 31_337) -> dict[str, float]:
+    """Attributes read from VAE reconstructions of rendered held-out images: the ceiling the VAE puts on generation
+    (a UNet cannot draw a shape its VAE cannot decode)."""
+    b = world.sample(n, seed=seed, prompts=world.held_out_prompts())
+    recs = []
+    for i in range(0, n, 64):
+        z = vae.encode(b.images[i : i + 64] * 2 - 1).latent_dist.mean
+        recs.append(((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1))
+    pred = attributes(torch.cat(recs), shape_net)
+    out = score(pred, b.attributes)
+    out["shape_by_size"] = shape_by_size(pred, b.attributes)
+    return out
 
 
 @torch.no_grad()
@@ -214,7 +238,9 @@ def generation(pipe, shape_net: ShapeNet, *, n: int = 256, steps: int = 20, guid
                    output_type="pt")
         images.append(out.images.float().cpu())
     pred = attributes(torch.cat(images), shape_net)
-    return score(pred, truth)
+    out = score(pred, truth)
+    out["shape_by_size"] = shape_by_size(pred, truth)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         "evaluator_on_rendered_images": evaluator,
         "evaluator_shape_classifier_accuracy": evaluator_acc,
         "vae_psnr_db": vae_psnr(pipe.vae.float()),
+        "vae_reconstruction_attributes": vae_reconstruction_score(pipe.vae.float(), shape_net),
         "clip_zero_shot": clip_zero_shot(clip, tok),
         "generation": generation(pipe, shape_net, n=args.n, steps=args.steps, guidance=args.guidance),
         "settings": {"n": args.n, "steps": args.steps, "guidance_scale": args.guidance, "scheduler": "DDIM"},
