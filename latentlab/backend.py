@@ -115,9 +115,10 @@ def _import_diffusers():
     return diffusers
 
 
-#: Items per UNet/VAE call on CPU when nothing else is said (per-item cost is near its minimum from about 8 on the
-#: embedded model: 12 ms/item alone, 7 ms/item at 8, 3 ms/item at 64 with 1 thread).
-CPU_BATCH_SIZE = 8
+#: Items per UNet/VAE call on CPU when nothing else is said. Measured on the embedded model, 2 threads, 192-frame
+#: morph (``python -m latentlab.benchmarks.morph --frames 192 --batches 8 16 24``): 9.6 frames/s at 8, 12.6 at 16,
+#: 11.5 at 24 (the per-frame diffusers loop: 3.7). Every CPU call is padded to this size (see ``Lab``).
+CPU_BATCH_SIZE = 16
 
 
 def _pad_batch(x, pad: int):
@@ -146,7 +147,7 @@ class Lab:
     Build one with :meth:`default` (the embedded model, CPU) or :meth:`from_pretrained` (any SD 1.x/2.x, SDXL or
     Turbo checkpoint, safetensors only).
 
-    Batching: ``batch_size`` is how many items go through the UNet/VAE per call (``None``: 8 on CPU; on a GPU
+    Batching: ``batch_size`` is how many items go through the UNet/VAE per call (``None``: 16 on CPU; on a GPU
     everything at once, halved on out-of-memory and remembered). CPU kernels pick different blockings for
     different batch sizes, so an item's float result depends on how many items shared its call (measured: up to
     ~1e-6). With ``batch_invariant`` (default on CPU) every call is padded to exactly ``batch_size`` items, which

@@ -22,7 +22,7 @@ def test_generate_equals_plain_diffusers_call_bit_for_bit(tiny_lab, tiny_sd_path
     from diffusers import StableDiffusionPipeline
 
     z = tiny_lab.noise([1, 2, 3])
-    # batch_size=3: one call of exactly the pipeline's batch (by default, CPU calls are padded to 8 items).
+    # batch_size=3: one call of exactly the pipeline's batch (by default, CPU calls are padded to CPU_BATCH_SIZE items).
     ours = tiny_lab.generate(z, tiny_lab.encode_prompt(PROMPTS), num_inference_steps=3, guidance_scale=3.0,
                              batch_size=3)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, dtype=torch.float32)
@@ -33,16 +33,17 @@ def test_generate_equals_plain_diffusers_call_bit_for_bit(tiny_lab, tiny_sd_path
 
 
 def test_seeded_generation_is_reproducible_and_bitwise_batch_size_independent(tiny_lab):
-    seeds, prompts = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], list("abcdefghij")
+    # 20 items: more than one padded call at the CPU default batch size.
+    seeds, prompts = list(range(5, 25)), list("abcdefghijklmnopqrst")
     z, cond = tiny_lab.noise(seeds), tiny_lab.encode_prompt(prompts)
     a = tiny_lab.generate(z, cond)
     assert torch.equal(a, tiny_lab.generate(tiny_lab.noise(seeds), cond))
-    # Alone, in threes, or shuffled among the others: the same bits for the same seed (CPU calls padded to 8).
-    for i in (0, 7, 9):
+    # Alone, in threes, or shuffled among the others: the same bits for the same seed (CPU calls padded to CPU_BATCH_SIZE).
+    for i in (0, 7, 19):
         alone = tiny_lab.generate(tiny_lab.noise(seeds[i]), tiny_lab.encode_prompt(prompts[i]))
         assert torch.equal(alone[0], a[i])
     assert torch.equal(tiny_lab.generate(z[2:5], cond[2:5]), a[2:5])
-    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))
     assert torch.equal(tiny_lab.generate(z[perm], cond[perm]), a[perm])
     # Prompt encodings do not depend on which prompts were encoded together either.
     fresh = type(tiny_lab)(pipe=tiny_lab.pipe, model_id="x")

@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         "vae_reconstruction_attributes": vae_reconstruction_score(pipe.vae.float(), shape_net),
         "clip_zero_shot": clip_zero_shot(clip, tok),
         "generation": generation(pipe, shape_net, n=args.n, steps=args.steps, guidance=args.guidance),
-        "settings": {"n": args.n, "steps": args.steps, "guidance_scale": args.guidance, "scheduler": "DDIM"},
+        "settings": {"n": args.n, "steps": args.steps, "guidance_scale": args.guidance,
+                     "scheduler": type(pipe.scheduler).__name__},
         "chance": CHANCE,
     }
     text = json.dumps(results, indent=2)
