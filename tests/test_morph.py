@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -240,12 +242,18 @@ def test_image_keyframe_is_inverted_and_the_morph_starts_at_the_image(tmp_path):
     s = MorphSettings(keyframes=(Keyframe("a large red ring on a white background", image=str(img_path)),
                                  Keyframe("a large blue star on a white background", 4)),
                       n_frames=4, num_inference_steps=10)
-    out = render_morph(lab, s, tmp_path / "m.mp4", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a faithful inversion: no warning
+        out = render_morph(lab, s, tmp_path / "m.mp4", progress=False)
     man = json.loads(manifest_path(out).read_text())
     note = man["image_keyframes"][0]
     assert note["keyframe"] == 0 and note["inversion_psnr_db"] > 20 and len(note["sha256"]) == 64
     first = render_frame(lab, manifest_path(out), 0)
     psnr = 10 * torch.log10(1 / (first - b.images).pow(2).mean())
     assert psnr > 18, float(psnr)  # the morph starts at (an approximation of) the image
+    # Strong guidance makes DDIM inversion drift: the user is told, with the measured PSNR.
+    strong = dataclasses.replace(s, guidance_scale=12.0, n_frames=2)
+    with pytest.warns(RuntimeWarning, match=r"reproduces it at only \d+\.\d dB \(guidance_scale=12"):
+        render_morph(lab, strong, tmp_path / "strong.mp4", progress=False)
     with pytest.raises(FileNotFoundError, match=r"`keyframes\[1\].image` does not exist"):
         MorphSettings(keyframes=(Keyframe("a"), Keyframe("b", image=str(tmp_path / "missing.png"))))
