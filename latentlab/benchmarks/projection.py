@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-umap-above", type=int, default=100_000,
                    help="skip UMAP on the raw data above this many points (it is the slow baseline)")
     p.add_argument("--markdown", type=Path)
+    p.add_argument("--no-warmup", action="store_true", help="do not pay numba's compilation before timing (smoke runs)")
     args = p.parse_args(argv)
     import numpy as np
     import torch
@@ -60,8 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     rows = []
     # Pay numba JIT before timing anything: both the small-data and the NN-descent (n > 4096) code paths.
-    UMAP(pca_components=None, random_state=0).fit(torch.randn(5000, 60))
-    UMAP(pca_components=None).fit(torch.randn(300, 60))
+    if not args.no_warmup:
+        UMAP(pca_components=None, random_state=0).fit(torch.randn(5000, 60))
+        UMAP(pca_components=None).fit(torch.randn(300, 60))
     for n in args.sizes:
         x, labels = _data(n, args.dim, args.clusters)
         xn = x.numpy()
