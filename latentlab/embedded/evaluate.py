@@ -197,8 +197,9 @@ def vae_psnr(vae, n: int = 256, seed: int = 123_456) -> float:
 
 @torch.no_grad()
 def vae_reconstruction_score(vae, shape_net: ShapeNet, n: int = 512, seed: int = 31_337) -> dict[str, float]:
-    """Attributes read from VAE reconstructions of rendered held-out images: the ceiling the VAE puts on generation
-    (a UNet cannot draw a shape its VAE cannot decode)."""
+    """Attributes read from VAE reconstructions of rendered held-out images: how well the VAE's encode/decode round
+    trip keeps each attribute. A diagnostic, not a strict bound on generation (measured: the UNet's latents, which
+    need not look like the encoder's, decode to medium shapes read right 99 % of the time against 94 % here)."""
     b = world.sample(n, seed=seed, prompts=world.held_out_prompts())
     recs = []
     for i in range(0, n, 64):
