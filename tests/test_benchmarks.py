@@ -21,3 +21,12 @@ def test_projection_benchmark_runs_and_writes_its_table(tmp_path):
     rows = [r for r in md.read_text().splitlines() if r.startswith("| 400 |")]
     assert [r.split("|")[2].strip() for r in rows] == [
         "PCA-50 scikit-learn (randomized)", "PCA-50 latentlab (torch)", "UMAP on raw data", "UMAP after PCA-50"]
+
+
+def test_structure_measurement_runs_and_prints_its_table(capsys):
+    from latentlab.benchmarks import structure
+
+    structure.main(["--prompts", "16", "--seeds", "1", "2"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
+    assert rows[0].startswith("| space / projection |") and len(rows) == 3 + 6  # header, rule, chance, 6 spaces
+    assert rows[-1].startswith("| noise / UMAP |")
