@@ -238,13 +238,14 @@ def _image_key(lab, path: str, cond: Conditioning, shape, settings) -> torch.Ten
     img = img[:, :, top : top + h, left : left + w].clamp(0, 1)
     g = settings.guidance_scale if settings.guidance_scale is not None else getattr(lab, "guidance_scale", 1.0)
     inv = lab.invert(lab.encode(img), cond, num_inference_steps=settings.num_inference_steps, guidance_scale=g)
-    log.info("image keyframe %s: inversion round trip %.1f dB", path, float(inv.psnr[0]))
-    if float(inv.psnr[0]) < IMAGE_KEYFRAME_MIN_PSNR:
-        warnings.warn(f"image keyframe {path}: the morph reproduces it at only {float(inv.psnr[0]):.1f} dB "
+    psnr = float(inv.psnr[0])
+    log.info("image keyframe %s: inversion round trip %.1f dB", path, psnr)
+    if psnr < IMAGE_KEYFRAME_MIN_PSNR:
+        warnings.warn(f"image keyframe {path}: the morph reproduces it at only {psnr:.1f} dB "
                       f"(guidance_scale={g:g}, {settings.num_inference_steps} steps); DDIM inversion drifts under "
                       "classifier-free guidance: a lower guidance_scale (1-4) or more steps keeps the image",
                       RuntimeWarning, stacklevel=3)
-    note = {"image": path, "sha256": _file_digest(path), "inversion_psnr_db": round(float(inv.psnr[0]), 2)}
+    note = {"image": path, "sha256": _file_digest(path), "inversion_psnr_db": round(psnr, 2)}
     return inv.noise.to(torch.float32), note
 
 

@@ -22,7 +22,7 @@ def lab():
 @pytest.fixture(scope="module")
 def atlas(lab):
     prompts = random.Random(0).sample(world.held_out_prompts(), 64)
-    attrs = {world.caption(*p): dict(zip(("size", "colour", "shape", "background"), p)) for p in prompts}
+    attrs = {world.caption(*p): world.attributes(p) for p in prompts}
     return build_atlas(lab, list(attrs), [1, 2], attributes=attrs, progress=False)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from latentlab.benchmarks import morph, projection
+from latentlab.benchmarks import morph, projection, structure
 
 
 def test_morph_benchmark_runs_both_sides_and_writes_its_table(tmp_path, capsys):
@@ -24,8 +24,6 @@ def test_projection_benchmark_runs_and_writes_its_table(tmp_path):
 
 
 def test_structure_measurement_runs_and_prints_its_table(capsys):
-    from latentlab.benchmarks import structure
-
     structure.main(["--prompts", "16", "--seeds", "1", "2"])
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
     assert rows[0].startswith("| space / projection |") and len(rows) == 3 + 6  # header, rule, chance, 6 spaces

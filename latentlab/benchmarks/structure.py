@@ -10,18 +10,20 @@ from __future__ import annotations
 import argparse
 import random
 
-CHANCE = {"colour": 1 / 7, "background": 1 / 8, "shape": 1 / 6, "size": 1 / 3}
+from latentlab.embedded import evaluate, world
+
+#: k-NN chance levels: the evaluator's, plus size.
+CHANCE = {k: evaluate.CHANCE[k] for k in ("colour", "background", "shape")} | {"size": 1 / len(world.SIZE_NAMES)}
 
 
 def measure(n_prompts: int, seeds: list[int]) -> dict[str, dict[str, float]]:
     import latentlab as ll
     from latentlab.atlas import build_atlas
-    from latentlab.embedded import world
     from latentlab.project import PCA, UMAP, knn_accuracy, trustworthiness
 
     lab = ll.Lab.default()
     prompts = random.Random(0).sample(world.held_out_prompts(), n_prompts)
-    attrs = {world.caption(*p): dict(zip(("size", "colour", "shape", "background"), p)) for p in prompts}
+    attrs = {world.caption(*p): world.attributes(p) for p in prompts}
     atlas = build_atlas(lab, list(attrs), seeds, attributes=attrs, progress=False)
     res = {}
     for space in ("image_embeds", "latents", "noise"):

@@ -223,7 +223,7 @@ def clip_zero_shot(model, tokenizer, n: int = 512, seed: int = 424_242) -> dict[
     b = world.sample(n, seed=seed, prompts=world.held_out_prompts())
     img = _features(model.get_image_features(pixel_values=((b.images - 0.5) / 0.5).to(dtype)))
     best = (F.normalize(img.float(), dim=-1) @ text.T).argmax(1).tolist()
-    pred = [dict(zip(("size", "colour", "shape", "background"), prompts[i])) for i in best]
+    pred = [world.attributes(prompts[i]) for i in best]
     out = score(pred, b.attributes)
     out["size"] = sum(p["size"] == t["size"] for p, t in zip(pred, b.attributes)) / n
     return out
@@ -242,7 +242,7 @@ def generation(pipe, shape_net: ShapeNet, *, n: int = 256, steps: int = 20, guid
 
     prompts = world.held_out_prompts()
     prompts = (prompts * math.ceil(n / len(prompts)))[:n]
-    truth = [dict(zip(("size", "colour", "shape", "background"), p)) for p in prompts]
+    truth = [world.attributes(p) for p in prompts]
     caps = [world.caption(*p) for p in prompts]
     images = []
     shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)

@@ -69,6 +69,15 @@ def caption(size: str | None, colour: str, shape: str, background: str | None) -
     return " ".join(words)
 
 
+def attributes(prompt: tuple[str, str, str, str]) -> dict[str, str]:
+    """A (size, colour, shape, background) prompt as the attribute dict that :class:`Batch` carries.
+
+    >>> attributes(("large", "red", "star", "blue"))
+    {'size': 'large', 'colour': 'red', 'shape': 'star', 'background': 'blue'}
+    """
+    return dict(zip(("size", "colour", "shape", "background"), prompt))
+
+
 def all_prompts() -> list[tuple[str, str, str, str]]:
     """Every (size, colour, shape, background) with background != colour, in a fixed order (1008 of them)."""
     return [
@@ -244,5 +253,5 @@ def render_prompts(
         captions.append(
             caption(None if uu[4] < drop_size else size, colour, shape, None if uu[5] < drop_background else bg)
         )
-        attrs.append({"size": size, "colour": colour, "shape": shape, "background": bg})
+        attrs.append(attributes((size, colour, shape, bg)))
     return Batch(torch.stack(images), captions, attrs)
