@@ -9,7 +9,8 @@ notebook packages are imported by the modules that own them, when first used.
 torch.Size([1, 4, 8, 8])
 """
 
-from latentlab.backend import Conditioning, Inversion, Lab
+from latentlab._version import __version__
+from latentlab.backend import Backend, Conditioning, Inversion, Lab
 from latentlab.clip import CLIP
 from latentlab.ops import (
     add_direction,
@@ -23,16 +24,18 @@ from latentlab.ops import (
     slerp,
 )
 from latentlab.paths import EASINGS, Schedule, circular_walk, ease, keyframe_path, schedule
+from latentlab.sampling import Sampling
 from latentlab.seeds import noise, variation_noise
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "Backend",
     "CLIP",
     "Conditioning",
     "EASINGS",
     "Inversion",
     "Lab",
+    "Sampling",
     "Schedule",
     "add_direction",
     "analogy",

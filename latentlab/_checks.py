@@ -95,3 +95,46 @@ def tensor_sequence(xs: object, name: str, *, min_len: int) -> list[torch.Tensor
         raise ValueError(f"`{name}` must hold at least {min_len} tensors, got {len(items)}")
     same_kind(items, [f"{name}[{i}]" for i in range(len(items))])
     return items
+
+
+def real(x: object, name: str, *, low: float | None = None, high: float | None = None,
+         low_inclusive: bool = True) -> float:
+    """A finite real number (not a bool) within ``[low, high]`` (``(low, high]`` with ``low_inclusive=False``).
+
+    >>> real(7.5, "guidance_scale", low=0)
+    7.5
+    >>> real(float("nan"), "guidance_scale")
+    Traceback (most recent call last):
+    ...
+    ValueError: `guidance_scale` must be a finite number, got nan
+    """
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(x).__name__}")
+    value = float(x)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        raise ValueError(f"`{name}` must be {'>=' if low_inclusive else '>'} {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"`{name}` must be <= {high:g}, got {value!r}")
+    return value
+
+
+def finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Raise if a floating tensor holds NaN or infinity (names how many, never the values)."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"`{name}` must be finite, got {bad} NaN/infinite value(s) in a tensor of shape "
+                         f"{tuple(x.shape)}")
+    return x
+
+
+def within(x: torch.Tensor, name: str, low: float, high: float, *, hint: str = "") -> torch.Tensor:
+    """Raise unless every value of a finite tensor lies in [low, high] (a little float slack allowed)."""
+    finite(x, name)
+    slack = 1e-3 * (high - low)
+    lo, hi = float(x.min()), float(x.max())
+    if lo < low - slack or hi > high + slack:
+        raise ValueError(f"`{name}` values must be in [{low:g}, {high:g}], got values in [{lo:.4g}, {hi:.4g}]"
+                         + (f"; {hint}" if hint else ""))
+    return x

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from latentlab import _checks
+from latentlab.backend import Backend
+from latentlab.sampling import Sampling
 
 __all__ = ["Atlas", "apply_direction", "build_atlas", "plot_atlas", "prompt_direction"]
 
@@ -32,6 +34,19 @@ class Atlas:
     thumbnails: torch.Tensor
     items: list[dict]
     provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.items) if isinstance(self.items, list) else None
+        if n is None or not all(isinstance(it, dict) for it in self.items):
+            raise TypeError("`items` must be a list of dicts (one per item)")
+        for name in ("noise", "latents", "image_embeds", "prompt_embeds", "thumbnails"):
+            t = getattr(self, name)
+            _checks.tensor(t, name, min_ndim=2, floating=name != "thumbnails")
+            if len(t) != n:
+                raise ValueError(f"`{name}` has {len(t)} rows but there are {n} items: the atlas is inconsistent")
+        if self.thumbnails.dtype != torch.uint8 or self.thumbnails.ndim != 4 or self.thumbnails.shape[1] != 3:
+            raise ValueError(f"`thumbnails` must be uint8 (N, 3, s, s), got {self.thumbnails.dtype} "
+                             f"{tuple(self.thumbnails.shape)}")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -60,17 +75,24 @@ class Atlas:
         items = prov.pop("items", None)
         if items is None:
             raise ValueError(f"{path} is not a latentlab atlas (no items in its provenance)")
-        return cls(t["noise"], t["latents"], t["image_embeds"], t["prompt_embeds"], t["thumbnails"], items, prov)
+        missing = [k for k in ("noise", "latents", "image_embeds", "prompt_embeds", "thumbnails") if k not in t]
+        if missing:
+            raise ValueError(f"{path} is not a complete latentlab atlas (no tensor(s) {missing})")
+        try:
+            return cls(t["noise"], t["latents"], t["image_embeds"], t["prompt_embeds"], t["thumbnails"], items, prov)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a consistent latentlab atlas: {e}") from None
 
 
-def build_atlas(lab, prompts: Sequence[str], seeds: Sequence[int], *, clip=None,
+def build_atlas(lab: Backend, prompts: Sequence[str], seeds: Sequence[int], *, clip=None,
                 attributes: dict[str, dict] | None = None, thumbnail: int = 64, chunk: int = 64,
-                num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                progress: bool = True) -> Atlas:
+                sampling: Sampling | None = None, batch_size: int | None = None, progress: bool = True,
+                **overrides) -> Atlas:
     """Generate every prompt at every seed (N = len(prompts) * len(seeds), prompt-major) and collect an atlas.
 
     ``clip`` defaults to the embedded CLIP; ``attributes`` maps a prompt to extra metadata for its items (e.g.
-    ``{"a red star": {"colour": "red", "shape": "star"}}``). Work runs ``chunk`` items at a time.
+    ``{"a red star": {"colour": "red", "shape": "star"}}``). Work runs ``chunk`` items at a time; ``sampling`` and
+    overrides (``num_inference_steps=``, ``guidance_scale=``, ...) are resolved once by the backend and recorded.
 
     Examples
     --------
@@ -83,11 +105,19 @@ def build_atlas(lab, prompts: Sequence[str], seeds: Sequence[int], *, clip=None,
 
     from latentlab.store import versions
 
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"`prompts` must be a list of strings (one item per prompt), got {type(prompts).__name__}")
+    if isinstance(seeds, (str, int)) or not isinstance(seeds, Sequence):
+        raise TypeError(f"`seeds` must be a list of ints, got {type(seeds).__name__}")
     prompts, seeds = list(prompts), list(seeds)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError("`prompts` must be a non-empty list of strings")
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise TypeError("`seeds` must be a non-empty list of ints")
+    bad = [s for s in seeds if not 0 <= s < 2**64]
+    if bad:
+        raise ValueError(f"`seeds` must be in [0, 2**64), got {bad[0]}")
+    sampling = lab.sampling(sampling, **overrides)
     _checks.positive_int(thumbnail, "thumbnail")
     _checks.positive_int(chunk, "chunk")
     if clip is None:
@@ -102,8 +132,8 @@ def build_atlas(lab, prompts: Sequence[str], seeds: Sequence[int], *, clip=None,
             part = pairs[i : i + chunk]
             z = lab.noise([s for _, s in part])
             final = lab.generate(z, lab.encode_prompt([p for p, _ in part]), output_type="latent",
-                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-            images = lab.decode(final)
+                                 sampling=sampling, batch_size=batch_size)
+            images = lab.decode(final, batch_size=batch_size)
             out["noise"].append(z.float().cpu())
             out["latents"].append(final)
             out["image_embeds"].append(clip.embed_images(images))
@@ -112,9 +142,8 @@ def build_atlas(lab, prompts: Sequence[str], seeds: Sequence[int], *, clip=None,
             bar.update(len(part))
     attributes = attributes or {}
     items = [{"prompt": p, "seed": s, **attributes.get(p, {})} for p, s in pairs]
-    prov = {"model": lab.model_id, "clip": clip.model_id, "versions": versions(),
-            "num_inference_steps": num_inference_steps or getattr(lab, "num_inference_steps", None),
-            "guidance_scale": guidance_scale if guidance_scale is not None else getattr(lab, "guidance_scale", None)}
+    prov = {"model": lab.model_id, "clip": clip.model_id, "versions": versions(), "sampling": sampling.to_dict(),
+            "backend": lab.provenance(batch_size)}
     idx = torch.tensor([prompts.index(p) for p, _ in pairs])
     return Atlas(torch.cat(out["noise"]), torch.cat(out["latents"]), torch.cat(out["image_embeds"]), text[idx],
                  torch.cat(out["thumbnails"]), items, prov)

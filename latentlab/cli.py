@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a render failed, 2 bad usage or bad input (reported bef
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -43,37 +44,81 @@ Re-creates one frame of a rendered video from its manifest (same model, seeds, p
 """
 
 
-def _error(command: str, e: BaseException) -> int:
-    print(f"latentlab {command}: error: {e}", file=sys.stderr)
-    return EXIT_USAGE
+class _Exit(Exception):
+    """A CLI failure: one line on stderr and an exit code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
 
 
-def _check_output(out: Path, suffixes: tuple[str, ...], overwrite: bool, extra: tuple[Path, ...] = ()) -> None:
-    if out.suffix.lower() not in suffixes:
-        raise ValueError(f"--output must end in {' or '.join(suffixes)}, got {out.name!r}")
-    for p in (out, *extra):
-        if p.exists() and not overwrite:
-            raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the folder of --output does not exist: {out.parent}")
+#: Input errors: reported before any model work with exit code 2.
+_INPUT_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError,
+                 NotADirectoryError)
 
 
-def _embedded_missing(model: str | None) -> bool:
+def _embedded_missing(model: str | None) -> None:
     if model is None and not embedded.is_available():
-        print("latentlab: the embedded default model is not available, so there is nothing to render with.\n"
-              "It is built by `python -m latentlab.embedded.train` (see latentlab/embedded/MODEL_CARD.md).",
-              file=sys.stderr)
-        return True
-    return False
+        raise _Exit(EXIT_MISSING, "the embedded default model is not available, so there is nothing to render "
+                                  "with; it is built by `python -m latentlab.embedded.train` (see "
+                                  "latentlab/embedded/MODEL_CARD.md)")
+
+
+def _native_frame_size(model: str | None) -> tuple[int, int] | None:
+    """The model's native image size read from its config files (no weights loaded), when it is a local folder."""
+    import json
+
+    folder = embedded.model_path() if model is None else Path(model)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    s = unet.get("sample_size")
+    f = 2 ** (len(vae.get("block_out_channels", [])) - 1)
+    if isinstance(s, int):
+        return s * f, s * f
+    if isinstance(s, (list, tuple)) and len(s) == 2:
+        return s[0] * f, s[1] * f
+    return None
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    print(f"latentlab {latentlab.__version__}")
+    import os
+    import platform
+
+    import torch
+
+    from latentlab.store import versions
+
+    v = versions()
+    for name in ("latentlab", "torch", "diffusers", "transformers", "python"):
+        print(f"{name}: {v.get(name, 'not installed')}")
+    print(f"platform: {platform.platform()}")
+    mps = getattr(torch.backends, "mps", None)
+    cuda = torch.cuda.is_available()
+    print(f"CUDA available: {cuda}" + (f" ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if cuda else ""))
+    print(f"MPS available: {bool(mps and mps.is_available())}")
+    device = "cuda" if cuda else "cpu"
+    print(f"default device: {device}; default dtype: {'torch.float16' if cuda else 'torch.float32'}")
+    print(f"torch threads: {torch.get_num_threads()} (of {os.cpu_count()} CPUs; OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')})")
     if embedded.is_available():
         print(f"embedded default model: {embedded.model_path()}")
+        if args.fingerprint:
+            from latentlab.backend import Lab
+
+            print(f"embedded model fingerprint: {Lab.default().provenance()['model_fingerprint']}")
     else:
         print("embedded default model: not trained yet")
     return 0
+
+
+def _sampling_from_args(args: argparse.Namespace):
+    from latentlab.sampling import Sampling
+
+    return Sampling(num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                    scheduler=args.scheduler)
 
 
 def _settings_from_args(args: argparse.Namespace):
@@ -92,7 +137,7 @@ def _settings_from_args(args: argparse.Namespace):
                          f"{len(seeds)} seeds")
     if n < 2:
         raise ValueError("a morph needs two keyframes: give two prompts, or one prompt and two --seeds")
-    images = list(getattr(args, "images", None) or [])
+    images = list(args.images or []) if args.command == "morph" else []
     if images and len(images) != n:
         raise ValueError(f"--images must give one image (or 'none') per keyframe: {n} keyframes, got {len(images)}")
     images = [None if im is None or im.lower() == "none" else im for im in images] or [None] * n
@@ -101,38 +146,40 @@ def _settings_from_args(args: argparse.Namespace):
                  image=images[i])
         for i in range(n)
     )
-    n_frames = frames_for_duration(args.seconds, args.fps) if args.seconds else args.frames
+    if args.seconds is not None and args.frames is not None:
+        raise ValueError("give --frames or --seconds, not both")
+    if args.seconds is not None:
+        n_frames = frames_for_duration(args.seconds, args.fps)
+    else:
+        n_frames = args.frames if args.frames is not None else (96 if args.command == "walk" else 48)
     return MorphSettings(
         keyframes=keys, n_frames=n_frames, fps=args.fps, loop=args.loop,
         noise_interpolation=args.noise_interp, noise_easing=args.noise_easing,
         prompt_interpolation=args.prompt_interp, prompt_easing=args.prompt_easing,
-        num_inference_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-        pacing=args.pacing,
+        sampling=_sampling_from_args(args), pacing=args.pacing,
     )
 
 
 def _load_lab(model: str | None):
     from latentlab.backend import Lab
 
-    return Lab.default() if model is None else Lab.from_pretrained(model)
+    try:
+        return Lab.default() if model is None else Lab.from_pretrained(model)
+    except (FileNotFoundError, OSError, TypeError) as e:
+        raise _Exit(EXIT_MISSING, str(e)) from None
 
 
 def _cmd_morph(args: argparse.Namespace) -> int:
     """``morph`` and ``walk``: keyframes -> video + manifest."""
-    from latentlab.morph import manifest_path, render_morph
+    from latentlab.morph import check_render, manifest_path, render_morph
 
     out = Path(args.output)
-    try:
-        settings = _settings_from_args(args)
-        _check_output(out, (".mp4", ".gif"), args.overwrite, (manifest_path(out),))
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
-        return _error(args.command, e)
-    if _embedded_missing(args.model):
-        return EXIT_MISSING
-    lab = _load_lab(args.model)
+    settings = _settings_from_args(args)
     upscale = args.upscale if args.upscale is not None else (4 if args.model is None else 1)
+    _embedded_missing(args.model)
+    check_render(settings, out, overwrite=args.overwrite, upscale=upscale, batch_size=args.batch_size,
+                 frame_size=_native_frame_size(args.model))
+    lab = _load_lab(args.model)
     distance = None
     if args.pacing == "even" and args.pacing_clip:
         from latentlab.clip import CLIP
@@ -143,78 +190,81 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     try:
         render_morph(lab, settings, out, batch_size=args.batch_size, upscale=upscale, overwrite=args.overwrite,
                      distance=distance, keep_cache=args.keep_cache)
-    except (ValueError, TypeError) as e:
-        return _error(args.command, e)
     except KeyboardInterrupt:
-        print(f"\nlatentlab {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
-        return EXIT_FAILED
+        raise _Exit(EXIT_FAILED, "interrupted; run the same command again to resume") from None
     print(f"wrote {out} ({settings.n_frames} frames at {settings.fps:g} fps) and {manifest_path(out)}")
     return 0
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
-    import json
-
+    from latentlab import _checks
+    from latentlab._files import check_output
     from latentlab.morph import manifest_path
+    from latentlab.morph.manifest import write_manifest
     from latentlab.store import versions
-    from latentlab.video import image_grid, write_image
+    from latentlab.video import IMAGE_FORMATS, image_grid, write_image
 
     out = Path(args.output)
-    try:
-        if not args.prompts:
-            raise ValueError("give at least one prompt")
-        seeds = list(args.seeds or [0])
-        _check_output(out, (".png", ".jpg", ".webp"), args.overwrite, (manifest_path(out),))
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        return _error("grid", e)
-    if _embedded_missing(args.model):
-        return EXIT_MISSING
-    lab = _load_lab(args.model)
+    if not args.prompts:
+        raise ValueError("give at least one prompt")
+    seeds = list(args.seeds or [0])
+    for s in seeds:
+        if not 0 <= s < 2**64:
+            raise ValueError(f"--seeds must be in [0, 2**64), got {s}")
+    sampling = _sampling_from_args(args)
+    from latentlab.sampling import check_prompt
+
+    for i, p in enumerate(args.prompts):
+        check_prompt(p, f"prompt {i + 1}")
     upscale = args.upscale if args.upscale is not None else (2 if args.model is None else 1)
-    prompts = [p for p in args.prompts for _ in seeds]
-    images = lab.generate(lab.noise([s for _ in args.prompts for s in seeds]), lab.encode_prompt(prompts),
-                          num_inference_steps=args.steps, guidance_scale=args.guidance,
-                          negative_prompt=args.negative_prompt)
-    write_image(out, image_grid(images, len(seeds)), upscale=upscale, overwrite=args.overwrite)
+    _checks.positive_int(upscale, "--upscale")
+    check_output(out, "--output", overwrite=args.overwrite, suffixes=IMAGE_FORMATS)
     man = manifest_path(out)
-    man.write_text(json.dumps({
-        "image": out.name, "model": lab.model_id, "model_fingerprint": lab.fingerprint(),
-        "rows_prompts": list(args.prompts), "columns_seeds": seeds,
-        "num_inference_steps": args.steps or lab.num_inference_steps,
-        "guidance_scale": lab.guidance_scale if args.guidance is None else args.guidance,
-        "negative_prompt": args.negative_prompt, "upscale": upscale, "versions": versions(),
-    }, indent=1) + "\n")
+    if man.exists() and not args.overwrite:
+        raise FileExistsError(f"{man} exists; pass --overwrite to replace it")
+    size = _native_frame_size(args.model)
+    if size is not None:
+        h = (size[0] + 2) * len(args.prompts) * upscale
+        w = (size[1] + 2) * len(seeds) * upscale
+        if max(h, w) > 32768:
+            raise ValueError(f"the grid would be {w}x{h} pixels (~{3 * h * w / 2**30:.1f} GiB): use fewer "
+                             "prompts/seeds or a smaller --upscale")
+    _embedded_missing(args.model)
+    lab = _load_lab(args.model)
+    s = lab.sampling(sampling)
+    prompts = [p for p in args.prompts for _ in seeds]
+    images = lab.generate(lab.noise([sd for _ in args.prompts for sd in seeds]), lab.encode_prompt(prompts),
+                          sampling=s, batch_size=args.batch_size)
+    write_image(out, image_grid(images, len(seeds)), upscale=upscale, overwrite=args.overwrite)
+    write_manifest(man, {
+        "image": out.name, "model": lab.model_id, "rows_prompts": list(args.prompts), "columns_seeds": seeds,
+        "sampling": s.to_dict(), "backend": lab.provenance(args.batch_size), "upscale": upscale,
+        "versions": versions(),
+    })
     print(f"wrote {out} ({len(args.prompts)} prompts x {len(seeds)} seeds) and {man}")
     return 0
 
 
 def _cmd_frame(args: argparse.Namespace) -> int:
-    import json
+    from latentlab import _checks
+    from latentlab._files import check_output
+    from latentlab.morph import read_manifest, render_frame
+    from latentlab.video import IMAGE_FORMATS, write_image
 
-    from latentlab.morph import render_frame
-    from latentlab.video import write_image
-
-    out, man = Path(args.output), Path(args.manifest)
-    try:
-        if not man.is_file():
-            raise FileNotFoundError(f"no such manifest: {man}")
-        data = json.loads(man.read_text())
-        n = data.get("settings", {}).get("n_frames")
-        if n is None:
-            raise ValueError(f"{man} is not a latentlab video manifest")
-        if not 0 <= args.index < n:
-            raise ValueError(f"INDEX must be in [0, {n}), got {args.index}")
-        _check_output(out, (".png", ".jpg", ".webp"), args.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError, json.JSONDecodeError) as e:
-        return _error("frame", e)
+    out = Path(args.output)
+    data = read_manifest(args.manifest)
+    n = data["settings"]["n_frames"]
+    if not 0 <= args.index < n:
+        raise ValueError(f"INDEX must be in [0, {n}), got {args.index}")
+    check_output(out, "--output", overwrite=args.overwrite, suffixes=IMAGE_FORMATS)
+    upscale = args.upscale if args.upscale is not None else data.get("upscale", 1)
+    _checks.positive_int(upscale, "--upscale")
     model = None if data["model"] == "latentlab/embedded-shapes" else data["model"]
     if args.model:
         model = args.model
-    if _embedded_missing(model):
-        return EXIT_MISSING
+    _embedded_missing(model)
     lab = _load_lab(model)
     image = render_frame(lab, data, args.index)
-    upscale = args.upscale if args.upscale is not None else data.get("upscale", 1)
     write_image(out, image, upscale=upscale, overwrite=args.overwrite)
     print(f"wrote {out} (frame {args.index} of {data['video']})")
     return 0
@@ -226,7 +276,7 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
 
     m.add_argument("-o", "--output", default="walk.mp4" if walk else "morph.mp4",
                    help="output .mp4 or .gif (default: %(default)s)")
-    m.add_argument("--frames", type=int, default=96 if walk else 48, help="exact number of frames (default: %(default)s)")
+    m.add_argument("--frames", type=int, help=f"exact number of frames (default: {96 if walk else 48})")
     m.add_argument("--seconds", type=float, help="duration instead of --frames: frames = round(seconds * fps)")
     m.add_argument("--fps", type=float, default=12.0, help="frames per second (default: %(default)s)")
     if not walk:
@@ -242,16 +292,21 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
                    help="measure the pacing change with CLIP image embeddings (the embedded CLIP, or a transformers "
                         "CLIP id/folder) instead of pixels")
     _generation_options(m)
-    m.add_argument("--batch-size", type=int, default=16, help="frames denoised together (default: %(default)s)")
+    m.add_argument("--batch-size", type=int,
+                   help="frames the denoiser sees per call (default: 16 on CPU, all at once on a GPU)")
     m.add_argument("--upscale", type=int, help="integer upscaling of frames (default: 4 for the embedded model)")
     m.add_argument("--keep-cache", action="store_true", help="keep the per-frame cache after a successful render")
     m.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
 def _generation_options(m: argparse.ArgumentParser) -> None:
+    from latentlab.sampling import SCHEDULERS
+
     m.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     m.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     m.add_argument("--negative-prompt")
+    m.add_argument("--scheduler", choices=SCHEDULERS, metavar="NAME",
+                   help="a diffusers scheduler class (default: the model's); one of " + ", ".join(SCHEDULERS))
     m.add_argument("--model", help="diffusers model id or folder (default: the embedded model)")
 
 
@@ -259,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentlab", description="Explore the latent space of diffusion models.")
     p.add_argument("--version", action="version", version=f"latentlab {latentlab.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="versions and where the embedded model is")
+    info = sub.add_parser("info", help="what a bug report needs: versions, device, threads, the default model")
+    info.add_argument("--fingerprint", action="store_true", help="also load the embedded model and print its "
+                      "fingerprint (a few seconds)")
     info.set_defaults(func=_cmd_info)
     fmt = argparse.RawDescriptionHelpFormatter
     m = sub.add_parser("morph", help="render a morph (or seed walk) video between keyframes",
@@ -288,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="grid.png", help="output .png/.jpg/.webp (default: %(default)s)")
     g.add_argument("--upscale", type=int, help="integer upscaling (default: 2 for the embedded model)")
     g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--batch-size", type=int, help="images the denoiser sees per call (default: 16 on CPU)")
     _generation_options(g)
     g.set_defaults(func=_cmd_grid)
     f = sub.add_parser("frame", help="re-render one frame of a video from its manifest",
@@ -304,8 +362,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; every failure ends in one line on stderr and the documented exit code."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from latentlab._files import disk_full_hint
+    from latentlab.morph import RenderLocked
+
+    try:
+        return args.func(args)
+    except _Exit as e:
+        msg, code = str(e), e.code
+    except RenderLocked as e:
+        msg, code = str(e), EXIT_FAILED
+    except _INPUT_ERRORS as e:
+        msg, code = str(e), EXIT_USAGE
+    except KeyboardInterrupt:
+        msg, code = "interrupted", EXIT_FAILED
+    except OSError as e:  # disk full mid-render (the message says what to free), or another system error
+        msg, code = (e.strerror if e.errno == errno.ENOSPC and e.strerror else
+                     disk_full_hint(e, Path.cwd()) or f"{type(e).__name__}: {e}"), EXIT_FAILED
+    print(f"latentlab {args.command}: error: {' '.join(msg.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _import_transformers():
-    from latentlab.backend import _quiet_transformers_image_processor_warning
+    from latentlab._quiet import quiet_transformers_image_processor_warning
 
-    _quiet_transformers_image_processor_warning()
+    quiet_transformers_image_processor_warning()
     import transformers
 
     return transformers

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from latentlab import _checks
+from latentlab._tensors import compute_dtype, flat, unit
 
 __all__ = [
     "lerp",
@@ -38,16 +39,6 @@ __all__ = [
 
 #: Angles (radians) below this count as parallel (slerp falls back to lerp); within this of pi, as antipodal.
 EPS_ANGLE = 1e-4
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(items, features) view in the compute dtype: dim 0 is the batch when ndim >= 2, else one item."""
-    x = x.to(dtype)
-    return x.reshape(1, -1) if x.ndim == 1 else x.reshape(x.shape[0], -1)
 
 
 def _t_column(t: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -86,18 +77,12 @@ def lerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Ten
     _checks.tensor(b, "b")
     _checks.same_kind([a, b], ["a", "b"])
     t = _checks.unit_interval(t)
-    cd = _compute_dtype(a.dtype)
-    fa, fb = _flat(a, cd), _flat(b, cd)
+    cd = compute_dtype(a.dtype)
+    fa, fb = flat(a, cd), flat(b, cd)
     tt = _t_column(t, fa)
     out = fa + (fb - fa) * tt
     out = torch.where(tt == 0, fa, torch.where(tt == 1, fb, out))  # exact endpoints
     return _reshape_out(out, a, t)
-
-
-def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``x`` as unit vectors (zero rows stay zero) and their norms."""
-    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / torch.where(n > 0, n, torch.ones_like(n)), n.squeeze(-1)
 
 
 def _angle(ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
@@ -156,10 +141,10 @@ def slerp(
     t = _checks.unit_interval(t)
     if not (isinstance(eps, (int, float)) and 0 < eps < 0.5):
         raise ValueError(f"`eps` must be a number in (0, 0.5), got {eps!r}")
-    cd = _compute_dtype(a.dtype)
-    fa, fb = _flat(a, cd), _flat(b, cd)
-    ua, na = _unit(fa)
-    ub, nb = _unit(fb)
+    cd = compute_dtype(a.dtype)
+    fa, fb = flat(a, cd), flat(b, cd)
+    ua, na = unit(fa)
+    ub, nb = unit(fb)
     theta = _angle(ua, ub)  # (items,)
     has_dir = (na > 0) & (nb > 0)
     antipodal = has_dir & (theta > math.pi - eps)
@@ -200,7 +185,7 @@ def _spherical_mean(u: torch.Tensor, w: torch.Tensor, *, max_iter: int = 200, to
     u: (K, items, D) unit rows (float64); w: (M, K) weight sets summing to 1. Returns (M, items, D).
     """
     q = torch.einsum("mk,kid->mid", w, u)
-    q, qn = _unit(q)
+    q, qn = unit(q)
     if bool((qn < 1e-9).any()):
         raise ValueError("the weighted latents cancel out (their weighted mean direction is zero): no spherical mean")
     active = (w > 0).view(w.shape[0], w.shape[1], 1, 1)  # weight-0 points must not influence (or break) the mean
@@ -214,7 +199,7 @@ def _spherical_mean(u: torch.Tensor, w: torch.Tensor, *, max_iter: int = 200, to
         v = (w.view(*w.shape, 1, 1) * torch.where(active, logs, torch.zeros_like(logs))).sum(1)
         vn = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
         step = torch.where(vn > 0, v / vn.clamp(min=1e-300), torch.zeros_like(v))
-        q, _ = _unit(torch.cos(vn) * q + torch.sin(vn) * step)
+        q, _ = unit(torch.cos(vn) * q + torch.sin(vn) * step)
         if float(vn.max()) < tol:  # converged to well below float32 resolution (float64 work)
             break
     return q
@@ -223,8 +208,8 @@ def _spherical_mean(u: torch.Tensor, w: torch.Tensor, *, max_iter: int = 200, to
 def _blend_sets(latents: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """Blend with M weight sets (M, K) -> (M, *shape) in the latents' dtype."""
     like = latents[0]
-    x = torch.stack([_flat(z, torch.float64) for z in latents])  # (K, items, D)
-    u, n = _unit(x)
+    x = torch.stack([flat(z, torch.float64) for z in latents])  # (K, items, D)
+    u, n = unit(x)
     w = w.to(x.device)
     norm = torch.einsum("mk,ki->mi", w, n).unsqueeze(-1)
     has_dir = (n > 0).all(0)  # (items,)
@@ -341,7 +326,7 @@ def norm_zscore(x: torch.Tensor) -> torch.Tensor:
     d = _numel_per_item(x)
     mu = expected_norm(d)
     sigma = math.sqrt(max(d - mu * mu, 1e-12))
-    n = torch.linalg.vector_norm(_flat(x, torch.float64), dim=-1)
+    n = torch.linalg.vector_norm(flat(x, torch.float64), dim=-1)
     z = ((n - mu) / sigma).float()
     return z.reshape(()) if x.ndim == 1 else z
 
@@ -364,9 +349,9 @@ def renormalize(x: torch.Tensor, *, norm: float | None = None) -> torch.Tensor:
 
 
 def _rescale(x: torch.Tensor, target: float) -> torch.Tensor:
-    cd = _compute_dtype(x.dtype)
-    u, n = _unit(_flat(x, cd))
-    out = torch.where((n > 0).unsqueeze(-1), u * target, _flat(x, cd))
+    cd = compute_dtype(x.dtype)
+    u, n = unit(flat(x, cd))
+    out = torch.where((n > 0).unsqueeze(-1), u * target, flat(x, cd))
     return out.to(x.dtype).reshape(x.shape)
 
 
@@ -385,7 +370,7 @@ def analogy(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, renormalize: b
     for name, v in (("a", a), ("b", b), ("c", c)):
         _checks.tensor(v, name)
     _checks.same_kind([a, b, c], ["a", "b", "c"])
-    cd = _compute_dtype(a.dtype)
+    cd = compute_dtype(a.dtype)
     out = (a.to(cd) - b.to(cd) + c.to(cd)).to(a.dtype)
     return _rescale(out, expected_norm(_numel_per_item(out))) if renormalize else out
 
@@ -414,6 +399,6 @@ def add_direction(
         raise ValueError(f"`x` and `direction` must be on the same device, got {x.device} and {direction.device}")
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
         raise ValueError(f"`amount` must be a finite number, got {amount!r}")
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     out = (x.to(cd) + amount * direction.to(cd)).to(x.dtype)
     return _rescale(out, expected_norm(_numel_per_item(out))) if renormalize else out

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from latentlab import _checks
-from latentlab.ops import _compute_dtype, _flat, _unit, lerp, slerp
+from latentlab._tensors import compute_dtype, flat, unit
+from latentlab.ops import lerp, slerp
 
 __all__ = ["EASINGS", "METHODS", "Schedule", "circular_walk", "ease", "keyframe_path", "path_at", "retime", "schedule"]
 
@@ -47,16 +48,24 @@ def ease(t: float | torch.Tensor, easing: str = "linear") -> float | torch.Tenso
     t = _checks.unit_interval(t)
     if easing == "linear":
         return t
-    if easing == "smoothstep":
-        return t * t * (3 - 2 * t)
-    if easing == "smootherstep":
-        return t * t * t * (t * (6 * t - 15) + 10)
-    if easing == "cosine":
-        c = torch.cos(t * math.pi) if isinstance(t, torch.Tensor) else math.cos(t * math.pi)
-        return (1 - c) / 2
-    if easing == "ease-in":
-        return t * t
-    return 1 - (1 - t) * (1 - t)  # ease-out
+    out = _EASE[easing](t)
+    # Rounding can push a polynomial a few ulps past its end (smootherstep(0.9999999999999999) computed
+    # 1.0000000000000013): every curve maps [0, 1] onto [0, 1], so clamp.
+    return out.clamp(0.0, 1.0) if isinstance(out, torch.Tensor) else min(1.0, max(0.0, out))
+
+
+def _cosine(t):
+    c = torch.cos(t * math.pi) if isinstance(t, torch.Tensor) else math.cos(t * math.pi)
+    return (1 - c) / 2
+
+
+_EASE = {
+    "smoothstep": lambda t: t * t * (3 - 2 * t),
+    "smootherstep": lambda t: t * t * t * (t * (6 * t - 15) + 10),
+    "cosine": _cosine,
+    "ease-in": lambda t: t * t,
+    "ease-out": lambda t: 1 - (1 - t) * (1 - t),
+}
 
 
 @dataclass(frozen=True)
@@ -214,9 +223,9 @@ def path_at(
 
 
 def _spline(keys: list[torch.Tensor], seg: torch.Tensor, t: torch.Tensor, loop: bool) -> torch.Tensor:
-    cd = _compute_dtype(keys[0].dtype)
-    x = torch.stack([_flat(z, cd) for z in keys])  # (K, items, D)
-    u, n = _unit(x)
+    cd = compute_dtype(keys[0].dtype)
+    x = torch.stack([flat(z, cd) for z in keys])  # (K, items, D)
+    u, n = unit(x)
     if bool((n == 0).any()):
         raise ValueError("`keyframes` must not contain all-zero items for method='spline' (no direction)")
     mu = _catmull_rom_tangents(u, loop)
@@ -225,7 +234,7 @@ def _spline(keys: list[torch.Tensor], seg: torch.Tensor, t: torch.Tensor, loop: 
     i0, i1 = seg.to(x.device), ((seg + 1) % k).to(x.device)
     tt = t.to(device=x.device, dtype=cd).view(-1, 1, 1)
     c = _hermite(u[i0], u[i1], mu[i0], mu[i1], tt)  # (T, items, D)
-    d, cn = _unit(c)
+    d, cn = unit(c)
     if bool((cn < 1e-3).any()):
         raise ValueError(
             "the spline through `keyframes` passes near the origin (consecutive keyframes nearly opposite): "
@@ -289,7 +298,7 @@ def circular_walk(a: torch.Tensor, b: torch.Tensor, n_frames: int) -> torch.Tens
     _checks.tensor(b, "b")
     _checks.same_kind([a, b], ["a", "b"])
     n_frames = _checks.positive_int(n_frames, "n_frames", minimum=2)
-    cd = _compute_dtype(a.dtype)
+    cd = compute_dtype(a.dtype)
     theta = torch.arange(n_frames, dtype=torch.float64) * (2 * math.pi / n_frames)
     c = torch.cos(theta).to(device=a.device, dtype=cd).view(-1, *[1] * a.ndim)
     s = torch.sin(theta).to(device=a.device, dtype=cd).view(-1, *[1] * a.ndim)

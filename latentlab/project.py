@@ -84,6 +84,8 @@ class PCA:
         x = x.double() if x.dtype == torch.float64 else x.float()
         self.mean_ = x.mean(0)
         xc = x - self.mean_
+        if not bool((xc != 0).any()):
+            raise ValueError(f"`X` is constant ({n} identical items): it has no variance to project")
         solver = self.svd_solver
         if solver == "auto":
             solver = "full" if max(n, d) <= 2000 or k > 0.8 * min(n, d) else "randomized"
@@ -164,14 +166,15 @@ class UMAP:
 
     def fit(self, X, y=None) -> UMAP:
         """Fit on ``X`` (n_samples, ...); the embedding of ``X`` is ``embedding_``."""
+        x, self.item_shape_ = _as_2d(X)
+        _checks.positive_int(self.n_components, "n_components")
+        _checks.positive_int(self.n_neighbors, "n_neighbors", minimum=2)
+        if len(x) <= self.n_neighbors:
+            raise ValueError(f"UMAP needs more than `n_neighbors` = {self.n_neighbors} samples, got {len(x)}")
         try:
             import umap
         except ImportError as e:  # pragma: no cover - umap-learn is a dependency
             raise ImportError("UMAP needs umap-learn: pip install umap-learn") from e
-        x, self.item_shape_ = _as_2d(X)
-        _checks.positive_int(self.n_components, "n_components")
-        if len(x) <= self.n_neighbors:
-            raise ValueError(f"UMAP needs more than `n_neighbors` = {self.n_neighbors} samples, got {len(x)}")
         self.umap_ = umap.UMAP(n_components=self.n_components, n_neighbors=self.n_neighbors, min_dist=self.min_dist,
                                metric=self.metric, random_state=self.random_state)
         self.embedding_ = torch.as_tensor(self.umap_.fit_transform(self._pre(x, True).float().numpy()))
@@ -187,6 +190,9 @@ class UMAP:
         if not hasattr(self, "umap_"):
             raise RuntimeError("this UMAP is not fitted yet: call fit(X) first")
         x, _ = _as_2d(X)
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(f"`X` items must have {self.n_features_in_} values (shape {self.item_shape_}), "
+                             f"got {x.shape[1]}")
         return torch.as_tensor(self.umap_.transform(self._pre(x, False).float().numpy()))
 
 

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from latentlab import _checks
+from latentlab._files import partial_path
+
 __all__ = ["save", "load", "versions", "PROVENANCE_KEY"]
 
 PROVENANCE_KEY = "latentlab.provenance"
@@ -40,9 +43,9 @@ def versions() -> dict[str, str]:
 def _versions() -> tuple[tuple[str, str], ...]:
     from importlib import metadata
 
-    import latentlab
+    from latentlab._version import __version__
 
-    out = {"latentlab": latentlab.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    out = {"latentlab": __version__, "torch": torch.__version__, "python": platform.python_version()}
     for name in ("diffusers", "transformers"):
         try:
             out[name] = metadata.version(name)
@@ -68,12 +71,19 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, provenanc
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     record = {"versions": versions(), **(provenance or {})}
     try:
-        meta = json.dumps(record)
-    except TypeError as e:
+        meta = json.dumps(record, allow_nan=False)
+    except (TypeError, ValueError) as e:
         raise TypeError(f"`provenance` must be JSON-serialisable: {e}") from None
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={PROVENANCE_KEY: meta})
-    os.replace(tmp, path)
+    for k, v in tensors.items():
+        _checks.finite(v, f"tensors[{k!r}]")
+    tmp = partial_path(path)
+    # Tensors that share memory (views of one another) cannot be saved as they are: each is stored as its own copy.
+    data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    try:
+        save_file(data, tmp, metadata={PROVENANCE_KEY: meta})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -84,7 +94,14 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tupl
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, json.loads(meta.get(PROVENANCE_KEY, "{}"))
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        provenance = json.loads(meta.get(PROVENANCE_KEY, "{}"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or another format?): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(provenance, dict):
+        raise ValueError(f"{path} has a provenance record that is not a JSON object")
+    return tensors, provenance

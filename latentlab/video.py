@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from latentlab import _checks
+from latentlab._files import check_output, partial_path
 
 __all__ = ["FORMATS", "IMAGE_FORMATS", "VideoWriter", "image_grid", "read_image", "read_video", "write_image",
            "write_video"]
@@ -34,7 +35,8 @@ def _to_uint8_frames(frames: torch.Tensor | np.ndarray, upscale: int) -> np.ndar
             raise ValueError(f"array `frames` must be uint8 (N, H, W, 3), got {frames.dtype} {frames.shape}")
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
     _checks.tensor(frames, "frames", min_ndim=4)
-    if frames.shape[1] != 3:
+    _checks.finite(frames, "frames")
+    if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"`frames` must be (N, 3, H, W), got shape {tuple(frames.shape)}")
     x = frames.detach().float().cpu()
     if upscale > 1:
@@ -72,18 +74,11 @@ class VideoWriter:
 
     def __init__(self, path: str | os.PathLike, *, fps: float, upscale: int = 1, overwrite: bool = False,
                  quality: int = 18):
-        self.path = Path(path)
-        if self.path.suffix.lower() not in FORMATS:
-            raise ValueError(f"`path` must end in one of {FORMATS}, got {self.path.name!r}")
-        if not (isinstance(fps, (int, float)) and not isinstance(fps, bool) and 0 < fps <= 240):
-            raise ValueError(f"`fps` must be a number in (0, 240], got {fps!r}")
+        self.path = check_output(path, "path", overwrite=overwrite, suffixes=FORMATS)
+        fps = _checks.real(fps, "fps", low=0.0, high=240.0, low_inclusive=False)
         self.upscale = _checks.positive_int(upscale, "upscale")
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"the folder of `path` does not exist: {self.path.parent}")
         self.fps, self.quality = float(fps), int(quality)
-        self.tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self.tmp = partial_path(self.path)
         self._gen = None
         self._size: tuple[int, int] | None = None
         self.n_frames = 0
@@ -124,7 +119,8 @@ class VideoWriter:
     def close(self) -> Path:
         """Finish the file and move it into place."""
         if self._gen is None:
-            raise ValueError("no frames were written")
+            self.abort()
+            raise ValueError(f"no frames were written to {self.path}; nothing was saved")
         self._gen.close()
         self._gen = None
         os.replace(self.tmp, self.path)
@@ -152,6 +148,8 @@ class VideoWriter:
 def write_video(path: str | os.PathLike, frames: torch.Tensor | np.ndarray, *, fps: float, upscale: int = 1,
                 overwrite: bool = False) -> Path:
     """Write all ``frames`` at once (see :class:`VideoWriter`)."""
+    if len(frames) == 0:
+        raise ValueError(f"`frames` must hold at least one frame, got {len(frames)}")
     with VideoWriter(path, fps=fps, upscale=upscale, overwrite=overwrite) as w:
         w.append(frames)
     return Path(path)
@@ -195,19 +193,14 @@ def write_image(path: str | os.PathLike, image: torch.Tensor, *, upscale: int = 
     rename); an existing file is refused unless ``overwrite``."""
     import imageio.v3 as iio
 
-    path = Path(path)
-    if path.suffix.lower() not in IMAGE_FORMATS:
-        raise ValueError(f"`path` must end in one of {IMAGE_FORMATS}, got {path.name!r}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the folder of `path` does not exist: {path.parent}")
+    path = check_output(path, "path", overwrite=overwrite, suffixes=IMAGE_FORMATS)
     _checks.tensor(image, "image", min_ndim=3)
+    _checks.finite(image, "image")
     x = image if image.ndim == 4 else image.unsqueeze(0)
     if x.shape[0] != 1:
         raise ValueError(f"`image` must be one image (3, H, W) or (1, 3, H, W), got shape {tuple(image.shape)}")
     arr = _to_uint8_frames(x, _checks.positive_int(upscale, "upscale"))[0]
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    tmp = partial_path(path)
     try:
         iio.imwrite(tmp, arr)
         os.replace(tmp, path)
@@ -223,7 +216,10 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such image: {path}")
-    arr = np.asarray(iio.imread(path))
+    try:
+        arr = np.asarray(iio.imread(path))
+    except Exception as e:  # noqa: BLE001 - imageio raises many types for files that are not images
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__})") from None
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):

@@ -37,9 +37,9 @@ def tiny_sd_path(tmp_path_factory):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from latentlab.backend import _quiet_transformers_image_processor_warning
+    from latentlab._quiet import quiet_transformers_image_processor_warning
 
-    _quiet_transformers_image_processor_warning()
+    quiet_transformers_image_processor_warning()
     root = tmp_path_factory.mktemp("tiny-sd")
     torch.manual_seed(0)
     tok = _tiny_tokenizer(root / "tok-src")
@@ -67,7 +67,7 @@ def tiny_lab(tiny_sd_path):
     from latentlab.backend import Lab
 
     lab = Lab.from_pretrained(tiny_sd_path, device="cpu")
-    lab.num_inference_steps, lab.guidance_scale = 3, 3.0
+    lab.defaults = lab.defaults.replace(num_inference_steps=3, guidance_scale=3.0)
     return lab
 
 

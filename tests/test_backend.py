@@ -261,5 +261,156 @@ def test_turbo_checkpoints_get_turbo_defaults(tiny_sd_path, tmp_path):
 
     turbo = shutil.copytree(tiny_sd_path, tmp_path / "tiny-sd-turbo")
     lab = Lab.from_pretrained(turbo, device="cpu")
-    assert (lab.num_inference_steps, lab.guidance_scale) == (4, 0.0)
-    assert Lab.from_pretrained(tiny_sd_path, device="cpu").guidance_scale > 1
+    assert (lab.defaults.num_inference_steps, lab.defaults.guidance_scale) == (4, 0.0)
+    assert Lab.from_pretrained(tiny_sd_path, device="cpu").defaults.guidance_scale > 1
+
+
+# --- the backend contract: sampling resolved once, schedulers, compute batch -------------------------------------
+
+
+def test_sampling_is_resolved_in_one_place_and_recorded(tiny_lab):
+    from latentlab.sampling import Sampling
+
+    assert tiny_lab.defaults.complete
+    s = tiny_lab.sampling(Sampling(num_inference_steps=7), guidance_scale=1.5)
+    assert (s.num_inference_steps, s.guidance_scale, s.negative_prompt, s.scheduler) == (7, 1.5, "", "DDIMScheduler")
+    assert tiny_lab.sampling(Sampling(num_inference_steps=7), num_inference_steps=None).num_inference_steps == 7
+    with pytest.raises(ValueError, match=r"`guidance_scale` must be a finite number, got nan"):
+        tiny_lab.generate(tiny_lab.noise(1), tiny_lab.encode_prompt("a"), guidance_scale=float("nan"))
+    with pytest.raises(TypeError, match=r"`sampling` must be a latentlab.Sampling, got dict"):
+        tiny_lab.sampling({"num_inference_steps": 3})
+    # An explicit sampling record gives the same pixels as the same overrides.
+    z, c = tiny_lab.noise([1, 2]), tiny_lab.encode_prompt(["a red star", "a blue ring"])
+    assert torch.equal(tiny_lab.generate(z, c, sampling=Sampling(4, 2.0)),
+                       tiny_lab.generate(z, c, num_inference_steps=4, guidance_scale=2.0))
+    prov = tiny_lab.provenance(batch_size=4)
+    assert prov["compute_batch"] == 4 and prov["batch_invariant"] is True and len(prov["model_fingerprint"]) == 16
+
+
+def _count_unet_items(lab):
+    items = []
+    handle = lab.pipe.unet.register_forward_hook(lambda m, a, o: items.append(a[0].shape[0]))
+    return items, handle
+
+
+def test_batch_size_is_the_number_of_items_the_denoiser_sees(tiny_lab):
+    z, c = tiny_lab.noise(list(range(10))), tiny_lab.encode_prompt("a red star")
+    items, handle = _count_unet_items(tiny_lab)
+    try:
+        tiny_lab.generate(z, c, num_inference_steps=2, guidance_scale=1.0, batch_size=4)
+        assert items == [4, 4] * 3  # 3 calls (4 + 4 + 2 padded to 4) x 2 steps, no guidance branch
+        items.clear()
+        tiny_lab.generate(z[:1], c, num_inference_steps=2, guidance_scale=3.0, batch_size=1)
+        assert items == [2, 2]  # a single interactive image: one item (x2 for classifier-free guidance)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("scheduler", ["EulerAncestralDiscreteScheduler", "DDPMScheduler"])
+def test_stochastic_schedulers_are_seeded_per_item(tiny_lab, tiny_sd_path, scheduler):
+    """The same seed gives the same image with a scheduler that draws noise while stepping: on every call, alone
+    or in a batch, and equal to plain diffusers given one CPU generator per item."""
+    import diffusers
+
+    from latentlab.backend.lab import cpu_generators, step_seeds
+
+    z, c = tiny_lab.noise([1, 2, 3]), tiny_lab.encode_prompt(["a red star", "a blue ring", "a green cross"])
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, scheduler=scheduler)
+    a = tiny_lab.generate(z, c, **kw)
+    assert torch.equal(a, tiny_lab.generate(z, c, **kw))  # no global RNG involved
+    assert torch.equal(a[1:2], tiny_lab.generate(z[1:2], c[1:2], **kw))  # alone == in a batch
+    # A different starting latent gets different step noise.
+    assert not torch.equal(tiny_lab.generate(z[[0, 0]], c[[0, 0]], **kw)[1], a[1])
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd_path, dtype=torch.float32)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt_embeds=c.prompt_embeds, negative_prompt_embeds=tiny_lab.encode_prompt("").prompt_embeds.expand(3, -1, -1),
+                  latents=z, num_inference_steps=4, guidance_scale=3.0, generator=cpu_generators(step_seeds(z)),
+                  output_type="pt").images
+    assert torch.equal(tiny_lab.generate(z, c, batch_size=3, **kw), theirs)
+
+
+def test_img2img_with_an_ancestral_scheduler_is_reproducible(tiny_lab):
+    z0 = tiny_lab.encode(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)))
+    c = tiny_lab.encode_prompt(["a red star", "a blue ring"])
+    kw = dict(strength=0.7, seed=[5, 6], num_inference_steps=5, scheduler="EulerAncestralDiscreteScheduler")
+    a = tiny_lab.img2img(z0, c, **kw)
+    assert torch.equal(a, tiny_lab.img2img(z0, c, **kw))
+    assert torch.equal(a[1:], tiny_lab.img2img(z0[1:], c[1:], **{**kw, "seed": 6}))
+
+
+def _v_prediction_lab(tiny_sd_path, tmp_path, prediction_type):
+    import shutil
+
+    from latentlab.backend import Lab
+
+    path = shutil.copytree(tiny_sd_path, tmp_path / f"tiny-{prediction_type}")
+    cfg_file = path / "scheduler" / "scheduler_config.json"
+    import json
+
+    cfg = json.loads(cfg_file.read_text())
+    cfg["prediction_type"] = prediction_type
+    cfg_file.write_text(json.dumps(cfg))
+    return Lab.from_pretrained(path, device="cpu")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_inversion_matches_ddim_inverse_scheduler_and_the_formulas(tiny_sd_path, tmp_path, prediction_type):
+    """Inversion equals a plain loop over diffusers' DDIMInverseScheduler, and an independent float64 oracle of
+    the DDIM inversion step for both parameterisations (v1's hand copy treated every output as noise)."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    lab = _v_prediction_lab(tiny_sd_path, tmp_path, prediction_type)
+    z0 = lab.encode(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)))
+    cond = lab.encode_prompt(["a red star", "a blue ring"])
+    inv = lab.invert(z0, cond, num_inference_steps=5, batch_size=2)
+    # Plain diffusers: the inverse scheduler stepping the UNet.
+    sched = DDIMInverseScheduler.from_config(lab.pipe.scheduler.config)
+    sched.set_timesteps(5)
+    x = z0.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = lab.pipe.unet(x, t, encoder_hidden_states=cond.prompt_embeds).sample
+            x = sched.step(out, t, x).prev_sample
+    assert torch.equal(inv.noise, x)
+    # Independent oracle, float64: x0 and eps from the model output, then x at the noisier level.
+    ac = DDIMScheduler.from_config(lab.pipe.scheduler.config).alphas_cumprod.double()
+    ratio = 1000 // 5
+    y = z0.double()
+    with torch.no_grad():
+        for t in sched.timesteps.tolist():
+            a_t = ac[t]
+            a_s = ac[t - ratio] if t - ratio >= 0 else ac[0]
+            out = lab.pipe.unet(y.float(), t, encoder_hidden_states=cond.prompt_embeds).sample.double()
+            if prediction_type == "epsilon":
+                eps, x0 = out, (y - (1 - a_s).sqrt() * out) / a_s.sqrt()
+            else:  # v = sqrt(a) eps - sqrt(1 - a) x0, evaluated at the current latent y (level a_s)
+                x0 = a_s.sqrt() * y - (1 - a_s).sqrt() * out
+                eps = a_s.sqrt() * out + (1 - a_s).sqrt() * y
+            y = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+    torch.testing.assert_close(inv.noise.double(), y, rtol=1e-4, atol=1e-4)
+
+
+def test_inpaint_pixel_composite_keeps_the_original_pixels_outside_the_mask(tiny_lab):
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    z0 = tiny_lab.encode(images)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:] = 1
+    out = tiny_lab.inpaint(z0, tiny_lab.encode_prompt("a red star"), mask, seed=1, image=images, feather=1.0)
+    assert torch.equal(out[..., :4], images[..., :4])  # beyond the feather: the original, exactly
+    assert (out[..., 12:] - images[..., 12:]).abs().mean() > 0.01  # inside: regenerated
+    plain = tiny_lab.inpaint(z0, tiny_lab.encode_prompt("a red star"), mask, seed=1)
+    assert not torch.equal(plain[..., :4], images[..., :4])  # the decoder alone does not keep pixels exactly
+    with pytest.raises(ValueError, match=r"`image` must have shape \(1 or 1, 3, 16, 16\), got \(1, 3, 8, 8\)"):
+        tiny_lab.inpaint(z0, tiny_lab.encode_prompt("a"), mask, image=torch.rand(1, 3, 8, 8))
+
+
+def test_edits_are_composed_from_diffusers_pipelines(tiny_lab):
+    import diffusers
+
+    pipe = tiny_lab.pipeline("img2img")
+    assert isinstance(pipe, diffusers.StableDiffusionImg2ImgPipeline)
+    assert pipe.unet is tiny_lab.pipe.unet and pipe.vae is tiny_lab.pipe.vae  # the same components, no copies
+    assert pipe.scheduler is not tiny_lab.pipe.scheduler
+    with pytest.raises(ValueError, match=r"`scheduler` must name a diffusers scheduler class, got 'NoSuchScheduler'"):
+        tiny_lab.pipeline("text2image", "NoSuchScheduler")

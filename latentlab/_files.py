@@ -1,0 +1,63 @@
+"""Files written safely (layer 0, private): one place for atomic writes, temporary names and output checks.
+
+A final file is only ever created by renaming a complete temporary file beside it, so a killed process never leaves
+a half-written file under the final name; temporary names carry the process id, so two processes writing the same
+target never share one; an existing file is replaced only when the caller says so.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+__all__ = ["atomic_write_text", "check_output", "disk_full_hint", "partial_path"]
+
+
+def partial_path(path: Path, *, suffix: str | None = None) -> Path:
+    """The temporary name of ``path`` while it is written: hidden, beside it, unique to this process."""
+    suffix = path.suffix if suffix is None else suffix
+    return path.with_name(f".{path.stem}.{os.getpid()}.partial{suffix}")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_output(path: str | os.PathLike, name: str, *, overwrite: bool, suffixes: tuple[str, ...] | None = None) -> Path:
+    """Everything that can be known about an output path before any work: suffix, not a folder, no silent
+    overwrite, an existing and writable folder. Raises ValueError / FileExistsError / FileNotFoundError /
+    PermissionError naming ``name``."""
+    path = Path(path)
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(f"`{name}` must end in one of {suffixes}, got {path.name!r}")
+    if path.is_dir():
+        raise IsADirectoryError(f"`{name}` is a folder, not a file: {path}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"the folder of `{name}` does not exist: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"the folder of `{name}` is not writable: {parent}")
+    return path
+
+
+def disk_full_hint(e: OSError, where: Path) -> str | None:
+    """A one-line explanation when ``e`` is 'no space left on device', else None."""
+    if getattr(e, "errno", None) != errno.ENOSPC:
+        return None
+    try:
+        st = os.statvfs(where)
+        free = f"{st.f_bavail * st.f_frsize / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return f"the disk holding {where} is full ({free}): free some space and run the same command again"

@@ -1,0 +1,64 @@
+"""The contract between the backend and the layers above it (morph, atlas, widgets, CLI).
+
+One responsibility: list exactly what those layers may use of a backend, so that :class:`latentlab.backend.Lab`
+and the small fake backend of the tests are interchangeable, and nothing above the backend guesses with
+``getattr`` or reaches into a private name. Named ``Backend`` (``Generator`` would collide with
+``torch.Generator``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from latentlab.backend.records import Conditioning, Inversion
+from latentlab.sampling import Sampling
+
+__all__ = ["Backend"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the upper layers need from a generation backend."""
+
+    model_id: str
+    """A name for the model (hub id, folder, or ``latentlab/embedded-shapes``)."""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel along each side."""
+
+    def sampling(self, sampling: Sampling | None = None, **overrides) -> Sampling:
+        """A complete :class:`Sampling`: ``overrides`` over ``sampling`` over the model's defaults (validated)."""
+
+    def compute_batch(self, batch_size: int | None = None) -> int:
+        """How many items the denoiser sees per call for a request with this ``batch_size`` (None: the default)."""
+
+    def provenance(self, batch_size: int | None = None) -> dict:
+        """JSON-safe facts that determine the pixels besides the inputs: model id and fingerprint, scheduler
+        config, compute batch and whether calls are padded to it, device, dtype. Cache keys and manifests use it."""
+
+    def latent_shape(self, *, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """(channels, height // f, width // f) for an image size (default: the model's native size)."""
+
+    def noise(self, seed: int | Sequence[int], *, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Initial latents, one item per seed, the same on every device."""
+
+    def encode_prompt(self, prompt: str | Sequence[str]) -> Conditioning:
+        """Text conditioning, one item per prompt."""
+
+    def generate(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
+                 batch_size: int | None = None, output_type: str = "pt", **overrides) -> torch.Tensor:
+        """Images (batch, 3, H, W) in [0, 1] (or final latents with ``output_type="latent"``)."""
+
+    def decode(self, latents: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
+        """Final latents -> images in [0, 1]."""
+
+    def encode(self, images: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> latents as the denoiser sees them."""
+
+    def invert(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
+               batch_size: int | None = None, **overrides) -> Inversion:
+        """DDIM inversion of clean latents to the noise that regenerates them, with its reconstruction error."""

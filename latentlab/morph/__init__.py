@@ -1,0 +1,19 @@
+"""Morphs and walks: keyframes (prompt and/or seed and/or image) -> per-frame (noise, prompt embedding) -> video +
+manifest.
+
+- :mod:`~latentlab.morph.settings`: :class:`Keyframe` and :class:`MorphSettings` (validated, serialisable).
+- :mod:`~latentlab.morph.plan`: where every frame lies on the noise and prompt paths; perceptually even pacing.
+- :mod:`~latentlab.morph.render`: frames in compute batches -> streamed video, frame cache, resume, lock.
+- :mod:`~latentlab.morph.manifest`: the JSON record that re-creates any frame (:func:`render_frame`).
+
+All of it talks to the backend only through :class:`latentlab.backend.Backend`.
+"""
+
+from latentlab.morph.manifest import MANIFEST_VERSION, manifest_path, read_manifest, render_frame
+from latentlab.morph.plan import IMAGE_KEYFRAME_MIN_PSNR, Plan, clip_distance, pixel_distance, plan
+from latentlab.morph.render import RenderLocked, cache_dir, check_render, frame_key, render_morph
+from latentlab.morph.settings import MAX_FRAMES, PACINGS, Keyframe, MorphSettings, frames_for_duration
+
+__all__ = ["IMAGE_KEYFRAME_MIN_PSNR", "MANIFEST_VERSION", "MAX_FRAMES", "PACINGS", "Keyframe", "MorphSettings",
+           "Plan", "RenderLocked", "cache_dir", "check_render", "clip_distance", "frame_key", "frames_for_duration",
+           "manifest_path", "pixel_distance", "plan", "read_manifest", "render_frame", "render_morph"]

@@ -1,0 +1,133 @@
+"""Morph manifests: the JSON record beside a video that re-creates any of its frames.
+
+One responsibility: write manifests (atomically, strict JSON: no NaN), read them back with a clear error for every
+way a file can be wrong (missing, truncated, binary, not an object, missing or unknown keys, a newer version),
+and re-create one frame (:func:`render_frame`). Version 1 manifests (latentlab 0.1 before the ``Sampling``
+record) are read too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from latentlab import _checks
+from latentlab._files import atomic_write_text
+from latentlab.backend import Backend
+from latentlab.morph.settings import MorphSettings
+from latentlab.sampling import Sampling
+
+__all__ = ["MANIFEST_VERSION", "manifest_path", "read_manifest", "render_frame", "write_manifest"]
+
+MANIFEST_VERSION = 2
+_REQUIRED = ("manifest_version", "video", "model", "sampling", "backend", "settings", "frames")
+_OPTIONAL = ("pacing_distance", "resolved_keyframes", "upscale", "frames_reused_from_cache", "damaged_cache_frames",
+             "image_keyframes", "versions", "distributed")
+
+
+def manifest_path(video: str | os.PathLike) -> Path:
+    """The manifest that sits beside ``video``: ``morph.mp4`` -> ``morph.mp4.json``."""
+    video = Path(video)
+    return video.with_name(video.name + ".json")
+
+
+def write_manifest(path: Path, data: dict) -> Path:
+    """Strict JSON (a NaN anywhere is a bug upstream, not something to write), atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
+
+
+def _from_v1(d: dict) -> dict:
+    """A version-1 manifest (sampling fields inside settings, model fingerprint at the top) as version 2."""
+    d = dict(d)
+    settings = dict(d.get("settings") or {})
+    sampling = {k: settings.pop(k, None) for k in ("num_inference_steps", "guidance_scale", "negative_prompt")}
+    sampling["num_inference_steps"] = d.pop("num_inference_steps", None) or sampling["num_inference_steps"]
+    g = d.pop("guidance_scale", None)
+    sampling["guidance_scale"] = sampling["guidance_scale"] if g is None else g
+    sampling["scheduler"] = (d.pop("scheduler", None) or {}).get("class")
+    d.update(manifest_version=MANIFEST_VERSION, settings=settings, sampling=sampling,
+             backend={"model": d.get("model"), "model_fingerprint": d.pop("model_fingerprint", None),
+                      "compute_batch": 16, "batch_invariant": True})
+    return d
+
+
+def read_manifest(manifest: str | os.PathLike | dict) -> dict:
+    """A validated manifest (a path or an already parsed dict); ``ValueError`` says what is wrong with it."""
+    if isinstance(manifest, dict):
+        data, name = manifest, "the manifest"
+    else:
+        path = Path(manifest)
+        name = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such manifest: {path}")
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a latentlab manifest (binary, not UTF-8 JSON text)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): truncated or edited?") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{name} is not a latentlab manifest (its JSON is a {type(data).__name__}, not an object)")
+    version = data.get("manifest_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{name} is not a latentlab video manifest (no integer manifest_version)")
+    if version > MANIFEST_VERSION:
+        raise ValueError(f"{name} was written by a newer latentlab (manifest_version {version}; this version reads "
+                         f"up to {MANIFEST_VERSION}): upgrade latentlab")
+    if version < 1:
+        raise ValueError(f"{name} has an unknown manifest_version {version}")
+    if version == 1:
+        data = _from_v1(data)
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"{name} is missing key(s) {missing}")
+    unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        raise ValueError(f"{name} has unknown key(s) {unknown} (edited, or from another tool?)")
+    try:
+        settings = MorphSettings.from_dict(data["settings"])
+        Sampling.from_dict(data["sampling"])
+    except FileNotFoundError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} has invalid settings: {e}") from None
+    if not isinstance(data["frames"], list) or len(data["frames"]) != settings.n_frames:
+        raise ValueError(f"{name} must list {settings.n_frames} frames, got "
+                         f"{len(data['frames']) if isinstance(data['frames'], list) else type(data['frames']).__name__}")
+    if not isinstance(data["model"], str):
+        raise ValueError(f"{name} has no model name")
+    return data
+
+
+def render_frame(lab: Backend, manifest: str | os.PathLike | dict, index: int) -> torch.Tensor:
+    """Re-create frame ``index`` of a rendered morph from its manifest: (1, 3, H, W) in [0, 1].
+
+    Uses the manifest's own per-frame positions (so paced renders need no previews), its complete sampling
+    settings and its compute batch (so the frame is bit-identical to the video's on the same machine), and warns
+    if the model's fingerprint differs from the one that rendered the video.
+    """
+    from latentlab.morph.plan import plan
+
+    data = read_manifest(manifest)
+    settings = MorphSettings.from_dict(data["settings"])
+    _checks.positive_int(index, "index", minimum=0)
+    if index >= settings.n_frames:
+        raise ValueError(f"`index` must be < {settings.n_frames} (the number of frames), got {index}")
+    recorded = data["backend"]
+    fp = recorded.get("model_fingerprint")
+    if fp and lab.provenance()["model_fingerprint"] != fp:
+        warnings.warn(f"the manifest was rendered by model {data['model']!r} with fingerprint {fp}, this one is "
+                      f"{lab.provenance()['model_fingerprint']}: the frame will differ", RuntimeWarning, stacklevel=2)
+    p = plan(lab, settings, frames=data["frames"])
+    shas = {d["keyframe"]: d["sha256"] for d in data.get("image_keyframes", [])}
+    for d in p.image_keyframes:
+        if shas.get(d["keyframe"]) not in (None, d["sha256"]):
+            warnings.warn(f"keyframe image {d['image']} changed since the render: the frame will differ",
+                          RuntimeWarning, stacklevel=2)
+    lat, cond = p.inputs(index, index + 1)
+    return lab.generate(lat, cond, sampling=Sampling.from_dict(data["sampling"]),
+                        batch_size=recorded.get("compute_batch") or None)

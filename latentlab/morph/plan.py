@@ -1,0 +1,181 @@
+"""Morph plans: where every frame lies on the noise path and on the prompt path, optionally paced evenly.
+
+The noise path and the prompt path are independent: each has its own interpolation and easing over the same
+frames. Pacing ``"even"`` previews each segment cheaply and re-times it so that frames change by about the same
+amount (:func:`latentlab.paths.retime`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from latentlab.backend import Backend, Conditioning
+from latentlab.morph.settings import MorphSettings
+from latentlab.paths import ease, path_at, retime, schedule
+from latentlab.seeds import noise
+
+__all__ = ["IMAGE_KEYFRAME_MIN_PSNR", "Plan", "clip_distance", "file_digest", "pixel_distance", "plan"]
+
+log = logging.getLogger(__name__)
+
+#: Below this inversion round-trip PSNR (dB) an image keyframe gets a warning: the frame no longer looks like it.
+IMAGE_KEYFRAME_MIN_PSNR = 20.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every frame of a morph lies on the noise path and on the prompt path, plus the keyframes.
+
+    Inputs are computed per slice (:meth:`inputs`), so a 1,000-frame render never holds 1,000 latents or prompt
+    embeddings at once.
+    """
+
+    settings: MorphSettings
+    keys: list[torch.Tensor]
+    conds: list[Conditioning]
+    frames: list[dict] = field(default_factory=list)
+    image_keyframes: list[dict] = field(default_factory=list)
+
+    def inputs(self, start: int, stop: int) -> tuple[torch.Tensor, Conditioning]:
+        """Initial latents (n, C, h, w) and conditioning (n items) of frames ``start:stop``."""
+        fr = self.frames[start:stop]
+        s = self.settings
+        lat = path_at(self.keys, [f["noise_segment"] for f in fr], [f["noise_t"] for f in fr],
+                      method=s.noise_interpolation, loop=s.loop)[:, 0]
+        cond = Conditioning.cat(self.conds).map(
+            lambda t: path_at([x.float().cpu().unsqueeze(0) for x in t], [f["prompt_segment"] for f in fr],
+                              [f["prompt_t"] for f in fr], method=s.prompt_interpolation, loop=s.loop)[:, 0].to(t.dtype)
+        )
+        return lat, cond
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.inputs(0, len(self.frames))[0]
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return self.inputs(0, len(self.frames))[1]
+
+
+def pixel_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The weight-free default distance between consecutive frames: RMS pixel difference (images in [0, 1],
+    area-downsampled to at most 64 px so large models' previews cost little). Returns one value per pair."""
+    side = max(a.shape[-2:])
+    if side > 64:
+        size = (max(1, a.shape[-2] * 64 // side), max(1, a.shape[-1] * 64 // side))
+        a = torch.nn.functional.interpolate(a, size=size, mode="area")
+        b = torch.nn.functional.interpolate(b, size=size, mode="area")
+    return (a - b).pow(2).flatten(1).mean(1).sqrt()
+
+
+def clip_distance(clip) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A distance from a :class:`latentlab.clip.CLIP`: ``1 - cos`` of the image embeddings."""
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        e = clip.embed_images(torch.cat([a, b]))
+        return (1 - (e[: len(a)] * e[len(a) :]).sum(1)).clamp(min=0)
+
+    distance.__name__ = f"clip:{clip.model_id}"
+    return distance
+
+
+def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[dict] | None = None) -> Plan:
+    """Where every frame lies on both paths (cheap unless ``settings.pacing == "even"``).
+
+    With ``frames`` (a manifest's per-frame records) those positions are used as they are: that is how a single
+    frame is re-created without re-running the pacing previews.
+
+    Pacing ``"even"``: every segment is previewed at ``pacing_samples + 1`` evenly spaced points (both paths
+    linear, ``pacing_steps`` denoising steps), the change between consecutive previews is measured with
+    ``distance`` (default :func:`pixel_distance`; :func:`clip_distance` for a perceptual one) and the segment is
+    re-timed with :func:`latentlab.paths.retime` so that frames change by about the same amount. Easing composes
+    on top: a frame's ``t`` is ``retime(ease(raw))``, so easing still shapes the (now perceptual) speed and frames
+    still land exactly on the keyframes.
+    """
+    prompts, seeds = settings.resolved()
+    shape = (1, *lab.latent_shape(height=settings.height, width=settings.width))
+    keys = [noise(s, shape) for s in seeds]
+    conds = [lab.encode_prompt(p) for p in prompts]
+    images = []
+    for i, k in enumerate(settings.keyframes):
+        if k.image is not None:
+            keys[i], note = _image_key(lab, k.image, conds[i], shape, settings)
+            images.append({"keyframe": i, **note})
+    if frames is not None:
+        if len(frames) != settings.n_frames:
+            raise ValueError(f"`frames` must have {settings.n_frames} records, got {len(frames)}")
+        return Plan(settings, keys, conds, [dict(f) for f in frames], images)
+    k = len(prompts)
+    ns = schedule(k, settings.n_frames, loop=settings.loop, easing=settings.noise_easing)
+    ps = schedule(k, settings.n_frames, loop=settings.loop, easing=settings.prompt_easing)
+    records = [
+        {"index": i, "noise_segment": ns.segment[i], "noise_t": ns.t[i], "prompt_segment": ps.segment[i],
+         "prompt_t": ps.t[i]}
+        for i in range(settings.n_frames)
+    ]
+    if settings.pacing == "even":
+        records = _pace(lab, settings, keys, conds, records, ns, ps, distance or pixel_distance)
+    return Plan(settings, keys, conds, records, images)
+
+
+def _image_key(lab: Backend, path: str, cond: Conditioning, shape, settings: MorphSettings):
+    """An image keyframe's noise: load, fit to the model's size (centre crop, area resize), encode, DDIM-invert
+    at the morph's steps and guidance."""
+    from latentlab.video import read_image
+
+    f = lab.vae_scale_factor
+    h, w = shape[2] * f, shape[3] * f
+    img = read_image(path)
+    ih, iw = img.shape[2:]
+    scale = max(h / ih, w / iw)
+    nh, nw = max(h, round(ih * scale)), max(w, round(iw * scale))
+    img = torch.nn.functional.interpolate(img, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (nh - h) // 2, (nw - w) // 2
+    img = img[:, :, top : top + h, left : left + w].clamp(0, 1)
+    s = lab.sampling(settings.sampling)
+    inv = lab.invert(lab.encode(img), cond, sampling=s)
+    psnr = float(inv.psnr[0])
+    log.info("image keyframe %s: inversion round trip %.1f dB", path, psnr)
+    if psnr < IMAGE_KEYFRAME_MIN_PSNR:
+        warnings.warn(f"image keyframe {path}: the morph reproduces it at only {psnr:.1f} dB "
+                      f"(guidance_scale={s.guidance_scale:g}, {s.num_inference_steps} steps); DDIM inversion drifts "
+                      "under classifier-free guidance: a lower guidance_scale (1-4) or more steps keeps the image",
+                      RuntimeWarning, stacklevel=3)
+    note = {"image": path, "sha256": file_digest(path), "inversion_psnr_db": round(psnr, 2)}
+    return inv.noise.to(torch.float32), note
+
+
+def file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _pace(lab: Backend, settings: MorphSettings, keys, conds, records, ns, ps, distance):
+    n_seg = ns.n_segments
+    m = settings.pacing_samples
+    grid = [j / m for j in range(m + 1)]
+    probe = Plan(settings, keys, conds, [
+        {"noise_segment": s, "noise_t": g, "prompt_segment": s, "prompt_t": g} for s in range(n_seg) for g in grid
+    ])
+    s = lab.sampling(settings.sampling)
+    steps = settings.pacing_steps or max(2, s.num_inference_steps // 2)
+    lat, cond = probe.inputs(0, len(probe.frames))
+    log.info("pacing: previewing %d points at %d steps", len(lat), steps)
+    images = lab.generate(lat, cond, sampling=s.replace(num_inference_steps=steps))
+    images = images.view(n_seg, m + 1, *images.shape[1:])
+    per_seg = [distance(images[j, :-1], images[j, 1:]).double() for j in range(n_seg)]
+    out = []
+    for r in records:
+        r = dict(r)
+        raw_n = ns.position[r["index"]] - ns.segment[r["index"]]
+        raw_p = ps.position[r["index"]] - ps.segment[r["index"]]
+        r["noise_t"] = float(retime(grid, per_seg[r["noise_segment"]], ease(raw_n, settings.noise_easing))[0])
+        r["prompt_t"] = float(retime(grid, per_seg[r["prompt_segment"]], ease(raw_p, settings.prompt_easing))[0])
+        out.append(r)
+    return out

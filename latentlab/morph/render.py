@@ -1,0 +1,264 @@
+"""Rendering a morph: frames in compute batches, streamed to the video, cached for resume, recorded in a manifest.
+
+One responsibility: turn a :class:`~latentlab.morph.plan.Plan` into files without ever losing work or a user's file.
+
+1. Everything that can be checked without a model is checked first (:func:`check_render`): output suffix and
+   folder, existing files, keyframe images that are not images, frame sizes that would not fit in memory.
+2. One render per output at a time: a lock file beside the video names the process that holds it.
+3. Frames are generated ``compute_batch`` at a time (the backend's one meaning of batch size) and streamed to the
+   encoder; each finished frame is stored in :func:`cache_dir` under :func:`frame_key`. A killed render resumes
+   from there with identical frames; damaged cache entries are detected, re-rendered and reported.
+4. The video is written under a temporary name and renamed into place; the manifest last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentlab import _checks
+from latentlab._files import check_output, disk_full_hint
+from latentlab.backend import Backend, Conditioning
+from latentlab.morph.manifest import MANIFEST_VERSION, manifest_path, write_manifest
+from latentlab.morph.plan import pixel_distance, plan
+from latentlab.morph.settings import MorphSettings
+from latentlab.sampling import Sampling
+from latentlab.store import versions
+
+__all__ = ["MAX_FRAME_SIDE", "RenderLocked", "cache_dir", "check_render", "frame_key", "render_morph"]
+
+log = logging.getLogger(__name__)
+
+#: Longest side of an output frame after upscaling (H.264 encoders and players top out around 8K).
+MAX_FRAME_SIDE = 8192
+#: Streaming chunk when the backend runs everything in one call (GPU): frames held in memory at once.
+GPU_CHUNK = 64
+
+
+class RenderLocked(RuntimeError):
+    """Another live process is rendering to the same output."""
+
+
+def cache_dir(video: str | os.PathLike) -> Path:
+    """Where finished frames of ``video`` are kept until it is complete: ``.morph.mp4.frames/`` beside it."""
+    video = Path(video)
+    return video.with_name(f".{video.name}.frames")
+
+
+def _lock_path(video: Path) -> Path:
+    return video.with_name(f".{video.name}.lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Lock:
+    """An exclusive lock file holding the owner's pid; a lock left by a dead process is taken over."""
+
+    def __init__(self, video: Path):
+        self.path = _lock_path(video)
+        self.video = video
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    raise RenderLocked(f"another render (process {pid}) is writing {self.video}; wait for it to "
+                                       f"finish, or remove {self.path} if that process is gone") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise RenderLocked(f"could not take the lock {self.path} for {self.video}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def frame_key(lab: Backend, latents: torch.Tensor, conditioning: Conditioning, sampling: Sampling, *,
+              batch_size: int | None = None) -> str:
+    """Hash of everything that determines one frame's pixels: the backend's :meth:`~Backend.provenance` (model
+    fingerprint, scheduler config, compute batch, device, dtype), the complete ``sampling``, the versions of
+    torch/diffusers/latentlab, and the exact bytes of the frame's initial latent and conditioning."""
+    h = hashlib.sha256()
+    meta = {"backend": lab.provenance(batch_size), "sampling": sampling.to_dict(), "versions": versions()}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for t in (latents, conditioning.prompt_embeds, conditioning.pooled_prompt_embeds):
+        if t is not None:
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8: what is cached and what the video encoder receives."""
+    _checks.finite(images, "frames")
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def check_render(settings: MorphSettings, output: str | os.PathLike, *, overwrite: bool = False, upscale: int = 1,
+                 batch_size: int | None = None, frame_size: tuple[int, int] | None = None) -> Path:
+    """Every check that needs no model: run by :func:`render_morph` and by the CLI before it loads one.
+
+    ``frame_size`` (height, width) of the model's frames, when known, bounds the upscaled frame size.
+    """
+    from latentlab.video import FORMATS, read_image
+
+    if not isinstance(settings, MorphSettings):
+        raise TypeError(f"`settings` must be a MorphSettings, got {type(settings).__name__}")
+    output = check_output(output, "output", overwrite=overwrite, suffixes=FORMATS)
+    man = manifest_path(output)
+    if man.exists() and not overwrite:
+        raise FileExistsError(f"{man} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    _checks.positive_int(upscale, "upscale")
+    if batch_size is not None:
+        _checks.positive_int(batch_size, "batch_size")
+    if frame_size is not None:
+        h, w = (settings.height or frame_size[0]) * upscale, (settings.width or frame_size[1]) * upscale
+        if max(h, w) > MAX_FRAME_SIDE:
+            frames_gib = 16 * 3 * h * w * 4 / 2**30
+            raise ValueError(f"`upscale` {upscale} makes {w}x{h} frames (longest side over {MAX_FRAME_SIDE}); "
+                             f"upscaling a batch of 16 of them would need ~{frames_gib:.0f} GiB of memory")
+    for i, k in enumerate(settings.keyframes):
+        if k.image is not None:
+            try:
+                read_image(k.image)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise ValueError(f"`keyframes[{i}].image` is not a readable image: {k.image} ({e})") from None
+    return output
+
+
+def _read_cached(path: Path, size: tuple[int, int] | None) -> np.ndarray | None:
+    """A cached frame, or None when the entry is damaged (truncated, foreign, wrong shape)."""
+    from latentlab import store
+
+    try:
+        frame = store.load(path)[0]["frame"]
+    except Exception:  # noqa: BLE001 - any unreadable entry is re-rendered, never trusted
+        return None
+    if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[2] != 3 or (
+            size is not None and tuple(frame.shape[:2]) != size):
+        return None
+    return frame.numpy()
+
+
+def render_morph(
+    lab: Backend,
+    settings: MorphSettings,
+    output: str | os.PathLike,
+    *,
+    batch_size: int | None = None,
+    upscale: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    distance=None,
+    keep_cache: bool = False,
+) -> Path:
+    """Render ``settings`` with ``lab`` to ``output`` (.mp4/.gif) and write its manifest; returns the video path.
+
+    ``batch_size`` is the number of frames the denoiser sees per call (default: the backend's compute batch); the
+    manifest records it, and :func:`~latentlab.morph.render_frame` re-creates a frame at the same compute batch.
+    See the module notes for validation, locking, caching and resume.
+    """
+    from tqdm.auto import tqdm
+
+    from latentlab import store
+    from latentlab.video import VideoWriter
+
+    f = lab.vae_scale_factor
+    _, lh, lw = lab.latent_shape(height=settings.height, width=settings.width)
+    output = check_render(settings, output, overwrite=overwrite, upscale=upscale, batch_size=batch_size,
+                          frame_size=(lh * f, lw * f))
+    s = lab.sampling(settings.sampling)
+    compute = lab.compute_batch(batch_size)
+    chunk = compute or GPU_CHUNK
+    cache = cache_dir(output)
+    with _Lock(output):
+        writer = VideoWriter(output, fps=settings.fps, upscale=upscale, overwrite=overwrite)
+        p = plan(lab, settings, distance=distance)
+        reused, damaged = 0, 0
+        try:
+            with writer, tqdm(total=settings.n_frames, desc="frames", unit="frame", disable=not progress) as bar:
+                for start in range(0, settings.n_frames, chunk):
+                    stop = min(settings.n_frames, start + chunk)
+                    lat, cond = p.inputs(start, stop)
+                    keys = [frame_key(lab, lat[i : i + 1], cond[i], s, batch_size=batch_size)
+                            for i in range(stop - start)]
+                    frames: list[np.ndarray | None] = [None] * (stop - start)
+                    for i, key in enumerate(keys):
+                        file = cache / f"{key}.safetensors"
+                        if file.is_file():
+                            frames[i] = _read_cached(file, (lh * f, lw * f))
+                            if frames[i] is None:
+                                damaged += 1
+                                file.unlink(missing_ok=True)
+                            else:
+                                reused += 1
+                    todo = [i for i, fr in enumerate(frames) if fr is None]
+                    if todo:
+                        images = _to_uint8(lab.generate(lat[todo], cond[todo], sampling=s, batch_size=batch_size))
+                        cache.mkdir(exist_ok=True)
+                        for i, img in zip(todo, images):
+                            frames[i] = img
+                            store.save(cache / f"{keys[i]}.safetensors", {"frame": torch.from_numpy(img)},
+                                       provenance={"index": start + i, "video": output.name}, overwrite=True)
+                    writer.append(np.stack(frames))
+                    for i in range(stop - start):
+                        p.frames[start + i]["key"] = keys[i]
+                    bar.update(stop - start)
+        except OSError as e:
+            hint = disk_full_hint(e, output.parent)
+            if hint:
+                raise OSError(e.errno, f"{hint} (finished frames are kept in {cache})") from e
+            raise
+        finally:
+            if cache.is_dir() and not any(cache.iterdir()):
+                cache.rmdir()  # nothing to resume from: leave nothing behind
+        if damaged:
+            warnings.warn(f"{damaged} damaged frame(s) in the cache {cache} were rendered again", RuntimeWarning,
+                          stacklevel=2)
+        if reused:
+            log.info("resumed: %d of %d frames came from %s", reused, settings.n_frames, cache)
+        prompts, seeds = settings.resolved()
+        write_manifest(manifest_path(output), {
+            "manifest_version": MANIFEST_VERSION,
+            "video": output.name,
+            "model": lab.model_id,
+            "sampling": s.to_dict(),
+            "backend": lab.provenance(batch_size),
+            "settings": settings.to_dict(),
+            "pacing_distance": None if settings.pacing == "none"
+            else getattr(distance or pixel_distance, "__name__", "?"),
+            "resolved_keyframes": [{"prompt": pr, "seed": sd} for pr, sd in zip(prompts, seeds)],
+            "upscale": upscale,
+            "frames_reused_from_cache": reused,
+            "damaged_cache_frames": damaged,
+            "image_keyframes": p.image_keyframes,
+            "frames": p.frames,
+            "versions": versions(),
+        })
+    if not keep_cache:
+        shutil.rmtree(cache, ignore_errors=True)
+    return output

@@ -1,0 +1,147 @@
+"""Morph settings: keyframes and everything else that determines the frames of a morph, validated on construction.
+
+A keyframe without a seed keeps the previous keyframe's seed (the first defaults to 0); one without a prompt keeps
+the previous prompt. So ``["a red star", "a blue ring"]`` morphs the prompt at a fixed seed, and one prompt with
+several seeds is a seed walk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from latentlab import _checks
+from latentlab.paths import EASINGS, METHODS
+from latentlab.sampling import Sampling, check_prompt
+
+__all__ = ["MAX_FRAMES", "PACINGS", "Keyframe", "MorphSettings", "frames_for_duration"]
+
+PACINGS: tuple[str, ...] = ("none", "even")
+#: More frames than this is refused up front: a plan holds a small record per frame (~300 bytes) and a video of a
+#: million frames runs 23 hours at 12 fps; a typo (``--frames 100000000``) should not start a 30 GB plan.
+MAX_FRAMES = 1_000_000
+_PLAN_BYTES_PER_FRAME = 300
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    """One keyframe: a prompt, a seed, an image, or several (missing prompt/seed carry over from the previous
+    keyframe).
+
+    An ``image`` (path to a png/jpg/webp) is encoded with the VAE and DDIM-inverted with the keyframe's prompt at
+    the morph's steps and guidance: the resulting noise is the keyframe's point on the noise path (its seed is then
+    unused). The frame at the keyframe approximates the image; the inversion's reconstruction PSNR is recorded in
+    the manifest, with a warning below ``IMAGE_KEYFRAME_MIN_PSNR``. Inversion is most faithful at low guidance:
+    on the embedded model, 10 steps, 21-26 dB at guidance 4 and about 13 dB at 7.5.
+    """
+
+    prompt: str | None = None
+    seed: int | None = None
+    image: str | None = None
+
+
+@dataclass(frozen=True)
+class MorphSettings:
+    """Everything that determines the frames of a morph (serialised into the manifest).
+
+    ``sampling`` holds steps, guidance, negative prompt and scheduler (``None`` fields: the model's defaults,
+    resolved by the backend and recorded complete in the manifest).
+    """
+
+    keyframes: tuple[Keyframe, ...]
+    n_frames: int = 48
+    fps: float = 12.0
+    loop: bool = False
+    noise_interpolation: str = "slerp"
+    noise_easing: str = "linear"
+    prompt_interpolation: str = "lerp"
+    prompt_easing: str = "linear"
+    sampling: Sampling = field(default_factory=Sampling)
+    height: int | None = None
+    width: int | None = None
+    pacing: str = "none"
+    pacing_samples: int = 8
+    pacing_steps: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.keyframes, tuple) or len(self.keyframes) < 2:
+            raise ValueError(f"`keyframes` must be a tuple of at least 2 Keyframe, got {self.keyframes!r}")
+        for i, k in enumerate(self.keyframes):
+            if not isinstance(k, Keyframe):
+                raise TypeError(f"`keyframes[{i}]` must be a Keyframe, got {type(k).__name__}")
+            if k.seed is not None and (isinstance(k.seed, bool) or not isinstance(k.seed, int) or not 0 <= k.seed < 2**64):
+                raise ValueError(f"`keyframes[{i}].seed` must be an int in [0, 2**64), got {k.seed!r}")
+            if k.prompt is not None:
+                check_prompt(k.prompt, f"keyframes[{i}].prompt")
+        if self.keyframes[0].prompt is None:
+            raise ValueError("the first keyframe needs a prompt")
+        for i, k in enumerate(self.keyframes):
+            if k.image is not None and not Path(k.image).is_file():
+                raise FileNotFoundError(f"`keyframes[{i}].image` does not exist: {k.image}")
+        _checks.positive_int(self.n_frames, "n_frames", minimum=2)
+        if self.n_frames > MAX_FRAMES:
+            raise ValueError(f"`n_frames` must be <= {MAX_FRAMES:,}, got {self.n_frames:,} (its plan alone would need "
+                             f"~{self.n_frames * _PLAN_BYTES_PER_FRAME / 2**30:.1f} GiB of memory)")
+        _checks.real(self.fps, "fps", low=0.0, high=240.0, low_inclusive=False)
+        if not isinstance(self.loop, bool):
+            raise TypeError(f"`loop` must be a bool, got {type(self.loop).__name__}")
+        _checks.choice(self.noise_interpolation, "noise_interpolation", METHODS)
+        _checks.choice(self.prompt_interpolation, "prompt_interpolation", METHODS)
+        _checks.choice(self.noise_easing, "noise_easing", EASINGS)
+        _checks.choice(self.prompt_easing, "prompt_easing", EASINGS)
+        if not isinstance(self.sampling, Sampling):
+            raise TypeError(f"`sampling` must be a latentlab.Sampling, got {type(self.sampling).__name__}")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                _checks.positive_int(getattr(self, name), name)
+        _checks.choice(self.pacing, "pacing", PACINGS)
+        _checks.positive_int(self.pacing_samples, "pacing_samples", minimum=2)
+        if self.pacing_steps is not None:
+            _checks.positive_int(self.pacing_steps, "pacing_steps")
+
+    def resolved(self) -> tuple[list[str], list[int]]:
+        """Prompts and seeds of every keyframe after carrying missing values forward."""
+        prompts, seeds = [], []
+        prompt, seed = None, 0
+        for k in self.keyframes:
+            prompt = k.prompt if k.prompt is not None else prompt
+            seed = k.seed if k.seed is not None else seed
+            prompts.append(prompt)
+            seeds.append(seed)
+        return prompts, seeds
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MorphSettings:
+        """The inverse of :meth:`to_dict` (unknown keys are an error)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"`settings` must be a dict, got {type(d).__name__}")
+        d = dict(d)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"`settings` has unknown key(s) {sorted(unknown)}")
+        if not isinstance(d.get("keyframes"), (list, tuple)):
+            raise ValueError("`settings.keyframes` must be a list of keyframes")
+        d["keyframes"] = tuple(Keyframe(**k) for k in d["keyframes"])
+        d["sampling"] = Sampling.from_dict(d.get("sampling") or {})
+        return cls(**d)
+
+
+def frames_for_duration(seconds: float, fps: float) -> int:
+    """Exact frame count for a duration: ``round(seconds * fps)``; a duration shorter than two frames is refused.
+
+    >>> frames_for_duration(4, 12)
+    48
+    """
+    seconds = _checks.real(seconds, "seconds", low=0.0, low_inclusive=False)
+    fps = _checks.real(fps, "fps", low=0.0, high=240.0, low_inclusive=False)
+    n = round(seconds * fps)
+    if n < 2:
+        raise ValueError(f"`seconds` {seconds:g} at {fps:g} fps gives {n} frame(s); a morph needs at least 2")
+    if not math.isfinite(n) or n > MAX_FRAMES:
+        raise ValueError(f"`seconds` {seconds:g} at {fps:g} fps gives {n:,} frames, more than {MAX_FRAMES:,}")
+    return n
