@@ -9,7 +9,7 @@ notebook packages are imported by the modules that own them, when first used.
 torch.Size([1, 4, 8, 8])
 """
 
-from latentlab._version import __version__
+from latentlab._version import __version__ as __version__
 from latentlab.backend import Backend, Conditioning, Inversion, Lab
 from latentlab.clip import CLIP
 from latentlab.ops import (
@@ -27,12 +27,11 @@ from latentlab.paths import EASINGS, Schedule, circular_walk, ease, keyframe_pat
 from latentlab.sampling import Sampling
 from latentlab.seeds import noise, variation_noise
 
-
 __all__ = [
-    "Backend",
     "CLIP",
-    "Conditioning",
     "EASINGS",
+    "Backend",
+    "Conditioning",
     "Inversion",
     "Lab",
     "Sampling",

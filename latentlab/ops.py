@@ -26,15 +26,15 @@ from latentlab import _checks
 from latentlab._tensors import compute_dtype, flat, unit
 
 __all__ = [
-    "lerp",
-    "slerp",
-    "blend",
-    "grid",
-    "analogy",
     "add_direction",
+    "analogy",
+    "blend",
     "expected_norm",
+    "grid",
+    "lerp",
     "norm_zscore",
     "renormalize",
+    "slerp",
 ]
 
 #: Angles (radians) below this count as parallel (slerp falls back to lerp); within this of pi, as antipodal.

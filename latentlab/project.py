@@ -29,7 +29,7 @@ def _as_2d(x, name: str = "X") -> tuple[torch.Tensor, tuple[int, ...]]:
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(x)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise TypeError(f"`{name}` must be a tensor or array of shape (n_samples, ...), got {type(x).__name__}") from e
     if x.ndim < 2:
         raise ValueError(f"`{name}` must have shape (n_samples, ...), got {tuple(x.shape)}")

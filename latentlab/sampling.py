@@ -69,7 +69,8 @@ class Sampling:
     negative_prompt : str, optional
         The text of the unconditional branch ("" is the usual empty prompt).
     scheduler : str, optional
-        A diffusers scheduler class name from ``SCHEDULERS``, built from the model's own scheduler config.
+        A diffusers scheduler class name (``SCHEDULERS`` lists those tested with SD pipelines), built from the
+        model's own scheduler config by the backend.
     """
 
     num_inference_steps: int | None = None
@@ -87,8 +88,10 @@ class Sampling:
             object.__setattr__(self, "guidance_scale", g)
         if self.negative_prompt is not None:
             check_prompt(self.negative_prompt, "negative_prompt")
-        if self.scheduler is not None:
-            _checks.choice(self.scheduler, "scheduler", SCHEDULERS)
+        if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler.isidentifier()
+                                           or not self.scheduler.endswith("Scheduler")):
+            raise ValueError(f"`scheduler` must be a diffusers scheduler class name such as {SCHEDULERS[0]!r}, "
+                             f"got {self.scheduler!r}")
 
     @property
     def complete(self) -> bool:

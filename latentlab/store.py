@@ -29,7 +29,7 @@ import torch
 from latentlab import _checks
 from latentlab._files import partial_path
 
-__all__ = ["save", "load", "versions", "PROVENANCE_KEY"]
+__all__ = ["PROVENANCE_KEY", "load", "save", "versions"]
 
 PROVENANCE_KEY = "latentlab.provenance"
 
@@ -97,7 +97,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tupl
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
         provenance = json.loads(meta.get(PROVENANCE_KEY, "{}"))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise ValueError(f"{path} is not a readable safetensors file (truncated or another format?): "

@@ -12,6 +12,7 @@ gif: ffmpeg's palettegen/paletteuse (one palette for the whole clip), looping fo
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from latentlab._files import check_output, partial_path
 
 __all__ = ["FORMATS", "IMAGE_FORMATS", "VideoWriter", "image_grid", "read_image", "read_video", "write_image",
            "write_video"]
+
+log = logging.getLogger(__name__)
 
 FORMATS = (".mp4", ".gif")
 IMAGE_FORMATS = (".png", ".jpg", ".jpeg", ".webp")
@@ -130,12 +133,12 @@ class VideoWriter:
         if self._gen is not None:
             try:
                 self._gen.close()
-            except Exception:  # noqa: BLE001 - ffmpeg may already be gone; we only clean up
-                pass
+            except Exception as e:  # noqa: BLE001 - ffmpeg may already be gone; we only clean up
+                log.debug("ffmpeg did not close cleanly while aborting: %s", e)
             self._gen = None
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> VideoWriter:
+    def __enter__(self) -> VideoWriter:  # noqa: PYI034 - a final class; Self needs Python 3.11 typing only
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

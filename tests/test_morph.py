@@ -1,4 +1,5 @@
-"""Morph rendering on a tiny pipeline: exact frames, manifest, single-frame re-render, CLI errors."""
+"""Morph rendering: plan, pacing, manifest, resume and cache on a fake backend (no diffusers); CLI, memory and
+image keyframes on a tiny real pipeline and the embedded model."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import warnings
 
 import pytest
 import torch
+from fakes import FakeBackend
 
 from latentlab import cli
 from latentlab.morph import Keyframe, MorphSettings, manifest_path, plan, render_frame, render_morph
+from latentlab.sampling import Sampling
 from latentlab.video import read_video
 
 
@@ -20,12 +23,17 @@ def _settings(**kw):
     return MorphSettings(**base)
 
 
-def test_plan_paths_are_independent_and_hit_keyframes(tiny_lab):
+@pytest.fixture()
+def fake():
+    return FakeBackend()
+
+
+def test_plan_paths_are_independent_and_hit_keyframes(fake):
     s = _settings(prompt_interpolation="slerp", noise_easing="smoothstep")
-    p = plan(tiny_lab, s)
-    assert p.latents.shape == (9, 4, 8, 8) and len(p.conditioning) == 9
-    assert torch.equal(p.latents[0], tiny_lab.noise(1)[0]) and torch.equal(p.latents[8], tiny_lab.noise(3)[0])
-    cond = tiny_lab.encode_prompt(["a red star", "a blue ring"])
+    p = plan(fake, s)
+    assert p.latents.shape == (9, 4, 4, 4) and len(p.conditioning) == 9
+    assert torch.equal(p.latents[0], fake.noise(1)[0]) and torch.equal(p.latents[8], fake.noise(3)[0])
+    cond = fake.encode_prompt(["a red star", "a blue ring"])
     torch.testing.assert_close(p.conditioning.prompt_embeds[0], cond.prompt_embeds[0])
     torch.testing.assert_close(p.conditioning.prompt_embeds[4], cond.prompt_embeds[1])
     torch.testing.assert_close(p.conditioning.prompt_embeds[8], cond.prompt_embeds[1])  # prompt carried over
@@ -33,21 +41,34 @@ def test_plan_paths_are_independent_and_hit_keyframes(tiny_lab):
     assert [f["prompt_t"] for f in p.frames][:3] == [0.0, 0.25, 0.5]
 
 
-def test_render_writes_video_and_manifest_that_recreates_frames(tiny_lab, tmp_path):
-    out = render_morph(tiny_lab, _settings(), tmp_path / "m.mp4", batch_size=4, progress=False, upscale=2)
-    frames, info = read_video(out)
-    assert frames.shape == (9, 32, 32, 3)
+def test_render_writes_video_and_manifest_that_recreates_frames(fake, tmp_path):
+    out = render_morph(fake, _settings(sampling=Sampling(guidance_scale=3.0)), tmp_path / "m.mp4", progress=False,
+                       upscale=2)
+    frames, _ = read_video(out)
+    assert frames.shape == (9, 16, 16, 3)
     man = json.loads(manifest_path(out).read_text())
-    assert man["model"] == tiny_lab.model_id and len(man["frames"]) == 9
+    assert man["model"] == fake.model_id and len(man["frames"]) == 9 and man["manifest_version"] == 2
     assert man["resolved_keyframes"][2] == {"prompt": "a blue ring", "seed": 3}
-    assert man["scheduler"]["class"] == "DDIMScheduler"
-    assert {"latentlab", "torch", "diffusers", "transformers"} <= set(man["versions"])
-    p = plan(tiny_lab, _settings())
-    batch = tiny_lab.generate(p.latents[4:8], p.conditioning[4:8])
-    again = render_frame(tiny_lab, manifest_path(out), 5)
-    torch.testing.assert_close(again, batch[1:2], rtol=0, atol=1e-5)
+    # The complete sampling settings the backend resolved, and its provenance (compute batch included).
+    assert man["sampling"] == {"num_inference_steps": 4, "guidance_scale": 3.0, "negative_prompt": "",
+                               "scheduler": "DDIMScheduler"}
+    assert man["backend"]["compute_batch"] == 4
+    assert {"latentlab", "torch"} <= set(man["versions"])
+    p = plan(fake, _settings())
+    lat, cond = p.inputs(5, 6)
+    again = render_frame(fake, manifest_path(out), 5)
+    assert torch.equal(again, fake.generate(lat, cond, guidance_scale=3.0))
     with pytest.raises(ValueError, match=r"`index` must be < 9"):
-        render_frame(tiny_lab, manifest_path(out), 9)
+        render_frame(fake, manifest_path(out), 9)
+
+
+def test_render_calls_the_denoiser_once_per_compute_batch(fake, tmp_path):
+    render_morph(fake, _settings(n_frames=10), tmp_path / "a.gif", progress=False)
+    assert fake.calls == [4, 4, 4]  # 10 frames at the backend's compute batch 4
+    fake.calls.clear()
+    render_morph(fake, _settings(n_frames=10), tmp_path / "b.gif", batch_size=5, progress=False)
+    assert fake.calls == [5, 5]
+    assert json.loads(manifest_path(tmp_path / "b.gif").read_text())["backend"]["compute_batch"] == 5
 
 
 def test_settings_errors():
@@ -57,8 +78,10 @@ def test_settings_errors():
         MorphSettings(keyframes=(Keyframe("x"),))
     with pytest.raises(ValueError, match=r"`noise_interpolation` must be one of"):
         _settings(noise_interpolation="cubic")
-    round_trip = MorphSettings.from_dict(_settings().to_dict())
-    assert round_trip == _settings()
+    with pytest.raises(ValueError, match=r"`n_frames` must be <= 1,000,000, got 100,000,000 \(its plan alone"):
+        _settings(n_frames=100_000_000)
+    round_trip = MorphSettings.from_dict(_settings(sampling=Sampling(7, 2.5, "x")).to_dict())
+    assert round_trip == _settings(sampling=Sampling(7, 2.5, "x"))
 
 
 def test_cli_refuses_bad_input_before_loading_a_model(tmp_path, capsys, monkeypatch):
@@ -69,7 +92,7 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path, capsys, monkeypa
     existing = tmp_path / "m.mp4"
     existing.write_bytes(b"mine")
     assert cli.main(["morph", "a", "b", "-o", str(existing)]) == cli.EXIT_USAGE
-    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert "exists; pass overwrite=True (CLI: --overwrite)" in capsys.readouterr().err
     assert cli.main(["morph", "a", "b", "-o", str(tmp_path / "m.avi")]) == cli.EXIT_USAGE
     assert cli.main(["morph", "a", "-o", str(tmp_path / "x.mp4")]) == cli.EXIT_USAGE
     assert "needs two keyframes" in capsys.readouterr().err
@@ -87,13 +110,13 @@ def test_cli_renders_with_a_model_folder(tiny_sd_path, tmp_path):
     assert json.loads(manifest_path(out).read_text())["settings"]["loop"] is True
 
 
-def test_killed_render_resumes_with_identical_frames(tiny_lab, tmp_path, monkeypatch):
+def test_killed_render_resumes_with_identical_frames(fake, tmp_path, monkeypatch):
     from latentlab.morph import cache_dir
 
     s = _settings(n_frames=10)
-    clean = render_morph(tiny_lab, s, tmp_path / "clean.mp4", batch_size=4, progress=False)
+    clean = render_morph(fake, s, tmp_path / "clean.mp4", progress=False)
     out = tmp_path / "m.mp4"
-    calls, original = [], tiny_lab.generate
+    calls, original = [], fake.generate
 
     def dies_on_third_batch(*a, **k):
         calls.append(1)
@@ -101,41 +124,87 @@ def test_killed_render_resumes_with_identical_frames(tiny_lab, tmp_path, monkeyp
             raise KeyboardInterrupt("killed")
         return original(*a, **k)
 
-    monkeypatch.setattr(tiny_lab, "generate", dies_on_third_batch)
+    monkeypatch.setattr(fake, "generate", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        render_morph(tiny_lab, s, out, batch_size=4, progress=False)
+        render_morph(fake, s, out, progress=False)
     assert not out.exists() and not manifest_path(out).exists()  # no half-written video
     assert len(list(cache_dir(out).glob("*.safetensors"))) == 8  # two finished batches kept
-    monkeypatch.setattr(tiny_lab, "generate", original)
-    generated = []
-    monkeypatch.setattr(tiny_lab, "generate", lambda lat, *a, **k: generated.append(len(lat)) or original(lat, *a, **k))
-    render_morph(tiny_lab, s, out, batch_size=4, progress=False)
-    assert generated == [2]  # only the missing frames
+    assert not list(tmp_path.glob(".*.lock"))  # the lock is released
+    monkeypatch.setattr(fake, "generate", original)
+    fake.generated.clear()
+    render_morph(fake, s, out, progress=False)
+    assert fake.generated == [2]  # only the missing frames
     assert json.loads(manifest_path(out).read_text())["frames_reused_from_cache"] == 8
     np = pytest.importorskip("numpy")
     assert np.array_equal(read_video(out)[0], read_video(clean)[0])
     assert not cache_dir(out).exists()  # removed after success
 
 
-def test_cache_keys_change_with_anything_that_changes_a_frame(tiny_lab):
+def test_damaged_cache_entries_are_rendered_again_and_reported(fake, tmp_path, monkeypatch):
+    from latentlab.morph import cache_dir
+
+    s = _settings(n_frames=8)
+    clean = render_morph(fake, s, tmp_path / "clean.mp4", progress=False)
+    out = tmp_path / "m.mp4"
+    render_morph(fake, s, tmp_path / "seed.mp4", progress=False, keep_cache=True)
+    cache = cache_dir(tmp_path / "seed.mp4")
+    cache.rename(cache_dir(out))
+    files = sorted(cache_dir(out).glob("*.safetensors"))
+    files[0].write_bytes(files[0].read_bytes()[:40])  # truncated
+    files[1].write_bytes(b"not a safetensors file at all")
+    fake.generated.clear()
+    with pytest.warns(RuntimeWarning, match=r"2 damaged frame\(s\) in the cache .* were rendered again"):
+        render_morph(fake, s, out, progress=False)
+    assert sum(fake.generated) == 2  # only the damaged frames were rendered again
+    man = json.loads(manifest_path(out).read_text())
+    assert man["damaged_cache_frames"] == 2 and man["frames_reused_from_cache"] == 6
+    np = pytest.importorskip("numpy")
+    assert np.array_equal(read_video(out)[0], read_video(clean)[0])
+
+
+def test_a_second_render_to_the_same_output_is_refused_while_the_first_runs(fake, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from latentlab.morph import RenderLocked
+
+    out = tmp_path / "m.mp4"
+    # Another live process holds the lock.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".m.mp4.lock").write_text(str(holder.pid))
+        with pytest.raises(RenderLocked, match=rf"another render \(process {holder.pid}\) is writing"):
+            render_morph(fake, _settings(), out, progress=False)
+        assert not out.exists() and not manifest_path(out).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # A lock left by a process that is gone is taken over.
+    render_morph(fake, _settings(), out, progress=False)
+    assert out.exists() and not (tmp_path / ".m.mp4.lock").exists()
+    assert os.getpid()
+
+
+def test_cache_keys_change_with_anything_that_changes_a_frame(fake):
     from latentlab.morph import frame_key
 
-    p = plan(tiny_lab, _settings())
+    p = plan(fake, _settings())
     lat, cond = p.inputs(0, 2)
-    kw = dict(negative_prompt=None, num_inference_steps=3, guidance_scale=3.0)
-    base = frame_key(tiny_lab, lat[:1], cond[0], **kw)
-    assert base == frame_key(tiny_lab, lat[:1].clone(), cond[0], **kw)
-    assert base != frame_key(tiny_lab, lat[1:2], cond[0], **kw)
-    assert base != frame_key(tiny_lab, lat[:1], cond[1], **kw)
-    assert base != frame_key(tiny_lab, lat[:1], cond[0], **{**kw, "num_inference_steps": 4})
-    assert base != frame_key(tiny_lab, lat[:1], cond[0], **{**kw, "negative_prompt": "blurry"})
-    with torch.no_grad():
-        next(tiny_lab.pipe.unet.parameters()).view(-1)[0] += 1.0  # "retrained" model
-    tiny_lab._fingerprint = None
-    assert base != frame_key(tiny_lab, lat[:1], cond[0], **kw)
+    s = fake.sampling()
+    base = frame_key(fake, lat[:1], cond[0], s)
+    assert base == frame_key(fake, lat[:1].clone(), cond[0], s)
+    assert base != frame_key(fake, lat[1:2], cond[0], s)
+    assert base != frame_key(fake, lat[:1], cond[1], s)
+    assert base != frame_key(fake, lat[:1], cond[0], s.replace(num_inference_steps=5))
+    assert base != frame_key(fake, lat[:1], cond[0], s.replace(negative_prompt="blurry"))
+    assert base != frame_key(fake, lat[:1], cond[0], s.replace(scheduler="EulerAncestralDiscreteScheduler"))
+    assert base != frame_key(fake, lat[:1], cond[0], s, batch_size=16)  # the compute batch is part of the key
+    fake.weight = 2.0  # "retrained" model: another fingerprint
+    assert base != frame_key(fake, lat[:1], cond[0], s)
 
 
-def test_even_pacing_spreads_change_evenly_and_keeps_keyframes(tiny_lab, tmp_path):
+def test_even_pacing_spreads_change_evenly_and_keeps_keyframes(fake, tmp_path):
     from latentlab.morph import pixel_distance
 
     kf = (Keyframe("a red star", 1), Keyframe("a blue ring", 2))
@@ -143,9 +212,9 @@ def test_even_pacing_spreads_change_evenly_and_keeps_keyframes(tiny_lab, tmp_pat
     paced = _settings(keyframes=kf, n_frames=13, pacing="even", pacing_samples=12, pacing_steps=3)
 
     def spread(settings):
-        p = plan(tiny_lab, settings)
+        p = plan(fake, settings)
         lat, cond = p.inputs(0, settings.n_frames)
-        img = tiny_lab.generate(lat, cond)
+        img = fake.generate(lat, cond)
         d = pixel_distance(img[:-1], img[1:])
         return (d.std() / d.mean()).item(), p
 
@@ -154,13 +223,13 @@ def test_even_pacing_spreads_change_evenly_and_keeps_keyframes(tiny_lab, tmp_pat
     assert cv_paced < cv_plain
     assert p.frames[0]["noise_t"] == 0.0 and p.frames[-1]["noise_t"] == 1.0
     ts = [f["noise_t"] for f in p.frames]
-    assert ts == sorted(ts) and ts != [f["noise_t"] for f in plan(tiny_lab, plain).frames]
+    assert ts == sorted(ts) and ts != [f["noise_t"] for f in plan(fake, plain).frames]
     # A paced render's manifest re-creates a frame without re-running the previews.
-    out = render_morph(tiny_lab, paced, tmp_path / "p.gif", progress=False)
+    out = render_morph(fake, paced, tmp_path / "p.gif", progress=False)
     man = json.loads(manifest_path(out).read_text())
     assert man["pacing_distance"] == "pixel_distance"
     lat, cond = p.inputs(6, 7)
-    torch.testing.assert_close(render_frame(tiny_lab, manifest_path(out), 6), tiny_lab.generate(lat, cond))
+    torch.testing.assert_close(render_frame(fake, manifest_path(out), 6), fake.generate(lat, cond))
 
 
 def test_cli_walk_grid_and_frame(tiny_sd_path, tmp_path, capsys):
@@ -199,7 +268,7 @@ def test_cli_walk_grid_and_frame(tiny_sd_path, tmp_path, capsys):
     assert "INDEX must be in [0, 6), got 6" in capsys.readouterr().err
     assert cli.main(["frame", str(tmp_path / "nope.json"), "0"]) == cli.EXIT_USAGE
     assert cli.main(["grid", "a", "-o", str(grid)]) == cli.EXIT_USAGE
-    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert "exists; pass overwrite=True (CLI: --overwrite)" in capsys.readouterr().err
 
 
 _MEMORY_SCRIPT = """
@@ -207,10 +276,11 @@ import resource, sys, tempfile, pathlib, torch
 torch.set_num_threads(1)
 from latentlab.backend import Lab
 from latentlab.morph import Keyframe, MorphSettings, render_morph
+from latentlab.sampling import Sampling
 lab = Lab.from_pretrained(sys.argv[1], device="cpu")
 n = int(sys.argv[2])
 s = MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe("a blue ring", 2), Keyframe(None, 3)), n_frames=n,
-                  num_inference_steps=1, guidance_scale=1.0)
+                  sampling=Sampling(num_inference_steps=1, guidance_scale=1.0))
 render_morph(lab, s, pathlib.Path(tempfile.mkdtemp()) / "long.mp4", batch_size=16, progress=False, upscale=8)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
@@ -241,7 +311,7 @@ def test_image_keyframe_is_inverted_and_the_morph_starts_at_the_image(tmp_path):
     img_path = write_image(tmp_path / "ring.png", b.images[0])
     s = MorphSettings(keyframes=(Keyframe("a large red ring on a white background", image=str(img_path)),
                                  Keyframe("a large blue star on a white background", 4)),
-                      n_frames=4, num_inference_steps=10)
+                      n_frames=4, sampling=Sampling(num_inference_steps=10))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a faithful inversion: no warning
         out = render_morph(lab, s, tmp_path / "m.mp4", progress=False)
@@ -252,8 +322,24 @@ def test_image_keyframe_is_inverted_and_the_morph_starts_at_the_image(tmp_path):
     psnr = 10 * torch.log10(1 / (first - b.images).pow(2).mean())
     assert psnr > 18, float(psnr)  # the morph starts at (an approximation of) the image
     # Strong guidance makes DDIM inversion drift: the user is told, with the measured PSNR.
-    strong = dataclasses.replace(s, guidance_scale=12.0, n_frames=2)
+    strong = dataclasses.replace(s, sampling=Sampling(num_inference_steps=10, guidance_scale=12.0), n_frames=2)
     with pytest.warns(RuntimeWarning, match=r"reproduces it at only \d+\.\d dB \(guidance_scale=12"):
         render_morph(lab, strong, tmp_path / "strong.mp4", progress=False)
     with pytest.raises(FileNotFoundError, match=r"`keyframes\[1\].image` does not exist"):
         MorphSettings(keyframes=(Keyframe("a"), Keyframe("b", image=str(tmp_path / "missing.png"))))
+
+
+def test_cli_batch_size_does_no_more_unet_work_than_the_frames_need(tiny_lab, tmp_path, monkeypatch):
+    """--batch-size 4 on 10 frames: 3 UNet calls per step of 4 items each (the last padded from 2), not calls
+    padded to 16 (v1 did 4x the work)."""
+    items = []
+    handle = tiny_lab.pipe.unet.register_forward_hook(lambda m, a, o: items.append(a[0].shape[0]))
+    monkeypatch.setattr(cli, "_load_lab", lambda model: tiny_lab)
+    try:
+        assert cli.main(["morph", "a red star", "a blue ring", "--frames", "10", "--steps", "2", "--guidance", "1",
+                         "--batch-size", "4", "--model", "unused", "-o", str(tmp_path / "m.gif")]) == 0
+    finally:
+        handle.remove()
+    assert items == [4] * (3 * 2)
+    man = json.loads(manifest_path(tmp_path / "m.gif").read_text())
+    assert man["backend"]["compute_batch"] == 4 and man["sampling"]["guidance_scale"] == 1.0

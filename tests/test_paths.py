@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -41,7 +42,7 @@ def test_easing_monotone_with_exact_endpoints(easing, ts):
     ts = sorted(ts)
     vals = [ll.ease(t, easing) for t in ts]
     assert all(0.0 <= v <= 1.0 for v in vals)
-    assert all(v1 >= v0 - 1e-15 for v0, v1 in zip(vals, vals[1:]))
+    assert all(v1 >= v0 - 1e-15 for v0, v1 in itertools.pairwise(vals))
     tensor_vals = ll.ease(torch.tensor(ts, dtype=torch.float64), easing)
     torch.testing.assert_close(tensor_vals, torch.tensor(vals, dtype=torch.float64))
 

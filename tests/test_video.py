@@ -50,10 +50,9 @@ def test_never_overwrites_and_failed_writes_leave_nothing(tmp_path):
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         VideoWriter(out, fps=12)
     assert out.read_bytes() == b"user data"
-    with pytest.raises(RuntimeError, match="boom"):
-        with VideoWriter(out, fps=12, overwrite=True) as w:
-            w.append(_frames(3))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), VideoWriter(out, fps=12, overwrite=True) as w:
+        w.append(_frames(3))
+        raise RuntimeError("boom")
     assert out.read_bytes() == b"user data"  # the old file is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["keep.mp4"]  # no partial file left behind
     write_video(out, _frames(3), fps=12, overwrite=True)

@@ -180,13 +180,21 @@ class Lab:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         kwargs.setdefault("use_safetensors", True)
+        verbosity = diffusers.utils.logging.get_verbosity()
+        diffusers.utils.logging.set_verbosity_error()  # failures are reported once, below, not as log lines too
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(str(local if looks_local else model_id_or_path),
                                                                dtype=dtype, **kwargs)
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"could not load `model_id_or_path` {str(model_id_or_path)!r}: "
-                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (offline? a hub id "
-                                    "needs the network the first time; a folder needs safetensors weights)") from e
+            text = " ".join(str(e).split())
+            if "cached" in text or "offline" in text.lower() or "connect" in text.lower():
+                why = ("it is not in the local Hugging Face cache and the hub cannot be reached (offline?): download "
+                       "it where there is network access, or pass a local folder")
+            else:
+                why = text[:300]
+            raise FileNotFoundError(f"could not load `model_id_or_path` {str(model_id_or_path)!r}: {why}") from e
+        finally:
+            diffusers.utils.logging.set_verbosity(verbosity)
         supported = (diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline)
         if not isinstance(pipe, supported):
             raise TypeError(

@@ -55,14 +55,12 @@ def _variant(name: str, n_frames: int, batch: int | None, out_dir: Path) -> dict
         w.send(None)
         for i in range(n_frames):
             img = pipe(prompt_embeds=cond.prompt_embeds[i : i + 1], negative_prompt_embeds=neg.prompt_embeds,
-                       latents=lat[i : i + 1], num_inference_steps=lab.num_inference_steps,
-                       guidance_scale=lab.guidance_scale, output_type="np").images[0]
+                       latents=lat[i : i + 1], num_inference_steps=lab.defaults.num_inference_steps,
+                       guidance_scale=lab.defaults.guidance_scale, output_type="np").images[0]
             w.send(np.ascontiguousarray((img * 255).round().astype("uint8")))
         w.close()
     else:
-        lab.batch_size = batch
-        render_morph(lab, settings, out_dir / f"latentlab-{batch}.mp4", batch_size=max(16, batch or 16),
-                     progress=False)
+        render_morph(lab, settings, out_dir / f"latentlab-{batch}.mp4", batch_size=batch, progress=False)
     seconds = time.perf_counter() - t0
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"variant": name, "batch": batch, "frames": n_frames, "seconds": seconds, "fps": n_frames / seconds,
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results.append(json.loads(out))
             r = results[-1]
-            print(f"{name:>15} batch={str(batch):>4}: {r['fps']:7.2f} frames/s  ({r['seconds']:.1f} s)  "
+            print(f"{name:>15} batch={batch!s:>4}: {r['fps']:7.2f} frames/s  ({r['seconds']:.1f} s)  "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     base = results[0]["fps"]
     print(f"\nratio to the per-frame diffusers loop ({args.frames} frames, {args.threads} threads):")
@@ -106,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         import torch
 
-        lines = [f"\n### Morph render, {args.frames} frames, embedded model, {args.threads} CPU threads "
-                 f"({platform.processor() or platform.machine()}, torch {torch.__version__})\n",
+        lines = [(f"\n### Morph render, {args.frames} frames, embedded model, {args.threads} CPU threads "
+                  f"({platform.processor() or platform.machine()}, torch {torch.__version__})\n"),
                  "| variant | compute batch | frames/s | ratio | peak RSS (MiB) |", "| --- | --- | --- | --- | --- |"]
         for r in results:
             lines.append(f"| {r['variant']} | {r['batch'] or 1} | {r['fps']:.2f} | {r['fps'] / base:.2f}x | "

@@ -67,16 +67,16 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.sizes:
         x, labels = _data(n, args.dim, args.clusters)
         xn = x.numpy()
-        sk, t_sk = _timed(lambda: SkPCA(50, svd_solver="randomized", random_state=0).fit_transform(xn))
-        ours, t_ours = _timed(lambda: PCA(50, svd_solver="randomized", random_state=0).fit_transform(x))
+        sk, t_sk = _timed(lambda xn=xn: SkPCA(50, svd_solver="randomized", random_state=0).fit_transform(xn))
+        ours, t_ours = _timed(lambda x=x: PCA(50, svd_solver="randomized", random_state=0).fit_transform(x))
         agree = float(np.abs(np.corrcoef(sk[:, 0], ours[:, 0].numpy())[0, 1]))
         rows.append((n, "PCA-50 scikit-learn (randomized)", t_sk, 1.0, None, None, ""))
         rows.append((n, "PCA-50 latentlab (torch)", t_ours, t_sk / t_ours, None, None, f"corr(PC1) = ±{agree:.4f}"))
         print(f"n={n}: sklearn PCA {t_sk:.2f} s, torch PCA {t_ours:.2f} s -> {t_sk / t_ours:.2f}x", flush=True)
-        with_pca, t_with = _timed(lambda: UMAP(pca_components=50, random_state=0).fit_transform(x))
+        with_pca, t_with = _timed(lambda x=x: UMAP(pca_components=50, random_state=0).fit_transform(x))
         tw_with, knn_with = _quality(x, with_pca, labels)
         if n <= args.skip_umap_above:
-            raw, t_raw = _timed(lambda: UMAP(pca_components=None, random_state=0).fit_transform(x))
+            raw, t_raw = _timed(lambda x=x: UMAP(pca_components=None, random_state=0).fit_transform(x))
             tw_raw, knn_raw = _quality(x, raw, labels)
             rows.append((n, "UMAP on raw data", t_raw, 1.0, tw_raw, knn_raw, ""))
             rows.append((n, "UMAP after PCA-50", t_with, t_raw / t_with, tw_with, knn_with, ""))
@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((n, "UMAP after PCA-50", t_with, None, tw_with, knn_with, "raw-data UMAP skipped"))
             print(f"n={n}: UMAP with PCA-50 {t_with:.1f} s (trust {tw_with:.3f}); raw skipped", flush=True)
     if args.markdown:
-        lines = [f"\n### Projections: {args.dim}-d Gaussian mixture ({args.clusters} clusters), {args.threads} CPU "
-                 f"threads, torch {torch.__version__}\n",
+        lines = [(f"\n### Projections: {args.dim}-d Gaussian mixture ({args.clusters} clusters), {args.threads} CPU "
+                  f"threads, torch {torch.__version__}\n"),
                  "| points | method | seconds | speed-up vs baseline | trustworthiness | k-NN acc. | note |",
                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for n, m, t, r, tw, knn, note in rows:
-            fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+            fmt = lambda v, f: "–" if v is None else format(v, f)
             lines.append(f"| {n:,} | {m} | {t:.2f} | {fmt(r, '.2f')}x | {fmt(tw, '.3f')} | {fmt(knn, '.3f')} | {note} |")
         with args.markdown.open("a") as f:
             f.write("\n".join(lines) + "\n")

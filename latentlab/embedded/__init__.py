@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["model_path", "clip_path", "is_available"]
+__all__ = ["clip_path", "is_available", "model_path"]
 
 _MODEL = Path(__file__).resolve().parent / "model"
 

@@ -64,7 +64,8 @@ def build_tokenizer(bpe_gz: Path, out: Path) -> None:
     """Write vocab.json + merges.txt + tokenizer configs for ``CLIPTokenizer.from_pretrained(out)``."""
     from transformers import CLIPTokenizer
 
-    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    with gzip.open(bpe_gz) as f:
+        merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
     vocab += ["".join(m.split()) for m in merges]

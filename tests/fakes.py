@@ -1,0 +1,97 @@
+"""A small fake backend: implements latentlab.backend.Backend with cheap, deterministic per-item maths, and
+records every denoiser call, so the layers above the backend (plan, pacing, render, manifest, resume, widgets)
+are tested without diffusers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from latentlab.backend import Conditioning, Inversion
+from latentlab.sampling import Sampling
+from latentlab.seeds import noise as seeded_noise
+
+
+class FakeBackend:
+    """Images are a smooth function of each item's latent and conditioning (so interpolations change them
+    gradually); nothing depends on other items of a batch."""
+
+    model_id = "fake/backend"
+
+    def __init__(self, *, latent_size: int = 4, factor: int = 2, compute_batch: int = 4, weight: float = 1.0):
+        self.defaults = Sampling(num_inference_steps=4, guidance_scale=2.0, negative_prompt="",
+                                 scheduler="DDIMScheduler")
+        self.latent_size, self.factor, self._compute, self.weight = latent_size, factor, compute_batch, weight
+        self.calls: list[int] = []  # items per denoiser call
+        self.generated: list[int] = []  # items per generate() request
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.factor
+
+    def sampling(self, sampling=None, **overrides) -> Sampling:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return Sampling(**given).over(sampling or Sampling()).over(self.defaults)
+
+    def compute_batch(self, batch_size=None) -> int:
+        return batch_size or self._compute
+
+    def provenance(self, batch_size=None) -> dict:
+        return {"model": self.model_id, "model_fingerprint": hashlib.sha256(str(self.weight).encode()).hexdigest()[:16],
+                "scheduler_config": {}, "compute_batch": self.compute_batch(batch_size), "batch_invariant": True,
+                "device": "cpu", "dtype": "torch.float32"}
+
+    def latent_shape(self, *, height=None, width=None):
+        h = (height or self.latent_size * self.factor) // self.factor
+        w = (width or self.latent_size * self.factor) // self.factor
+        return (4, h, w)
+
+    def noise(self, seed, *, height=None, width=None):
+        n = len(seed) if isinstance(seed, (list, tuple)) else 1
+        return seeded_noise(seed, (n, *self.latent_shape(height=height, width=width)))
+
+    def encode_prompt(self, prompt):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        rows = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(int(hashlib.sha256(p.encode()).hexdigest()[:8], 16))
+            rows.append(torch.randn(1, 3, 8, generator=g))
+        return Conditioning(torch.cat(rows))
+
+    def _images(self, latents, cond, s: Sampling):
+        colour = torch.tanh(cond.prompt_embeds.mean(1)[:, :3]) * s.guidance_scale / 4  # (n, 3)
+        x = latents[:, :3] * 0.3 * self.weight + colour[:, :, None, None] + 0.01 * s.num_inference_steps
+        x = torch.nn.functional.interpolate(x, scale_factor=self.factor, mode="nearest")
+        return torch.sigmoid(x)
+
+    def generate(self, latents, conditioning, *, sampling=None, batch_size=None, output_type="pt", **overrides):
+        s = self.sampling(sampling, **overrides)
+        n = len(latents)
+        if len(conditioning) == 1 and n > 1:
+            conditioning = conditioning.map(lambda t: t.expand(n, *t.shape[1:]))
+        size = self.compute_batch(batch_size)
+        self.generated.append(n)
+        outs = []
+        for i in range(0, n, size):
+            self.calls.append(size)
+            outs.append(self._images(latents[i : i + size], conditioning[i : i + size], s))
+        images = torch.cat(outs)
+        return latents.clone() if output_type == "latent" else images
+
+    def decode(self, latents, *, batch_size=None):
+        return self._images(latents, self.encode_prompt([""] * len(latents)), self.defaults)
+
+    def encode(self, images, *, batch_size=None):
+        x = torch.nn.functional.avg_pool2d(images, self.factor)
+        return torch.cat([x, x.mean(1, keepdim=True)], dim=1)
+
+    def invert(self, latents, conditioning, *, sampling=None, batch_size=None, **overrides):
+        images = self.decode(latents)
+        return Inversion(noise=latents.clone(), reconstruction=latents.clone(), images=images,
+                         latent_rmse=torch.zeros(len(latents)), psnr=torch.full((len(latents),), 40.0))
+
+
+def manifest(path) -> dict:
+    return json.loads(path.read_text())
