@@ -253,6 +253,63 @@ def move(x: torch.Tensor, direction: torch.Tensor, k: float | torch.Tensor, *, r
     return out
 
 
+# --- inverse projections: a point on a 2-D map -> something to generate -------------------------------------------
+
+
+def knn_weights(coords, point, *, k: int = 8, power: float = 2.0, eps: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` map items nearest to ``point`` and inverse-distance weights for them (``1 / d**power``, summing
+    to 1). A point on top of an item gets all of that item's weight. Works for any map (PCA, UMAP, ...): blend the
+    items' noise with :func:`latentlab.ops.blend` and their prompt embeddings linearly with these weights.
+
+    Returns ``(indices, weights)``, both of length ``min(k, n)``, nearest first.
+
+    >>> idx, w = knn_weights(torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]]), (0.25, 0.0), k=2)
+    >>> idx.tolist(), [round(v, 2) for v in w.tolist()]
+    ([0, 1], [0.9, 0.1])
+    """
+    c, _ = _as_2d(coords, "coords")
+    if c.shape[1] != 2:
+        raise ValueError(f"`coords` must have shape (n, 2), got {tuple(c.shape)}")
+    pt = torch.as_tensor(point, dtype=c.dtype).flatten()
+    if pt.shape != (2,) or not bool(torch.isfinite(pt).all()):
+        raise ValueError(f"`point` must be two finite numbers (x, y), got {point!r}")
+    k = min(_checks.positive_int(k, "k"), len(c))
+    _checks.real(power, "power", low=0.0)
+    d = (c - pt).norm(dim=1)
+    dist, idx = d.topk(k, largest=False)
+    if float(dist[0]) <= eps:
+        w = torch.zeros(k, dtype=c.dtype)
+        w[0] = 1.0
+        return idx, w
+    w = dist.pow(-power)
+    return idx, w / w.sum()
+
+
+def inverse_pca(pca: PCA, point, items, coords=None, *, renormalize: bool = True) -> torch.Tensor:
+    """A new item at ``point`` of a 2-D PCA map: the nearest item, moved within the PCA plane by the map offset
+    (``x + components_.T @ (point - its coordinates)``), then (``renormalize``) rescaled to the norm of a standard
+    Gaussian of its size -- the shell where diffusion noise lives. ``items`` are what the PCA was fitted on (e.g.
+    noise latents); ``coords`` their map coordinates (default: ``pca.transform(items)``).
+
+    Without renormalisation, ``pca.transform`` of the result is exactly ``point`` (the move stays in the plane).
+    """
+    pca._check_fitted()
+    x, shape = _as_2d(items, "items")
+    if x.shape[1] != pca.n_features_in_:
+        raise ValueError(f"`items` must have {pca.n_features_in_} values each (what the PCA was fitted on), "
+                         f"got {x.shape[1]}")
+    if len(pca.components_) != 2:
+        raise ValueError(f"`pca` must have 2 components (a 2-D map), got {len(pca.components_)}")
+    c = pca.transform(x) if coords is None else _as_2d(coords, "coords")[0]
+    idx, _ = knn_weights(c, point, k=1)
+    i = int(idx[0])
+    pt = torch.as_tensor(point, dtype=c.dtype).flatten()
+    out = x[i].to(pca.components_.dtype) + (pt - c[i]).to(pca.components_.dtype) @ pca.components_
+    if renormalize:
+        out = out * (out.numel() ** 0.5) / out.norm().clamp(min=1e-12)
+    return out.reshape(shape).to(x.dtype)
+
+
 # --- how much structure a projection keeps ---------------------------------------------------------------------
 
 

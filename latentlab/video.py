@@ -22,8 +22,8 @@ import torch
 from latentlab import _checks
 from latentlab._files import check_output, partial_path
 
-__all__ = ["FORMATS", "IMAGE_FORMATS", "VideoWriter", "image_grid", "read_image", "read_video", "write_image",
-           "write_video"]
+__all__ = ["FORMATS", "IMAGE_FORMATS", "VideoWriter", "image_grid", "png_bytes", "read_image", "read_video",
+           "write_image", "write_video"]
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,21 @@ def write_image(path: str | os.PathLike, image: torch.Tensor, *, upscale: int = 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def png_bytes(image: torch.Tensor, *, upscale: int = 1) -> bytes:
+    """One (3, H, W) or (1, 3, H, W) image in [0, 1] as PNG file bytes (for notebook widgets and data URLs)."""
+    import io
+
+    import imageio.v3 as iio
+
+    _checks.tensor(image, "image", min_ndim=3)
+    _checks.finite(image, "image")
+    x = image if image.ndim == 4 else image.unsqueeze(0)
+    arr = _to_uint8_frames(x[:1], _checks.positive_int(upscale, "upscale"))[0]
+    buf = io.BytesIO()
+    iio.imwrite(buf, arr, extension=".png")
+    return buf.getvalue()
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:

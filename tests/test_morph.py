@@ -343,3 +343,22 @@ def test_cli_batch_size_does_no_more_unet_work_than_the_frames_need(tiny_lab, tm
     assert items == [4] * (3 * 2)
     man = json.loads(manifest_path(tmp_path / "m.gif").read_text())
     assert man["backend"]["compute_batch"] == 4 and man["sampling"]["guidance_scale"] == 1.0
+
+
+def test_mix_keyframes_blend_seeds_and_prompts_and_round_trip_through_the_manifest(fake, tmp_path):
+    from latentlab.morph import Mix
+    from latentlab.ops import blend
+
+    mix = Mix(seeds=(1, 2, 3), seed_weights=(0.5, 0.3, 0.2), prompts=("a red star", "a blue ring"),
+              prompt_weights=(0.25, 0.75))
+    s = MorphSettings(keyframes=(Keyframe("a red star", 7), Keyframe(mix=mix)), n_frames=5)
+    p = plan(fake, s)
+    torch.testing.assert_close(p.latents[-1], blend([fake.noise(i) for i in (1, 2, 3)], [0.5, 0.3, 0.2])[0])
+    e = fake.encode_prompt(["a red star", "a blue ring"]).prompt_embeds
+    torch.testing.assert_close(p.conditioning.prompt_embeds[-1], 0.25 * e[0] + 0.75 * e[1])
+    out = render_morph(fake, s, tmp_path / "mix.gif", progress=False)
+    assert MorphSettings.from_dict(json.loads(manifest_path(out).read_text())["settings"]) == s
+    lat, cond = p.inputs(4, 5)
+    assert torch.equal(render_frame(fake, manifest_path(out), 4), fake.generate(lat, cond))
+    with pytest.raises(ValueError, match=r"`mix.seed_weights` must have 3 weights"):
+        Mix(seeds=(1, 2, 3), seed_weights=(1.0,), prompts=("a",), prompt_weights=(1.0,))

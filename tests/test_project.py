@@ -113,3 +113,54 @@ def test_umap_contract_and_pca_first_for_wide_inputs():
     assert u.transform(x[:5]).shape == (5, 2)
     with pytest.raises(ValueError, match=r"more than `n_neighbors` = 10 samples, got 5"):
         UMAP(n_neighbors=10).fit(x[:5])
+
+
+# --- inverse projections ------------------------------------------------------------------------------------------
+
+_pts = st.tuples(st.floats(-10, 10), st.floats(-10, 10))
+
+
+@settings(max_examples=60)
+@given(seed=st.integers(0, 10_000), point=_pts, k=st.integers(1, 12), power=st.floats(0.5, 4))
+def test_knn_weights_are_a_convex_combination_of_the_nearest_items(seed, point, k, power):
+    from latentlab.project import knn_weights
+
+    coords = torch.randn(20, 2, generator=torch.Generator().manual_seed(seed)) * 3
+    idx, w = knn_weights(coords, point, k=k, power=power)
+    assert len(idx) == len(w) == min(k, 20)
+    assert bool((w >= 0).all()) and abs(float(w.sum()) - 1) < 1e-5
+    d = (coords - torch.tensor(point)).norm(dim=1)
+    assert torch.equal(idx, d.argsort()[: len(idx)]) or torch.allclose(d[idx], d.sort().values[: len(idx)])
+    assert bool((w[:-1] >= w[1:] - 1e-6).all())  # nearer items weigh more
+
+
+def test_knn_weights_on_an_item_picks_that_item():
+    from latentlab.project import knn_weights
+
+    coords = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.5]])
+    idx, w = knn_weights(coords, (1.0, 1.0), k=3)
+    assert int(idx[0]) == 1 and w.tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match=r"`point` must be two finite numbers"):
+        knn_weights(coords, (float("nan"), 0))
+    with pytest.raises(ValueError, match=r"`coords` must have shape \(n, 2\), got \(3, 3\)"):
+        knn_weights(torch.zeros(3, 3), (0, 0))
+
+
+@settings(max_examples=40)
+@given(seed=st.integers(0, 10_000), point=_pts)
+def test_inverse_pca_lands_on_the_point_and_on_the_gaussian_shell(seed, point):
+    from latentlab.project import PCA, inverse_pca
+
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(30, 4, 4, 4, generator=g)
+    pca = PCA(2).fit(noise)
+    exact = inverse_pca(pca, point, noise, renormalize=False)
+    assert exact.shape == (4, 4, 4)
+    torch.testing.assert_close(pca.transform(exact[None])[0], torch.tensor(point, dtype=torch.float32),
+                               rtol=1e-4, atol=1e-4)
+    shell = inverse_pca(pca, point, noise)
+    assert abs(float(shell.norm()) - 64**0.5) < 1e-3
+    # On an item's own coordinates (no renormalisation) the item itself comes back.
+    c = pca.transform(noise)
+    torch.testing.assert_close(inverse_pca(pca, c[3].tolist(), noise, renormalize=False), noise[3], rtol=0,
+                               atol=1e-5)

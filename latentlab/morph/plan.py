@@ -18,6 +18,7 @@ import torch
 
 from latentlab.backend import Backend, Conditioning
 from latentlab.morph.settings import MorphSettings
+from latentlab.ops import blend
 from latentlab.paths import ease, path_at, retime, schedule
 from latentlab.seeds import noise
 
@@ -105,6 +106,8 @@ def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[d
     conds = [lab.encode_prompt(p) for p in prompts]
     images = []
     for i, k in enumerate(settings.keyframes):
+        if k.mix is not None:
+            keys[i], conds[i] = _mix_key(lab, k.mix, shape)
         if k.image is not None:
             keys[i], note = _image_key(lab, k.image, conds[i], shape, settings)
             images.append({"keyframe": i, **note})
@@ -150,6 +153,16 @@ def _image_key(lab: Backend, path: str, cond: Conditioning, shape, settings: Mor
                       RuntimeWarning, stacklevel=3)
     note = {"image": path, "sha256": file_digest(path), "inversion_psnr_db": round(psnr, 2)}
     return inv.noise.to(torch.float32), note
+
+
+def _mix_key(lab: Backend, mix, shape) -> tuple[torch.Tensor, Conditioning]:
+    """A :class:`~latentlab.morph.settings.Mix` keyframe's noise (spherical blend) and conditioning (weighted
+    mean of the prompt encodings)."""
+    z = blend([noise(s, shape) for s in mix.seeds], list(mix.seed_weights))
+    total = sum(mix.prompt_weights)
+    w = torch.tensor([x / total for x in mix.prompt_weights])
+    enc = Conditioning.cat([lab.encode_prompt(p) for p in mix.prompts])
+    return z, enc.map(lambda t: (w.to(t.dtype).view(-1, *[1] * (t.ndim - 1)) * t).sum(0, keepdim=True))
 
 
 def file_digest(path: str) -> str:

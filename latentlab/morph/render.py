@@ -175,12 +175,14 @@ def render_morph(
     progress: bool = True,
     distance=None,
     keep_cache: bool = False,
+    on_progress=None,
 ) -> Path:
     """Render ``settings`` with ``lab`` to ``output`` (.mp4/.gif) and write its manifest; returns the video path.
 
     ``batch_size`` is the number of frames the denoiser sees per call (default: the backend's compute batch); the
     manifest records it, and :func:`~latentlab.morph.render_frame` re-creates a frame at the same compute batch.
-    See the module notes for validation, locking, caching and resume.
+    See the module notes for validation, locking, caching and resume. ``on_progress(done, total)`` is called after
+    every batch of frames (widgets show their own progress bar with it).
     """
     from tqdm.auto import tqdm
 
@@ -228,6 +230,8 @@ def render_morph(
                     for i in range(stop - start):
                         p.frames[start + i]["key"] = keys[i]
                     bar.update(stop - start)
+                    if on_progress is not None:
+                        on_progress(stop, settings.n_frames)
         except OSError as e:
             hint = disk_full_hint(e, output.parent)
             if hint:

@@ -15,13 +15,43 @@ from latentlab import _checks
 from latentlab.paths import EASINGS, METHODS
 from latentlab.sampling import Sampling, check_prompt
 
-__all__ = ["MAX_FRAMES", "PACINGS", "Keyframe", "MorphSettings", "frames_for_duration"]
+__all__ = ["MAX_FRAMES", "PACINGS", "Keyframe", "Mix", "MorphSettings", "frames_for_duration"]
 
 PACINGS: tuple[str, ...] = ("none", "even")
 #: More frames than this is refused up front: a plan holds a small record per frame (~300 bytes) and a video of a
 #: million frames runs 23 hours at 12 fps; a typo (``--frames 100000000``) should not start a 30 GB plan.
 MAX_FRAMES = 1_000_000
 _PLAN_BYTES_PER_FRAME = 300
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A keyframe that lies between known items, e.g. a point clicked on a map: its noise is the spherical blend
+    (:func:`latentlab.ops.blend`) of the noise of ``seeds`` with ``seed_weights``, its conditioning the weighted
+    mean of the encodings of ``prompts`` with ``prompt_weights``. Re-creatable from the manifest, like a seed."""
+
+    seeds: tuple[int, ...]
+    seed_weights: tuple[float, ...]
+    prompts: tuple[str, ...]
+    prompt_weights: tuple[float, ...]
+
+    def __post_init__(self):
+        for name, values, kind in (("seeds", self.seeds, int), ("prompts", self.prompts, str)):
+            if not isinstance(values, tuple) or not values or not all(
+                    isinstance(v, kind) and not isinstance(v, bool) for v in values):
+                raise TypeError(f"`mix.{name}` must be a non-empty tuple of {kind.__name__}, got {values!r}")
+        for name, w, n in (("seed_weights", self.seed_weights, len(self.seeds)),
+                           ("prompt_weights", self.prompt_weights, len(self.prompts))):
+            if not isinstance(w, tuple) or len(w) != n:
+                raise ValueError(f"`mix.{name}` must have {n} weights, got {w!r}")
+            vals = [_checks.real(x, f"mix.{name}", low=0.0) for x in w]
+            if sum(vals) <= 0:
+                raise ValueError(f"`mix.{name}` must not all be zero")
+        for s in self.seeds:
+            if not 0 <= s < 2**64:
+                raise ValueError(f"`mix.seeds` must be in [0, 2**64), got {s}")
+        for i, p in enumerate(self.prompts):
+            check_prompt(p, f"mix.prompts[{i}]")
 
 
 @dataclass(frozen=True)
@@ -39,6 +69,7 @@ class Keyframe:
     prompt: str | None = None
     seed: int | None = None
     image: str | None = None
+    mix: Mix | None = None
 
 
 @dataclass(frozen=True)
@@ -74,8 +105,11 @@ class MorphSettings:
                 raise ValueError(f"`keyframes[{i}].seed` must be an int in [0, 2**64), got {k.seed!r}")
             if k.prompt is not None:
                 check_prompt(k.prompt, f"keyframes[{i}].prompt")
-        if self.keyframes[0].prompt is None:
+        if self.keyframes[0].prompt is None and self.keyframes[0].mix is None:
             raise ValueError("the first keyframe needs a prompt")
+        for i, k in enumerate(self.keyframes):
+            if k.mix is not None and not isinstance(k.mix, Mix):
+                raise TypeError(f"`keyframes[{i}].mix` must be a Mix, got {type(k.mix).__name__}")
         for i, k in enumerate(self.keyframes):
             if k.image is not None and not Path(k.image).is_file():
                 raise FileNotFoundError(f"`keyframes[{i}].image` does not exist: {k.image}")
@@ -105,6 +139,8 @@ class MorphSettings:
         prompts, seeds = [], []
         prompt, seed = None, 0
         for k in self.keyframes:
+            if k.mix is not None and k.prompt is None:
+                prompt = k.mix.prompts[max(range(len(k.mix.prompts)), key=lambda j: k.mix.prompt_weights[j])]
             prompt = k.prompt if k.prompt is not None else prompt
             seed = k.seed if k.seed is not None else seed
             prompts.append(prompt)
@@ -126,7 +162,9 @@ class MorphSettings:
             raise ValueError(f"`settings` has unknown key(s) {sorted(unknown)}")
         if not isinstance(d.get("keyframes"), (list, tuple)):
             raise ValueError("`settings.keyframes` must be a list of keyframes")
-        d["keyframes"] = tuple(Keyframe(**k) for k in d["keyframes"])
+        d["keyframes"] = tuple(
+            Keyframe(**{**k, "mix": None if k.get("mix") is None else Mix(**{key: tuple(v) for key, v in k["mix"].items()})})
+            for k in d["keyframes"])
         d["sampling"] = Sampling.from_dict(d.get("sampling") or {})
         return cls(**d)
 

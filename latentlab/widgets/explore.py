@@ -1,0 +1,276 @@
+"""AtlasExplorer: a 2-D map of an atlas that you can hover, lasso, click anywhere (the image at that point is
+generated) and draw on (a morph video along the path)."""
+
+from __future__ import annotations
+
+import html
+import itertools
+from pathlib import Path
+
+import ipywidgets as widgets
+import numpy as np
+import torch
+
+from latentlab.backend import Backend, Conditioning
+from latentlab.ops import blend
+from latentlab.sampling import Sampling
+from latentlab.widgets._base import Panel, data_url
+from latentlab.widgets._front import MapView, ThumbGrid
+from latentlab.widgets._worker import LatestWorker
+
+SPACES = ("image_embeds", "noise", "latents")
+METHODS = ("pca", "umap")
+#: Categorical colours (Tableau 10 then 10 lighter ones).
+PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+           "#bab0ac", "#a0cbe8", "#ffbe7d", "#ff9d9a", "#8cd17d", "#f1ce63", "#86bcb6", "#d4a6c8", "#fabfd2",
+           "#d7b5a6", "#79706e"]
+MAX_GRID = 48
+
+
+def _rgb(hex_colour: str) -> tuple[int, int, int]:
+    return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+
+
+class AtlasExplorer(Panel):
+    """Explore an :class:`~latentlab.atlas.Atlas` on a 2-D map (PCA or UMAP of its noise, final latents or CLIP
+    image embeddings), coloured by any item attribute.
+
+    - **hover**: the item's thumbnail (fetched lazily, one at a time: the map stays smooth at 100,000 points, whose
+      coordinates travel as one binary buffer);
+    - **select** mode: lasso points; the selection and the image grid below stay in sync both ways (click a grid
+      thumbnail to drop it; unselected points are greyed, not hidden);
+    - **generate** mode: click anywhere -- also an empty spot -- and the image at that point is generated: on a PCA
+      map of noise the nearest item is moved within the PCA plane and put back on the Gaussian shell
+      (:func:`latentlab.project.inverse_pca`); on any other map, the k nearest items' noise is blended spherically
+      and their prompts' conditioning linearly, with inverse-distance weights (:func:`latentlab.project.knn_weights`);
+    - **path** mode: draw a path; keyframes are taken along it (each such a blend, recorded as a
+      :class:`~latentlab.morph.Mix`) and a morph video is rendered with the same renderer, manifest and resume as
+      the command line.
+    """
+
+    def __init__(self, lab: Backend, atlas, *, space: str = "image_embeds", method: str = "pca",
+                 color_by: str = "prompt", k: int = 8, path_keyframes: int = 5, path_frames: int = 48,
+                 sampling: Sampling | None = None, upscale: int = 4, output_dir: str | Path = "."):
+        from latentlab.atlas import Atlas
+
+        super().__init__(lab, sampling=sampling, upscale=upscale)
+        if not isinstance(atlas, Atlas):
+            raise TypeError(f"`atlas` must be a latentlab.atlas.Atlas, got {type(atlas).__name__}")
+        if len(atlas) < 3:
+            raise ValueError(f"`atlas` must have at least 3 items to draw a map, got {len(atlas)}")
+        self.atlas, self.k = atlas, k
+        self.path_keyframes, self.output_dir = path_keyframes, Path(output_dir)
+        keys = sorted(k for k, v in atlas.items[0].items() if isinstance(v, (str, int)))
+        self.space = widgets.Dropdown(options=list(SPACES), value=space, description="space")
+        self.method = widgets.Dropdown(options=list(METHODS), value=method, description="projection")
+        self.color_by = widgets.Dropdown(options=keys, value=color_by if color_by in keys else keys[0],
+                                         description="colour by")
+        self.mode = widgets.ToggleButtons(options=[("select (lasso)", "select"), ("generate (click)", "generate"),
+                                                   ("path (draw)", "path")], value="select")
+        self.map = MapView()
+        self.map.add_class("ll-atlas-map")
+        self.legend = widgets.HTML("")
+        self.grid = ThumbGrid(columns=8, size=64)
+        self.grid.add_class("ll-selection-grid")
+        self.selection_info = widgets.HTML("")
+        self.generated = widgets.Image(format="png", layout=widgets.Layout(width="192px", height="192px"))
+        self.generated.add_class("ll-generated")
+        self.generated_info = widgets.HTML("")
+        self.path_frames = widgets.IntText(value=path_frames, description="path frames",
+                                           layout=widgets.Layout(width="200px"))
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="render")
+        self.video = widgets.Video(format="mp4", autoplay=True, loop=True, controls=True,
+                                   layout=widgets.Layout(width="256px"))
+        self.manifest = widgets.HTML("")
+        self.manifest.add_class("ll-manifest")
+        self._render_worker = LatestWorker(lambda busy: None, self.show_error)
+        self.coords: torch.Tensor | None = None
+        self._pca = None
+        has_thumbs = atlas.thumbnails.shape[-1] > 0
+        self.children = [
+            widgets.HBox([self.space, self.method, self.color_by]), widgets.HBox([self.mode, self.busy]), self.error,
+            widgets.HBox([self.map, widgets.VBox([self.legend, self.generated, self.generated_info,
+                                                  self.path_frames, self.progress, self.video, self.manifest])]),
+            self.selection_info, self.grid,
+        ]
+        if not has_thumbs:
+            self.show_error("this atlas has no thumbnails: hover and the selection grid show nothing (rebuild it "
+                            "with build_atlas(..., thumbnail=64))")
+        self.mode.observe(lambda ch: setattr(self.map, "mode", ch["new"]), "value")
+        for w in (self.space, self.method):
+            w.observe(lambda _: self.project(), "value")
+        self.color_by.observe(lambda _: self._colour(), "value")
+        self.map.on_msg(self._on_map)
+        self.map.observe(self._map_selected, "selected")
+        self.grid.observe(self._grid_selected, "selected")
+        self._colour()
+        self.project()
+
+    # --- map ------------------------------------------------------------------------------------------------------
+
+    def project(self) -> None:
+        """Compute the 2-D map of the chosen space with the chosen projection (in the background)."""
+        space, method = self.space.value, self.method.value
+
+        def work():
+            from latentlab.project import PCA, UMAP
+
+            x = getattr(self.atlas, space).float().flatten(1)
+            if method == "pca":
+                self._pca = PCA(2).fit(x)
+                coords = self._pca.transform(x)
+            else:
+                self._pca = None
+                coords = UMAP(n_neighbors=min(15, len(x) - 1)).fit_transform(x)
+            self.coords = coords.float()
+            self.map.coords = self.coords.numpy().astype(np.float32).tobytes()
+            self.map.marker, self.map.path = [], []
+
+        self.submit(work)
+
+    def _colour(self) -> None:
+        labels = [str(v) for v in self.atlas.labels(self.color_by.value)]
+        names = list(dict.fromkeys(labels))
+        colours = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+        self.map.colors = np.array([_rgb(colours[v]) for v in labels], dtype=np.uint8).tobytes()
+        shown = names[:20]
+        self.legend.value = "".join(f"<span style='color:{colours[n]}'>●</span> {html.escape(n)}<br>"
+                                    for n in shown) + (f"… and {len(names) - 20} more" if len(names) > 20 else "")
+
+    # --- messages from the map ------------------------------------------------------------------------------
+
+    def _on_map(self, _, content, buffers) -> None:
+        kind = content.get("type")
+        if kind == "hover":
+            self.hover(int(content.get("index", -1)))
+        elif kind == "lasso":
+            self.map.selected = sorted(int(i) for i in content.get("indices", []))
+        elif kind == "click":
+            i = int(content.get("index", -1))
+            if self.mode.value == "select":
+                if i >= 0:
+                    sel = list(self.map.selected)
+                    self.map.selected = [j for j in sel if j != i] if i in sel else sorted([*sel, i])
+            else:
+                self.generate_at((float(content["x"]), float(content["y"])))
+        elif kind == "path":
+            self.render_path([(float(x), float(y)) for x, y in content.get("points", [])])
+
+    def hover(self, index: int) -> None:
+        if 0 <= index < len(self.atlas) and self.atlas.thumbnails.shape[-1] > 0:
+            self.map.hover_thumb = data_url(self.atlas.thumbnails[index].float() / 255)
+        else:
+            self.map.hover_thumb = ""
+
+    # --- selection, both ways -----------------------------------------------------------------------------------
+
+    def _map_selected(self, change) -> None:
+        sel = list(change["new"])[:MAX_GRID]
+        if self.atlas.thumbnails.shape[-1] > 0:
+            self.grid.images = [data_url(self.atlas.thumbnails[i].float() / 255) for i in sel]
+        self.grid.labels = [str(self.atlas.items[i].get(self.color_by.value, i)) for i in sel]
+        self._grid_items = sel
+        self.grid.selected = list(range(len(sel)))
+        more = len(change["new"]) - len(sel)
+        self.selection_info.value = (f"<b>{len(change['new'])}</b> selected" + (f" (grid shows the first {MAX_GRID})"
+                                     if more > 0 else "") + " — click a thumbnail to drop it")
+
+    def _grid_selected(self, change) -> None:
+        items = getattr(self, "_grid_items", [])
+        kept = {items[i] for i in change["new"] if i < len(items)}
+        dropped = [i for i in items if i not in kept]
+        if dropped:
+            self.map.selected = [i for i in self.map.selected if i not in dropped]
+
+    # --- inverse projection: the image at a point ------------------------------------------------------------
+
+    def point_inputs(self, point: tuple[float, float]) -> tuple[torch.Tensor, Conditioning, dict]:
+        """Initial noise and conditioning at a map point (see the class notes), plus how they were made."""
+        from latentlab.project import inverse_pca, knn_weights
+
+        if self.coords is None:
+            raise RuntimeError("the map is still being computed")
+        idx, w = knn_weights(self.coords, point, k=self.k)
+        prompts = [self.atlas.items[i]["prompt"] for i in idx.tolist()]
+        enc = self.lab.encode_prompt(prompts)
+        cond = enc.map(lambda t: (w.to(t.dtype).view(-1, *[1] * (t.ndim - 1)) * t).sum(0, keepdim=True))
+        if self._pca is not None and self.space.value == "noise":
+            z = inverse_pca(self._pca, point, self.atlas.noise.float(), self.coords)[None]
+            how = {"noise": "nearest item moved in the PCA plane, on the Gaussian shell"}
+        else:
+            z = blend(self.atlas.noise[idx].float().unsqueeze(1), w)
+            how = {"noise": f"spherical blend of the {len(idx)} nearest items"}
+        how.update(items=idx.tolist(), weights=[round(float(v), 3) for v in w])
+        return z, cond, how
+
+    def generate_at(self, point: tuple[float, float]) -> None:
+        self.map.marker = [float(point[0]), float(point[1])]
+
+        def work():
+            z, cond, how = self.point_inputs(point)
+            self.generated.value = self.png(self.one(z, cond))
+            top = sorted(zip(how["weights"], how["items"]), reverse=True)[:3]
+            near = ", ".join(f"{html.escape(str(self.atlas.items[i]['prompt']))} (seed {self.atlas.items[i]['seed']}, "
+                             f"w {wt:.2f})" for wt, i in top)
+            self.generated_info.value = (f"at ({point[0]:.2f}, {point[1]:.2f}): {html.escape(how['noise'])}; "
+                                         f"nearest: {near}")
+
+        self.submit(work)
+
+    # --- a path on the map -> a morph video -------------------------------------------------------------------
+
+    def path_keyframes_at(self, points: list[tuple[float, float]]):
+        """``path_keyframes`` points evenly spaced by arc length along ``points``, each as a Mix keyframe."""
+        from latentlab.morph import Keyframe, Mix
+        from latentlab.project import knn_weights
+
+        if len(points) < 2:
+            raise ValueError("draw a path of at least two points")
+        p = torch.tensor(points, dtype=torch.float64)
+        seg = (p[1:] - p[:-1]).norm(dim=1)
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), seg.cumsum(0)])
+        if float(cum[-1]) == 0:
+            raise ValueError("the path has no length")
+        keys = []
+        for s in torch.linspace(0, float(cum[-1]), self.path_keyframes).tolist():
+            j = min(int(torch.searchsorted(cum, torch.tensor(s, dtype=torch.float64), right=True)) - 1, len(seg) - 1)
+            f = 0.0 if seg[j] == 0 else (s - float(cum[j])) / float(seg[j])
+            q = (p[j] + f * (p[j + 1] - p[j])).tolist()
+            idx, w = knn_weights(self.coords, q, k=self.k)
+            items = [self.atlas.items[i] for i in idx.tolist()]
+            ws = tuple(round(float(v), 6) for v in w)
+            keys.append(Keyframe(mix=Mix(seeds=tuple(int(it["seed"]) for it in items), seed_weights=ws,
+                                         prompts=tuple(str(it["prompt"]) for it in items), prompt_weights=ws)))
+        return tuple(keys)
+
+    def render_path(self, points: list[tuple[float, float]]) -> Path | None:
+        from latentlab.morph import MorphSettings, manifest_path, render_morph
+
+        try:
+            if self.coords is None:
+                raise RuntimeError("the map is still being computed")
+            settings = MorphSettings(keyframes=self.path_keyframes_at(points), n_frames=int(self.path_frames.value),
+                                     sampling=self.sampling)
+        except (TypeError, ValueError, RuntimeError) as e:
+            self.show_error(e)
+            return None
+        self.map.path = [list(map(float, q)) for q in points]
+        out = next(self.output_dir / f"atlas-path-{k}.mp4" for k in itertools.count(1)
+                   if not (self.output_dir / f"atlas-path-{k}.mp4").exists()
+                   and not (self.output_dir / f"atlas-path-{k}.mp4.json").exists())
+        self.progress.max, self.progress.value = settings.n_frames, 0
+
+        def work():
+            render_morph(self.lab, settings, out, upscale=self.upscale, progress=False,
+                         on_progress=lambda done, total: setattr(self.progress, "value", done))
+            self.video.value = out.read_bytes()
+            self.manifest.value = (f"wrote <code>{html.escape(str(out))}</code> ({settings.n_frames} frames, "
+                                   f"{len(settings.keyframes)} keyframes along the path) and "
+                                   f"<code>{html.escape(str(manifest_path(out)))}</code>")
+
+        self._render_worker.submit(work)
+        return out
+
+    def wait(self, timeout: float = 300.0) -> bool:
+        return self._worker.wait(timeout) and self._render_worker.wait(timeout)
+

@@ -1,0 +1,246 @@
+"""Widgets without a browser: drive the Python state (set values, send the custom messages the front ends send)
+and assert what the kernel does. The real-browser tests are in test_widgets_browser.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from fakes import FakeBackend
+
+pytest.importorskip("anywidget")
+
+
+def _front(widget, content):
+    """What the front end does: a custom message."""
+    widget._handle_msg({"content": {"data": {"method": "custom", "content": content}}, "buffers": []})
+
+
+def _atlas(n=60, thumbs=8, seed=0):
+    from latentlab.atlas import Atlas
+
+    g = torch.Generator().manual_seed(seed)
+    colours = ["red", "green", "blue"]
+    items = [{"prompt": f"a {colours[i % 3]} star", "seed": i, "colour": colours[i % 3]} for i in range(n)]
+    noise = torch.randn(n, 4, 4, 4, generator=g)
+    emb = torch.randn(n, 16, generator=g) + torch.tensor([[i % 3 * 4.0] + [0.0] * 15 for i in range(n)])
+    return Atlas(noise, noise.clone(), emb, emb.clone(),
+                 (torch.rand(n, 3, thumbs, thumbs, generator=g) * 255).to(torch.uint8), items)
+
+
+def test_latest_worker_drops_stale_requests_and_reports_errors():
+    from latentlab.widgets._worker import LatestWorker
+
+    ran, errors, busy = [], [], []
+    gate = threading.Event()
+    w = LatestWorker(busy.append, errors.append)
+    w.submit(lambda: (gate.wait(5), ran.append(0)))
+    time.sleep(0.1)
+    for i in range(1, 10):
+        w.submit(lambda i=i: ran.append(i))
+    gate.set()
+    assert w.wait(10)
+    assert ran == [0, 9]  # the eight stale requests never ran
+    w.submit(lambda: 1 / 0)
+    assert w.wait(10)
+    assert isinstance(errors[0], ZeroDivisionError) and busy[-1] is False
+
+
+def test_seed_browser_picks_variations_and_code():
+    from latentlab.widgets import SeedBrowser
+
+    fake = FakeBackend()
+    b = SeedBrowser(fake, "a red star", first_seed=10, page_size=6, variations=4)
+    assert b.wait()
+    assert b.grid.labels == [f"seed {s}" for s in range(10, 16)] and len(b.grid.images) == 6
+    _front(b.grid, {"type": "toggle", "index": 1})
+    _front(b.grid, {"type": "toggle", "index": 4})
+    assert b.wait()
+    assert b.picked == [11, 14] and len(b.variation_grid.images) == 4
+    first_variations = list(b.variation_grid.images)
+    b.strength.value = 0.9
+    assert b.wait() and b.variation_grid.images != first_variations
+    b.next.click()  # the picks stay picked across pages
+    assert b.wait() and b.grid.labels[0] == "seed 16" and b.picked == [11, 14] and b.grid.selected == []
+    b.code_button.click()
+    assert "lab.noise([11, 14])" in b.code.value and "ll.Sampling(num_inference_steps=4" in b.code.value
+    # Bad input is shown in the widget and leaves it usable.
+    b.prompt.value = "   "
+    assert "`prompt` is empty" in b.error.value
+    b.prompt.value = "a blue ring"
+    b.first.value = -3
+    assert "`first seed` must be in [0, 2**64), got -3" in b.error.value
+    b.first.value = 0
+    assert b.wait() and b.error.value == "" and b.grid.labels[0] == "seed 0"
+
+
+def test_seed_browser_code_recreates_the_picked_images_on_the_embedded_model():
+    import latentlab as ll
+    from latentlab.widgets import SeedBrowser
+
+    lab = ll.Lab.default()
+    b = SeedBrowser(lab, "a large red star on a blue background", page_size=4, variations=2)
+    assert b.wait()
+    _front(b.grid, {"type": "toggle", "index": 2})
+    assert b.wait() and b.picked == [2]
+    scope: dict = {}
+    exec("\n".join(b.code_lines()), scope)  # noqa: S102 - the printed code must run as printed
+    assert torch.equal(scope["images"], b.images())
+
+
+def test_interpolator_live_frame_norm_lesson_strip_and_video(tmp_path):
+    from latentlab.widgets import Interpolator
+
+    fake = FakeBackend()
+    w = Interpolator(fake, ("a red star", 1), ("a blue ring", 2), clip=None, frames=5, output_dir=tmp_path)
+    assert w.wait()
+    first = w.frame.value
+    assert first and w.norm_plot.value[:4] == b"\x89PNG" and "norm z-score" in w.info.value
+    w.t.value = 0.9
+    assert w.wait() and w.frame.value != first
+    rows_slerp = w.diagnose(5)
+    w.noise_method.value = "lerp"
+    assert w.wait()
+    rows_lerp = w.diagnose(5)
+    assert rows_lerp[2]["norm_z"] < rows_slerp[2]["norm_z"] - 2  # the lerp midpoint leaves the typical shell
+    assert rows_slerp[0]["angle_to_a"] < 1e-3 and abs(rows_slerp[-1]["angle_to_b"]) < 1e-3
+    w.strip_button.click()
+    assert w.wait()
+    assert len(w.strip.images) == 5 and "Largest jump" in w.diagnostics.value
+    assert "Estimated render time for 48 frames" in w.estimate.value
+    w.video_frames.value = 6
+    out = w.render_video()
+    assert w.wait()
+    assert out.exists() and w.video.value[4:8] == b"ftyp" and w.progress.value == 6
+    assert out.with_name(out.name + ".json").exists() and str(out) in w.manifest.value
+    w.prompt_b.value = ""
+    assert "`B prompt` is empty" in w.error.value
+
+
+def test_direction_sliders_move_the_image_and_validate_directions():
+    from latentlab.widgets import DirectionSliders
+
+    fake = FakeBackend()
+    d = torch.zeros(4, 4, 4)
+    d[0] = 1.0
+    from latentlab.backend import Conditioning
+
+    w = DirectionSliders(fake, "a red star", 3, noise_directions={"pc1": d},
+                         prompt_directions={"red→blue": Conditioning(torch.ones(1, 3, 8))})
+    assert w.wait()
+    base = w.image.value
+    w.sliders[("noise", "pc1")].value = 2.0
+    assert w.wait() and w.image.value != base
+    moved = w.image.value
+    w.sliders[("prompt", "red→blue")].value = -1.0
+    assert w.wait() and w.image.value != moved and "red→blue -1.0" in w.info.value
+    with pytest.raises(ValueError, match=r"noise direction 'bad' must be a tensor of shape \(4, 4, 4\)"):
+        DirectionSliders(fake, "a", 1, noise_directions={"bad": torch.zeros(3)})
+
+
+def test_direction_sliders_from_an_atlas():
+    from latentlab.widgets import DirectionSliders
+
+    fake = FakeBackend()
+    w = DirectionSliders.from_atlas(fake, _atlas(), "a red star", 1, n_components=2,
+                                    prompt_pairs=[("a blue star", "a red star")])
+    assert w.wait()
+    assert [n for _, n in w.sliders] == ["noise PC1 (σ)", "noise PC2 (σ)", "a blue star − a red star"]
+
+
+def test_arithmetic_shows_the_in_distribution_score():
+    from latentlab.widgets import Arithmetic
+
+    fake = FakeBackend()
+    w = Arithmetic(fake, ("a red star", 1), ("a red ring", 2), ("a blue ring", 3))
+    assert w.wait() and w.result.value and all(t[3].value for t in w.terms)
+    w.on_noise.value, w.renormalize.value = True, False
+    assert w.wait()
+    _, _, z_raw, _ = w.compute()
+    w.renormalize.value = True
+    assert w.wait()
+    _, _, z_fixed, _ = w.compute()
+    assert z_raw > 3 and abs(z_fixed) < 0.5  # a - b + c has a norm sqrt(3) too large until renormalised
+    assert "out of distribution" not in w.score.value and "typical noise" in w.score.value
+
+
+def test_atlas_explorer_hover_lasso_grid_click_and_path(tmp_path):
+    from latentlab.morph import read_manifest, render_frame
+    from latentlab.widgets import AtlasExplorer
+
+    fake, atlas = FakeBackend(), _atlas()
+    w = AtlasExplorer(fake, atlas, space="noise", method="pca", color_by="colour", path_frames=6,
+                      output_dir=tmp_path)
+    assert w.wait()
+    assert len(w.map.coords) == 60 * 2 * 4 and len(w.map.colors) == 60 * 3
+    _front(w.map, {"type": "hover", "index": 7})
+    assert w.map.hover_thumb.startswith("data:image/png;base64,")
+    _front(w.map, {"type": "lasso", "indices": [3, 1, 2]})
+    assert w.map.selected == [1, 2, 3] and len(w.grid.images) == 3 and w.grid.selected == [0, 1, 2]
+    _front(w.grid, {"type": "toggle", "index": 0})  # drop item 1 from the grid -> the map follows
+    assert w.map.selected == [2, 3] and len(w.grid.images) == 2
+    _front(w.map, {"type": "click", "x": 0.0, "y": 0.0, "index": 5})  # select mode: toggles the point
+    assert 5 in w.map.selected
+    w.mode.value = "generate"
+    assert w.map.mode == "generate"
+    _front(w.map, {"type": "click", "x": 0.3, "y": -0.2, "index": -1})  # an empty spot
+    assert w.wait()
+    assert w.generated.value and w.map.marker == [0.3, -0.2] and "PCA plane" in w.generated_info.value
+    w.mode.value = "path"
+    c = w.coords
+    pts = [c[0].tolist(), c[10].tolist(), c[20].tolist()]
+    _front(w.map, {"type": "path", "points": pts})
+    assert w.wait()
+    out = tmp_path / "atlas-path-1.mp4"
+    assert out.exists() and w.video.value and w.progress.value == 6
+    man = read_manifest(out.with_name(out.name + ".json"))
+    assert len(man["settings"]["keyframes"]) == 5 and man["settings"]["keyframes"][0]["mix"]["seeds"]
+    assert render_frame(fake, man, 0).shape == (1, 3, 8, 8)  # the path's frames re-create from the manifest
+    # The first keyframe lies on item 0: all its weight.
+    assert man["settings"]["keyframes"][0]["mix"]["seed_weights"][0] == 1.0
+
+
+def test_atlas_explorer_on_clip_embeddings_and_umap_blends_neighbours():
+    from latentlab.widgets import AtlasExplorer
+
+    w = AtlasExplorer(FakeBackend(), _atlas(), space="image_embeds", method="pca")
+    assert w.wait()
+    z, cond, how = w.point_inputs((0.0, 0.0))
+    assert z.shape == (1, 4, 4, 4) and len(cond) == 1 and "spherical blend" in how["noise"]
+    assert abs(sum(how["weights"]) - 1) < 1e-3
+    w.method.value = "umap"
+    assert w.wait(600) and w.coords.shape == (60, 2)
+
+
+def test_atlas_explorer_bad_input_is_shown_in_the_widget():
+    from latentlab.atlas import Atlas
+    from latentlab.widgets import AtlasExplorer
+
+    a = _atlas()
+    no_thumbs = Atlas(a.noise, a.latents, a.image_embeds, a.prompt_embeds,
+                      torch.zeros(len(a), 3, 0, 0, dtype=torch.uint8), a.items)
+    w = AtlasExplorer(FakeBackend(), no_thumbs)
+    assert "this atlas has no thumbnails" in w.error.value
+    _front(w.map, {"type": "hover", "index": 3})
+    assert w.map.hover_thumb == ""
+    assert w.wait()
+    w.render_path([(0.0, 0.0)])
+    assert "draw a path of at least two points" in w.error.value
+    with pytest.raises(TypeError, match=r"`atlas` must be a latentlab.atlas.Atlas, got list"):
+        AtlasExplorer(FakeBackend(), [])
+
+
+def test_atlas_explorer_handles_100k_points():
+    """Coordinates travel as one float32 buffer (800 KB at 100,000 points); thumbnails only on hover."""
+    from latentlab.widgets import AtlasExplorer
+
+    a = _atlas(n=100_000, thumbs=4)
+    t0 = time.perf_counter()
+    w = AtlasExplorer(FakeBackend(), a, space="image_embeds", method="pca")
+    assert w.wait()
+    assert len(w.map.coords) == 800_000 and len(w.map.colors) == 300_000
+    assert time.perf_counter() - t0 < 60
+    _front(w.map, {"type": "lasso", "indices": list(range(0, 100_000, 2))})
+    assert len(w.map.selected) == 50_000 and len(w.grid.images) == 48
