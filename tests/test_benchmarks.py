@@ -28,3 +28,13 @@ def test_structure_measurement_runs_and_prints_its_table(capsys):
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
     assert rows[0].startswith("| space / projection |") and len(rows) == 3 + 6  # header, rule, chance, 6 spaces
     assert rows[-1].startswith("| noise / UMAP |")
+
+
+def test_latency_benchmark_runs_and_writes_its_table(tmp_path, capsys):
+    from latentlab.benchmarks import latency
+
+    md = tmp_path / "bench.md"
+    latency.main(["--threads", "1", "--repeats", "2", "--steps", "2", "--markdown", str(md)])
+    assert "compute batch 1 (widgets)" in capsys.readouterr().out
+    rows = [r for r in md.read_text().splitlines() if r.startswith("| compute batch 1")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 7

@@ -96,6 +96,10 @@ function render({ model, el }) {
     if (path.length > 1) { ctx.strokeStyle = "#e8590c"; ctx.lineWidth = 2; ctx.beginPath();
       path.forEach((p, j) => { const [px, py] = toPx(p[0], p[1]); j ? ctx.lineTo(px, py) : ctx.moveTo(px, py); });
       ctx.stroke(); }
+    const axes = model.get("axes");
+    ctx.fillStyle = "#555"; ctx.font = "11px sans-serif";
+    if (axes.length === 2) { ctx.fillText(axes[0] + " →", W - 80, H - 3);
+      ctx.save(); ctx.translate(11, 80); ctx.rotate(-Math.PI / 2); ctx.fillText(axes[1] + " →", 0, 0); ctx.restore(); }
     if (stroke.length > 1) { ctx.strokeStyle = "#1c7ed6"; ctx.lineWidth = 1.5; ctx.beginPath();
       stroke.forEach((p, j) => j ? ctx.lineTo(p[0], p[1]) : ctx.moveTo(p[0], p[1])); ctx.stroke(); }
   };
@@ -142,6 +146,7 @@ function render({ model, el }) {
     if (t) { tip.src = t; tip.style.display = "block"; } else { tip.style.display = "none"; } });
   model.on("change:coords", load); model.on("change:colors", load);
   model.on("change:selected", draw); model.on("change:marker", draw); model.on("change:path", draw);
+  model.on("change:axes", draw);
   load();
 }
 export default { render };
@@ -180,5 +185,6 @@ class MapView(anywidget.AnyWidget):
     marker = traitlets.List(traitlets.Float()).tag(sync=True)
     path = traitlets.List(traitlets.List(traitlets.Float())).tag(sync=True)
     mode = traitlets.Unicode("select").tag(sync=True)
+    axes = traitlets.List(traitlets.Unicode()).tag(sync=True)
     width = traitlets.Int(480).tag(sync=True)
     height = traitlets.Int(480).tag(sync=True)

@@ -123,6 +123,8 @@ class AtlasExplorer(Panel):
                 self._pca = None
                 coords = UMAP(n_neighbors=min(15, len(x) - 1)).fit_transform(x)
             self.coords = coords.float()
+            name = {"image_embeds": "CLIP image", "noise": "noise", "latents": "latent"}[space]
+            self.map.axes = [f"{name} {method.upper()}-1", f"{name} {method.upper()}-2"]
             self.map.coords = self.coords.numpy().astype(np.float32).tobytes()
             self.map.marker, self.map.path = [], []
 

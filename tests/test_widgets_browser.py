@@ -1,0 +1,290 @@
+"""Real-browser tests: JupyterLab 4 started on 127.0.0.1, Debian's chromium driven by Playwright, a notebook that
+shows every widget on the embedded model. Each test does what a person does -- drag a slider, click a thumbnail,
+hover and click the map, lasso, draw a path -- and checks both what the kernel did (labels bound to the widgets'
+Python state) and that the picture on the page changed. Screenshots go to $LATENTLAB_SCREENSHOTS (default: a
+temporary folder). Under CI=true a missing browser fails instead of skipping."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CELLS = [
+    """import os, ipywidgets as W
+import latentlab as ll
+from latentlab.atlas import build_atlas
+from latentlab.widgets import Arithmetic, AtlasExplorer, DirectionSliders, Interpolator, SeedBrowser
+lab = ll.Lab.default()
+fast = ll.Sampling(num_inference_steps=8)
+def probe(name, widget, trait, fmt):
+    label = W.HTML(fmt(getattr(widget, trait)))
+    label.add_class(f"ll-probe-{name}")
+    widget.observe(lambda ch: setattr(label, "value", fmt(ch["new"])), trait)
+    return label""",
+    """browser = SeedBrowser(lab, "a large red star on a blue background", page_size=8, variations=4, sampling=fast)
+W.VBox([browser, probe("picked", browser, "picked", lambda v: f"picked={v}")])""",
+    """interp = Interpolator(lab, ("a large red star on a blue background", 1), ("a small green ring on a black background", 2),
+                      sampling=fast, frames=6)
+W.VBox([interp, probe("t", interp.t, "value", lambda v: f"t={v:.2f}")])""",
+    """sliders = DirectionSliders(lab, "a large red star on a blue background", 3, sampling=fast,
+    prompt_directions={"red → green": ll.atlas.prompt_direction(lab, "a large green star on a blue background",
+                                                              "a large red star on a blue background")})
+sliders""",
+    """arith = Arithmetic(lab, ("a large red star on a blue background", 1), ("a large red circle on a blue background", 2),
+                   ("a large green circle on a blue background", 3), sampling=fast)
+arith""",
+    """prompts = [f"a large {c} {s} on a {b} background" for c, s, b in
+           [("red", "star", "blue"), ("green", "ring", "black"), ("yellow", "square", "purple"),
+            ("white", "cross", "red"), ("blue", "triangle", "white"), ("orange", "circle", "green")]]
+atlas = build_atlas(lab, prompts, seeds=[1, 2, 3, 4], sampling=fast, progress=False)
+explorer = AtlasExplorer(lab, atlas, space="image_embeds", method="pca", path_frames=6, path_keyframes=3,
+                         sampling=fast, output_dir=os.environ.get("LL_OUT", "."))
+W.VBox([explorer, probe("selected", explorer.map, "selected", lambda v: f"selected={len(v)}"),
+        probe("video", explorer.video, "value", lambda v: f"video_bytes={len(v)}")])""",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _browser_or_skip():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        chromium = None
+    if chromium is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the browser tests need Debian's chromium and the playwright package (.ci/run installs them)")
+        pytest.skip("no chromium/playwright here (CI=true makes this a failure)")
+    return chromium
+
+
+@pytest.fixture(scope="module")
+def lab_page(tmp_path_factory):
+    chromium = _browser_or_skip()
+    import nbformat
+    from playwright.sync_api import sync_playwright
+
+    root = tmp_path_factory.mktemp("jlab")
+    shots = Path(os.environ.get("LATENTLAB_SCREENSHOTS") or root / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(nb, root / "widgets.ipynb")
+    env = dict(os.environ)
+    for var in ("JUPYTER_CONFIG_DIR", "JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR", "JUPYTER_RUNTIME_DIR"):
+        d = root / var.lower()
+        d.mkdir()
+        env[var] = str(d)
+    env["LL_OUT"] = str(root)
+    env["MPLBACKEND"] = "Agg"
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
+         "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={root}",
+         "--LabApp.news_url=", "--ServerApp.disable_check_xsrf=True"],
+        env=env, stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"), start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/api/status", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("JupyterLab did not start: " + (root / "server.log").read_text()[-2000:])
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium,
+                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}/lab/tree/widgets.ipynb?reset", timeout=120_000)
+            page.wait_for_selector("#jp-main-statusbar", timeout=120_000)
+            page.wait_for_function(
+                "() => document.querySelector('#jp-main-statusbar')?.innerText.includes('Python 3 (ipykernel) | Idle')",
+                timeout=180_000)
+            page.click("text=Run", timeout=30_000)
+            page.click("text=Run All Cells", timeout=30_000)
+            # the last cell's widgets: the atlas map is drawn
+            page.wait_for_selector(".ll-atlas-map canvas", timeout=600_000)
+            page.wait_for_function(
+                "() => document.querySelector('#jp-main-statusbar')?.innerText.includes('Idle')", timeout=600_000)
+            news = page.get_by_role("button", name="No")  # the "Jupyter news" toast covers the bottom right
+            if news.count():
+                news.first.click()
+            yield page, shots
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _probe(page, name) -> str:
+    return page.locator(f".ll-probe-{name}").first.inner_text()
+
+
+def _wait_probe(page, name, predicate, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = _probe(page, name)
+        if predicate(value):
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"probe {name} stayed {value!r}")
+
+
+def _src(locator) -> str:
+    return locator.get_attribute("src") or ""
+
+
+def _wait_change(locator, old, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        new = _src(locator)
+        if new and new != old:
+            return new
+        time.sleep(0.25)
+    raise AssertionError("the picture did not change")
+
+
+def _drag_slider(page, slider, fraction):
+    slider.scroll_into_view_if_needed()
+    handle = slider.locator(".noUi-handle").first
+    track = slider.locator(".noUi-target").first
+    box, hb = track.bounding_box(), handle.bounding_box()
+    page.mouse.move(hb["x"] + hb["width"] / 2, hb["y"] + hb["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * fraction, hb["y"] + hb["height"] / 2, steps=8)
+    page.mouse.up()
+
+
+def test_seed_browser_click_picks_and_shows_variations(lab_page):
+    page, shots = lab_page
+    cells = page.locator(".ll-seed-grid .ll-cell")
+    cells.nth(7).wait_for(timeout=120_000)
+    assert cells.count() == 8
+    cells.nth(2).click()
+    _wait_probe(page, "picked", lambda v: v == "picked=[2]")
+    assert "ll-selected" in (cells.nth(2).get_attribute("class") or "")
+    page.locator(".ll-variation-grid .ll-cell img").nth(3).wait_for(timeout=120_000)
+    cells.nth(5).click()
+    _wait_probe(page, "picked", lambda v: v == "picked=[2, 5]")
+    page.locator(".ll-seed-grid").first.screenshot(path=str(shots / "seed-browser.png"))
+
+
+def test_interpolator_slider_drag_changes_the_frame(lab_page):
+    page, shots = lab_page
+    frame = page.locator("img.ll-frame").first
+    frame.wait_for(timeout=120_000)
+    page.wait_for_function("() => document.querySelector('img.ll-frame')?.src.startsWith('blob:') || "
+                           "document.querySelector('img.ll-frame')?.src.length > 100", timeout=120_000)
+    before = _src(frame)
+    slider = page.locator(".widget-hslider").filter(
+        has=page.locator("label.widget-label", has_text=re.compile(r"^t$"))).first
+    _drag_slider(page, slider, 0.9)
+    _wait_probe(page, "t", lambda v: float(v.split("=")[1]) > 0.8)  # the kernel saw the drag
+    _wait_change(frame, before)
+    page.get_by_role("button", name="Strip + diagnostics").scroll_into_view_if_needed()
+    page.get_by_role("button", name="Strip + diagnostics").click()
+    page.locator(".ll-diagnostics table").wait_for(timeout=180_000)
+    assert page.locator(".ll-diagnostics tr").count() == 7  # header + 6 frames
+    frame.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][1]").screenshot(
+        path=str(shots / "interpolator.png"))
+
+
+def test_direction_slider_moves_the_image(lab_page):
+    page, _ = lab_page
+    img = page.locator("img.ll-frame").nth(1)
+    page.wait_for_function("() => document.querySelectorAll('img.ll-frame')[1]?.src.length > 30", timeout=120_000)
+    before = _src(img)
+    slider = page.locator(".ll-slider-prompt").first
+    _drag_slider(page, slider, 0.85)
+    _wait_change(img, before)
+
+
+def test_arithmetic_on_noise_shows_the_score(lab_page):
+    page, _ = lab_page
+    score = page.locator(".ll-score").first
+    score.wait_for(timeout=120_000)
+    page.wait_for_function("() => document.querySelector('.ll-score')?.innerText.includes('z-score')",
+                           timeout=120_000)
+    before = score.inner_text()
+    box = page.get_by_text("on noise", exact=True)
+    box.scroll_into_view_if_needed()
+    box.click()
+    end = time.time() + 120
+    while score.inner_text() == before and time.time() < end:
+        time.sleep(0.25)
+    assert score.inner_text() != before and "typical noise" in score.inner_text()
+
+
+def test_atlas_explorer_hover_lasso_click_and_path(lab_page):
+    page, shots = lab_page
+    canvas = page.locator(".ll-atlas-map canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    # hover: scan until a thumbnail appears (fetched lazily from the kernel)
+    tip = page.locator(".ll-tip").first
+    found = False
+    for gy in range(20, int(box["height"]) - 10, 12):
+        for gx in range(20, int(box["width"]) - 10, 12):
+            page.mouse.move(box["x"] + gx, box["y"] + gy)
+            if tip.is_visible() and (tip.get_attribute("src") or "").startswith("data:image/png"):
+                found = True
+                break
+        if found:
+            break
+    assert found, "hovering the map never showed a thumbnail"
+    # lasso a big region in select mode
+    page.mouse.move(box["x"] + 5, box["y"] + 5)
+    page.mouse.down()
+    for x, y in [(box["width"] - 5, 5), (box["width"] - 5, box["height"] - 5), (5, box["height"] - 5), (5, 8)]:
+        page.mouse.move(box["x"] + x, box["y"] + y, steps=6)
+    page.mouse.up()
+    n = int(_wait_probe(page, "selected", lambda v: v != "selected=0").split("=")[1])
+    assert n == 24
+    grid = page.locator(".ll-selection-grid .ll-cell")
+    grid.nth(23).wait_for(timeout=60_000)
+    grid.nth(0).scroll_into_view_if_needed()
+    grid.nth(0).click()  # drop one from the grid: the map follows
+    _wait_probe(page, "selected", lambda v: v == "selected=23")
+    page.locator(".ll-atlas-map").first.screenshot(path=str(shots / "atlas-selection.png"))
+    # generate mode: click an empty corner -> the image at that point
+    page.get_by_text("generate (click)").click()
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    gen = page.locator("img.ll-generated").first
+    before = _src(gen)
+    page.mouse.click(box["x"] + 12, box["y"] + 12)
+    _wait_change(gen, before)
+    # path mode: draw across the map -> a video
+    page.get_by_text("path (draw)").click()
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + 40, box["y"] + 40)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=10)
+    page.mouse.move(box["x"] + box["width"] - 40, box["y"] + 60, steps=10)
+    page.mouse.up()
+    _wait_probe(page, "video", lambda v: v != "video_bytes=0", timeout=300)
+    page.locator(".ll-manifest").last.wait_for(timeout=60_000)
+    explorer = page.locator(".ll-atlas-map").first.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][2]")
+    explorer.screenshot(path=str(shots / "atlas-explorer.png"))
+    page.screenshot(path=str(shots / "jupyterlab.png"), full_page=False)
+    assert json.dumps(_probe(page, "video"))
