@@ -125,14 +125,20 @@ def lab_page(tmp_path_factory):
             page.wait_for_selector(".ll-atlas-map canvas", timeout=600_000)
             page.wait_for_function(
                 "() => document.querySelector('#jp-main-statusbar')?.innerText.includes('Idle')", timeout=600_000)
-            news = page.get_by_role("button", name="No")  # the "Jupyter news" toast covers the bottom right
-            if news.count():
-                news.first.click()
+            _dismiss_news(page)
             yield page, shots
             browser.close()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def _dismiss_news(page):
+    """The "Jupyter news" toast covers the bottom right of the page (it can appear late)."""
+    news = page.locator(".jp-toast-button", has_text="No")
+    if news.count():
+        news.first.click()
+        page.wait_for_timeout(300)
 
 
 def _probe(page, name) -> str:
@@ -185,6 +191,7 @@ def test_seed_browser_click_picks_and_shows_variations(lab_page):
     page.locator(".ll-variation-grid .ll-cell img").nth(3).wait_for(timeout=120_000)
     cells.nth(5).click()
     _wait_probe(page, "picked", lambda v: v == "picked=[2, 5]")
+    _dismiss_news(page)
     page.locator(".ll-seed-grid").first.screenshot(path=str(shots / "seed-browser.png"))
 
 
@@ -204,6 +211,7 @@ def test_interpolator_slider_drag_changes_the_frame(lab_page):
     page.get_by_role("button", name="Strip + diagnostics").click()
     page.locator(".ll-diagnostics table").wait_for(timeout=180_000)
     assert page.locator(".ll-diagnostics tr").count() == 7  # header + 6 frames
+    _dismiss_news(page)
     frame.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][1]").screenshot(
         path=str(shots / "interpolator.png"))
 
@@ -285,6 +293,7 @@ def test_atlas_explorer_hover_lasso_click_and_path(lab_page):
     _wait_probe(page, "video", lambda v: v != "video_bytes=0", timeout=300)
     page.locator(".ll-manifest").last.wait_for(timeout=60_000)
     explorer = page.locator(".ll-atlas-map").first.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][2]")
+    _dismiss_news(page)
     explorer.screenshot(path=str(shots / "atlas-explorer.png"))
     page.screenshot(path=str(shots / "jupyterlab.png"), full_page=False)
     assert json.dumps(_probe(page, "video"))

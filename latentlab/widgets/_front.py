@@ -98,8 +98,9 @@ function render({ model, el }) {
       ctx.stroke(); }
     const axes = model.get("axes");
     ctx.fillStyle = "#555"; ctx.font = "11px sans-serif";
-    if (axes.length === 2) { ctx.fillText(axes[0] + " →", W - 80, H - 3);
-      ctx.save(); ctx.translate(11, 80); ctx.rotate(-Math.PI / 2); ctx.fillText(axes[1] + " →", 0, 0); ctx.restore(); }
+    if (axes.length === 2) { ctx.textAlign = "right"; ctx.fillText(axes[0] + " →", W - 4, H - 3);
+      ctx.save(); ctx.translate(11, 4); ctx.rotate(-Math.PI / 2); ctx.fillText(axes[1] + " →", 0, 0); ctx.restore();
+      ctx.textAlign = "left"; }
     if (stroke.length > 1) { ctx.strokeStyle = "#1c7ed6"; ctx.lineWidth = 1.5; ctx.beginPath();
       stroke.forEach((p, j) => j ? ctx.lineTo(p[0], p[1]) : ctx.moveTo(p[0], p[1])); ctx.stroke(); }
   };
