@@ -38,9 +38,18 @@ def test_evaluator_reads_colours_from_rendered_images():
     assert bgs == [a["background"] for a in b.attributes]
     assert fgs == [a["colour"] for a in b.attributes]
     assert masks.shape == (32, 64, 64) and masks.any(dim=(1, 2)).all()
-    assert evaluate.score([{"background": "red", "colour": "blue", "shape": "star"}],
-                          [{"background": "red", "colour": "blue", "shape": "ring"}]) == {
-        "background": 1.0, "colour": 1.0, "shape": 0.0, "all": 0.0}
+    assert evaluate.score([{"background": "red", "colour": "blue", "shape": "star", "size": "small"}],
+                          [{"background": "red", "colour": "blue", "shape": "ring", "size": "small"}]) == {
+        "background": 1.0, "colour": 1.0, "shape": 0.0, "size": 1.0, "all": 0.0, "all_but_size": 0.0}
+
+
+def test_evaluator_reads_sizes_from_rendered_images():
+    """The size word from the blob's circumradius: right on rendered images (the evaluator's own error)."""
+    b = world.sample(96, seed=12)
+    _, _, masks = evaluate.segment(b.images)
+    sizes = evaluate.size_names(evaluate.blob_radius(masks))
+    right = sum(s == a["size"] for s, a in zip(sizes, b.attributes))
+    assert right >= 0.95 * 96, right
 
 
 def test_evaluator_shape_classifier_learns_shapes_and_ignores_the_thread_count():

@@ -13,7 +13,7 @@ import random
 from latentlab.embedded import evaluate, world
 
 #: k-NN chance levels: the evaluator's, plus size.
-CHANCE = {k: evaluate.CHANCE[k] for k in ("colour", "background", "shape")} | {"size": 1 / len(world.SIZE_NAMES)}
+CHANCE = {k: evaluate.CHANCE[k] for k in ("colour", "background", "shape", "size")}
 
 
 def measure(n_prompts: int, seeds: list[int]) -> dict[str, dict[str, float]]:

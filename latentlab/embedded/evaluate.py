@@ -8,7 +8,11 @@ One responsibility: turn images back into attributes and score the model against
 - Shape: a small classifier on the blob's binary mask (64x64), trained on freshly rendered masks of the world (where
   labels are exact). Rendering is the ground truth; the classifier's own accuracy on rendered held-out images is
   reported beside every score so the evaluator's error is visible.
-- VAE: PSNR of reconstructions of fresh 64x64 images (in [0, 1]).
+- Size: the blob's circumradius (largest distance from its centroid, every shape of the world has circumradius ~1
+  in its own units), classified by the midpoints between the world's size ranges.
+- VAE: PSNR of reconstructions of fresh 64x64 images (in [0, 1]); locality of the decoder (how much one half of
+  the latent changes the other half of the image).
+- Latent edits and paths (v2 targets): locality of inpainting, graded img2img, clean in-betweens of morphs.
 - CLIP: zero-shot attributes of fresh images: the argmax over every caption of the world.
 
 Run ``python -m latentlab.embedded.evaluate --help``.
@@ -149,17 +153,42 @@ def _train_shape_classifier(steps: int, seed: int) -> tuple[ShapeNet, float]:
     return net, acc
 
 
+def blob_radius(masks: torch.Tensor) -> torch.Tensor:
+    """Circumradius (pixels) of each (H, W) blob: the largest distance from its centroid to a pixel centre, + 0.5."""
+    out = torch.zeros(len(masks))
+    for i, m in enumerate(masks):
+        ys, xs = m.nonzero(as_tuple=True)
+        if len(ys) == 0:
+            continue
+        cy, cx = ys.float().mean(), xs.float().mean()
+        out[i] = ((ys.float() - cy) ** 2 + (xs.float() - cx) ** 2).sqrt().max() + 0.5
+    return out
+
+
+def size_names(radii: torch.Tensor) -> list[str]:
+    """Size words from radii, split at the midpoints between the world's size ranges."""
+    ranges = [world.SIZES[s] for s in world.SIZE_NAMES]
+    cuts = [(ranges[i][1] + ranges[i + 1][0]) / 2 for i in range(len(ranges) - 1)]
+    return [world.SIZE_NAMES[sum(float(r) > c for c in cuts)] for r in radii]
+
+
+KEYS = ("background", "colour", "shape", "size")
+
+
 @torch.no_grad()
 def attributes(images: torch.Tensor, shape_net: ShapeNet) -> list[dict[str, str]]:
     bgs, fgs, masks = segment(images)
     shapes = [world.SHAPES[i] for i in shape_net(masks).argmax(1).tolist()]
-    return [{"background": b, "colour": f, "shape": s} for b, f, s in zip(bgs, fgs, shapes)]
+    sizes = size_names(blob_radius(masks))
+    return [{"background": b, "colour": f, "shape": s, "size": z} for b, f, s, z in zip(bgs, fgs, shapes, sizes)]
 
 
 def score(predicted: list[dict[str, str]], truth: list[dict[str, str]]) -> dict[str, float]:
+    """Accuracy of each attribute; ``all`` counts an image right only when all four (size included) are."""
     n = len(truth)
-    out = {k: sum(p[k] == t[k] for p, t in zip(predicted, truth)) / n for k in ("background", "colour", "shape")}
-    out["all"] = sum(all(p[k] == t[k] for k in ("background", "colour", "shape")) for p, t in zip(predicted, truth)) / n
+    out = {k: sum(p[k] == t[k] for p, t in zip(predicted, truth)) / n for k in KEYS}
+    out["all"] = sum(all(p[k] == t[k] for k in KEYS) for p, t in zip(predicted, truth)) / n
+    out["all_but_size"] = sum(all(p[k] == t[k] for k in KEYS[:3]) for p, t in zip(predicted, truth)) / n
     return out
 
 
@@ -177,7 +206,8 @@ CHANCE = {
     "colour": 1 / (len(world.COLOUR_NAMES) - 1),
     "shape": 1 / len(world.SHAPES),
 }
-CHANCE["all"] = CHANCE["background"] * CHANCE["colour"] * CHANCE["shape"]
+CHANCE["size"] = 1 / len(world.SIZE_NAMES)
+CHANCE["all"] = CHANCE["background"] * CHANCE["colour"] * CHANCE["shape"] * CHANCE["size"]
 
 
 @torch.no_grad()
@@ -258,6 +288,102 @@ def generation(pipe, shape_net: ShapeNet, *, n: int = 256, steps: int = 20, guid
     return out
 
 
+@torch.no_grad()
+def decoder_locality(vae, n: int = 64, seed: int = 123, seam: int = 1) -> float:
+    """RMS change (images in [0, 1]) of the left part of a decoded image when the right half of its latent is
+    replaced by another image's, outside a ``seam`` latent pixels wide: 0 for a perfectly local decoder."""
+    x = world.sample(2 * n, seed=seed).images * 2 - 1
+    z = vae.encode(x).latent_dist.mean
+    za, zb = z[:n], z[n:]
+    half = z.shape[-1] // 2
+    mix = za.clone()
+    mix[..., half:] = zb[..., half:]
+    f = x.shape[-1] // z.shape[-1]
+    keep = (half - seam) * f
+    da, dm = vae.decode(za).sample, vae.decode(mix).sample
+    return float(((dm - da)[..., :keep] / 2).pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def inpaint_locality(lab, n: int = 32, seed: int = 77, seam: int = 1) -> float:
+    """RMS change of the unmasked half of images (outside a one-latent-pixel seam) after latent inpainting of the
+    other half, against the decoded original (no pixel composite)."""
+    b = world.sample(n, seed=seed, prompts=world.held_out_prompts())
+    z0 = lab.encode(b.images)
+    h = z0.shape[-1]
+    mask = torch.zeros(1, 1, h, h)
+    mask[..., h // 2 :] = 1
+    cond = lab.encode_prompt(b.captions)
+    out = lab.inpaint(z0, cond, mask, seed=list(range(n)))
+    ref = lab.decode(z0)
+    keep = (h // 2 - seam) * lab.vae_scale_factor
+    return float((out - ref)[..., :keep].pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def graded_img2img(lab, shape_net: ShapeNet, *, n: int = 48, strengths=(0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
+                   seed: int = 5) -> dict[str, float]:
+    """Towards a prompt that differs in one attribute (the shape colour): the share of images that take the new
+    colour at each strength. A model with a graded latent space rises slowly; v1 flipped by 0.1."""
+    prompts = world.held_out_prompts()
+    g = torch.Generator().manual_seed(seed)
+    src, dst = [], []
+    for i in torch.randperm(len(prompts), generator=g)[:n].tolist():
+        size, colour, shape, bg = prompts[i]
+        options = [c for c in world.COLOUR_NAMES if c not in (colour, bg)]
+        new = options[int(torch.randint(len(options), (1,), generator=g))]
+        src.append((size, colour, shape, bg))
+        dst.append((size, new, shape, bg))
+    images = world.render_prompts(src, seed=seed).images
+    z0 = lab.encode(images)
+    cond = lab.encode_prompt([world.caption(*p) for p in dst])
+    out = {}
+    for s in strengths:
+        pred = attributes(lab.img2img(z0, cond, strength=s, seed=list(range(n))), shape_net)
+        out[f"{s:g}"] = sum(p["colour"] == t[1] for p, t in zip(pred, dst)) / n
+    return out
+
+
+@torch.no_grad()
+def clean_inbetweens(lab, shape_net: ShapeNet, *, pairs: int = 50, frames: int = 48, seed: int = 9,
+                     background_tolerance: float = 0.2) -> dict[str, float]:
+    """Morphs between random held-out prompt pairs (slerp noise, lerp prompt): the share of frames that show one
+    connected shape on a uniform background, and the share whose background colour is near (RGB distance <
+    ``background_tolerance``) one keyframe's background or the RGB blend of the two at that frame's t."""
+    prompts = world.held_out_prompts()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(prompts), (pairs, 2), generator=g).tolist()
+    ts = torch.linspace(0, 1, frames)
+    from latentlab.backend import Conditioning
+    from latentlab.ops import lerp, slerp
+
+    clean = near = total = 0
+    for k, (i, j) in enumerate(idx):
+        a, b = prompts[i], prompts[j]
+        za, zb = lab.noise(2 * k), lab.noise(2 * k + 1)
+        ca, cb = lab.encode_prompt(world.caption(*a)), lab.encode_prompt(world.caption(*b))
+        z = slerp(za, zb, ts)[:, 0]
+        cond = Conditioning(lerp(ca.prompt_embeds, cb.prompt_embeds, ts)[:, 0],
+                            None if ca.pooled_prompt_embeds is None
+                            else lerp(ca.pooled_prompt_embeds, cb.pooled_prompt_embeds, ts)[:, 0])
+        images = lab.generate(z, cond)
+        for f, img in enumerate(images):
+            border = torch.cat([img[:, 0, :], img[:, -1, :], img[:, :, 0], img[:, :, -1]], dim=1)
+            bg = border.median(dim=1).values
+            uniform = float((border - bg[:, None]).norm(dim=0).gt(0.15).float().mean()) < 0.1
+            dist = (img - bg.view(3, 1, 1)).norm(dim=0) > 0.35
+            blob = _largest_blob(dist)
+            one_shape = bool(blob.sum() >= 4) and float(blob.sum()) >= 0.9 * float(dist.sum())
+            clean += uniform and one_shape
+            ba, bb = torch.tensor(world.COLOURS[a[3]]), torch.tensor(world.COLOURS[b[3]])
+            t = float(ts[f])
+            refs = torch.stack([ba, bb, ba + t * (bb - ba)])
+            near += float((refs - bg).norm(dim=1).min()) < background_tolerance
+            total += 1
+    return {"one_clean_shape": clean / total, "background_near_keyframes_or_blend": near / total,
+            "frames": total}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m latentlab.embedded.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="diffusers folder (default: the embedded model)")
@@ -266,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--v2", action="store_true", help="also measure the v2 targets: decoder and inpainting locality, "
+                   "graded img2img, clean in-betweens (a few more minutes)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
@@ -292,6 +420,15 @@ def main(argv: list[str] | None = None) -> None:
                      "scheduler": type(pipe.scheduler).__name__},
         "chance": CHANCE,
     }
+    if args.v2:
+        from latentlab.backend import Lab
+
+        lab = Lab.from_pretrained(path, device="cpu")
+        lab.defaults = lab.defaults.replace(num_inference_steps=args.steps, guidance_scale=args.guidance)
+        results["decoder_locality_rms"] = decoder_locality(pipe.vae.float())
+        results["inpaint_locality_rms"] = inpaint_locality(lab)
+        results["graded_img2img_new_colour_share"] = graded_img2img(lab, shape_net)
+        results["clean_inbetweens"] = clean_inbetweens(lab, shape_net)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
