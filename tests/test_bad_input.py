@@ -343,3 +343,13 @@ def test_umap_transform_checks_the_feature_count():
     with pytest.raises(ValueError, match=r"`X` items must have 6 values .* got 4"):
         u.transform(x[:, :4])
 
+
+
+def test_info_says_what_a_bug_report_needs(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("latentlab: ", "torch: ", "diffusers: ", "transformers: ", "CUDA available: ", "MPS available: ",
+                   "default device: ", "torch threads: ", "embedded default model: "):
+        assert needle in out, needle
+    assert cli.main(["info", "--fingerprint"]) == 0
+    assert "embedded model fingerprint: " in capsys.readouterr().out
