@@ -31,6 +31,14 @@ class Conditioning:
         pooled = None if items[0].pooled_prompt_embeds is None else torch.cat([c.pooled_prompt_embeds for c in items])
         return Conditioning(torch.cat([c.prompt_embeds for c in items]), pooled)
 
+    def weighted_sum(self, weights: torch.Tensor | Sequence[float]) -> Conditioning:
+        """One item: ``sum_i weights[i] * item_i`` of every field (weights as given: normalise them for a mean,
+        sign them for arithmetic)."""
+        w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        if len(w) != len(self):
+            raise ValueError(f"`weights` must have {len(self)} values (one per item), got {len(w)}")
+        return self.map(lambda t: (w.to(t.dtype).view(-1, *[1] * (t.ndim - 1)) * t).sum(0, keepdim=True))
+
     def map(self, fn) -> Conditioning:
         """Apply ``fn`` to every tensor field (e.g. an interpolation)."""
         pooled = None if self.pooled_prompt_embeds is None else fn(self.pooled_prompt_embeds)

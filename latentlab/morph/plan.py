@@ -162,7 +162,7 @@ def _mix_key(lab: Backend, mix, shape) -> tuple[torch.Tensor, Conditioning]:
     total = sum(mix.prompt_weights)
     w = torch.tensor([x / total for x in mix.prompt_weights])
     enc = Conditioning.cat([lab.encode_prompt(p) for p in mix.prompts])
-    return z, enc.map(lambda t: (w.to(t.dtype).view(-1, *[1] * (t.ndim - 1)) * t).sum(0, keepdim=True))
+    return z, enc.weighted_sum(w)
 
 
 def file_digest(path: str) -> str:

@@ -145,7 +145,7 @@ class Arithmetic(Panel):
         cs = self.lab.encode_prompt(prompts)
         zs = self.lab.noise(seeds).float()
         if self.on_prompts.value:
-            cond = cs.map(lambda t: (w.to(t.dtype).view(-1, *[1] * (t.ndim - 1)) * t).sum(0, keepdim=True))
+            cond = cs.weighted_sum(w)
         else:
             cond = cs[0]
         if self.on_noise.value:

@@ -195,7 +195,7 @@ class AtlasExplorer(Panel):
         idx, w = knn_weights(self.coords, point, k=self.k)
         prompts = [self.atlas.items[i]["prompt"] for i in idx.tolist()]
         enc = self.lab.encode_prompt(prompts)
-        cond = enc.map(lambda t: (w.to(t.dtype).view(-1, *[1] * (t.ndim - 1)) * t).sum(0, keepdim=True))
+        cond = enc.weighted_sum(w)
         if self._pca is not None and self.space.value == "noise":
             z = inverse_pca(self._pca, point, self.atlas.noise.float(), self.coords)[None]
             how = {"noise": "nearest item moved in the PCA plane, on the Gaussian shell"}
