@@ -182,6 +182,11 @@ class Lab:
         kwargs.setdefault("use_safetensors", True)
         verbosity = diffusers.utils.logging.get_verbosity()
         diffusers.utils.logging.set_verbosity_error()  # failures are reported once, below, not as log lines too
+        bars = diffusers.utils.logging.is_progress_bar_enabled()
+        diffusers.utils.logging.disable_progress_bar()  # loading a small model is quick: no "Loading ..." bars
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(str(local if looks_local else model_id_or_path),
                                                                dtype=dtype, **kwargs)
@@ -195,6 +200,9 @@ class Lab:
             raise FileNotFoundError(f"could not load `model_id_or_path` {str(model_id_or_path)!r}: {why}") from e
         finally:
             diffusers.utils.logging.set_verbosity(verbosity)
+            if bars:
+                diffusers.utils.logging.enable_progress_bar()
+                transformers.utils.logging.enable_progress_bar()
         supported = (diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline)
         if not isinstance(pipe, supported):
             raise TypeError(
