@@ -150,10 +150,12 @@ def build_atlas(lab: Backend, prompts: Sequence[str], seeds: Sequence[int], *, c
 
 
 def plot_atlas(atlas: Atlas, coords, *, color_by: str | None = "prompt", thumbnails: bool = True,
-               zoom: float = 0.35, ax=None, title: str | None = None):
+               zoom: float = 0.35, ax=None, title: str | None = None, xlabel: str = "component 1",
+               ylabel: str = "component 2", min_separation: float = 0.08):
     """Scatter a 2-D projection of ``atlas`` (``coords``: (N, 2)), coloured by an item key, with thumbnails.
 
-    Returns the matplotlib Figure.
+    Every point is drawn; a thumbnail only where it does not pile onto one already drawn (centres at least
+    ``min_separation`` of the plot's span apart, greedily in item order; 0 draws them all). Returns the Figure.
     """
     import matplotlib
 
@@ -186,11 +188,19 @@ def plot_atlas(atlas: Atlas, coords, *, color_by: str | None = "prompt", thumbna
     else:
         ax.scatter(c[:, 0], c[:, 1], s=10)
     if thumbnails:
+        span = (c.max(0).values - c.min(0).values).clamp(min=1e-12)
+        kept: list[torch.Tensor] = []
         for i in range(len(atlas)):
+            u = (c[i] - c.min(0).values) / span
+            if kept and min(float((u - k).norm()) for k in kept) < min_separation:
+                continue
+            kept.append(u)
             img = atlas.thumbnails[i].permute(1, 2, 0).numpy()
             ab = AnnotationBbox(OffsetImage(img, zoom=zoom), (float(c[i, 0]), float(c[i, 1])), frameon=False)
             ax.add_artist(ab)
     ax.set_title(title or f"{len(atlas)} items ({atlas.provenance.get('model', '?')})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_xticks([])
     ax.set_yticks([])
     return fig
