@@ -41,3 +41,20 @@ def test_embedded_clip_reads_colours():
     tok = CLIPTokenizer.from_pretrained(embedded.model_path() / "tokenizer")
     scores = evaluate.clip_zero_shot(clip, tok, n=64)
     assert scores["colour"] >= 0.9 and scores["background"] >= 0.9, scores
+
+
+def test_the_readme_demo_starts_and_ends_on_what_its_prompts_say():
+    """The README's main job morphs "a large red circle on a blue background" to "a small yellow star on a black
+    background" (seed 0): its first and last frames are read by the evaluator as exactly those attributes."""
+    from latentlab.morph import Keyframe, MorphSettings, plan
+
+    lab = Lab.default()
+    s = MorphSettings(keyframes=(Keyframe("a large red circle on a blue background"),
+                                 Keyframe("a small yellow star on a black background")), n_frames=48)
+    p = plan(lab, s)
+    lat, cond = p.inputs(0, 48)
+    images = lab.generate(lat[[0, 47]], cond[[0, 47]])
+    net, _ = evaluate.train_shape_classifier(steps=200)
+    got = evaluate.attributes(images, net)
+    assert got[0] == {"background": "blue", "colour": "red", "shape": "circle", "size": "large"}, got[0]
+    assert got[1] == {"background": "black", "colour": "yellow", "shape": "star", "size": "small"}, got[1]

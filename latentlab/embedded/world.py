@@ -38,7 +38,10 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 #: Circumradius in pixels (of a 64-pixel image) for each size word.
-SIZES: dict[str, tuple[float, float]] = {"small": (8.0, 11.0), "medium": (13.0, 16.0), "large": (18.5, 22.0)}
+# v2: "small" starts at 10.5 px (a shape about three latent pixels across: the 8x8 latent grid cannot hold less).
+SIZES: dict[str, tuple[float, float]] = {"small": (10.5, 12.5), "medium": (14.5, 17.0), "large": (19.5, 22.5)}
+#: Per-channel colour jitter of training renders (v2): colours are ranges, so in-betweens and img2img have meaning.
+JITTER = 0.06
 SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 RESOLUTION = 64
 #: How many of the prompts are never shown in training (compositional generalisation is what the evaluator tests).
@@ -191,6 +194,16 @@ def render(
     for name, value in (("colour", colour), ("background", background)):
         if value not in COLOURS:
             raise ValueError(f"`{name}` must be one of {COLOUR_NAMES}, got {value!r}")
+    alpha = coverage(shape, radius=radius, center=center, angle=angle, resolution=resolution)
+    return _compose(alpha, torch.tensor(COLOURS[colour]), torch.tensor(COLOURS[background]))
+
+
+def _compose(alpha: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    return bg.view(3, 1, 1) + (fg - bg).view(3, 1, 1) * alpha.unsqueeze(0)
+
+
+def coverage(shape: str, *, radius: float, center: tuple[float, float], angle: float, resolution: int = RESOLUTION):
+    """The shape's per-pixel coverage (resolution, resolution) in [0, 1]."""
     coords = torch.arange(resolution, dtype=torch.float32) + 0.5
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     px = torch.stack([xx - center[0], center[1] - yy], dim=-1)  # y up
@@ -198,10 +211,7 @@ def render(
     rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float32)
     p = (px @ rot) / radius
     sdf_px = _SDF[shape](p) * radius
-    alpha = (0.5 - sdf_px).clamp(0.0, 1.0)
-    fg = torch.tensor(COLOURS[colour]).view(3, 1, 1)
-    bg = torch.tensor(COLOURS[background]).view(3, 1, 1)
-    return bg + (fg - bg) * alpha.unsqueeze(0)
+    return (0.5 - sdf_px).clamp(0.0, 1.0)
 
 
 def sample(
@@ -212,6 +222,7 @@ def sample(
     drop_size: float = 0.0,
     drop_background: float = 0.0,
     resolution: int = RESOLUTION,
+    jitter: float = 0.0,
 ) -> Batch:
     """Draw ``n`` seeded samples whose attributes come uniformly from ``prompts`` (default: all of them).
 
@@ -224,7 +235,7 @@ def sample(
     idx = torch.randint(len(prompts), (n,), generator=g).tolist()
     return render_prompts(
         [prompts[j] for j in idx], seed=seed + 1, drop_size=drop_size, drop_background=drop_background,
-        resolution=resolution,
+        resolution=resolution, jitter=jitter,
     )
 
 
@@ -235,10 +246,13 @@ def render_prompts(
     drop_size: float = 0.0,
     drop_background: float = 0.0,
     resolution: int = RESOLUTION,
+    jitter: float = 0.0,
 ) -> Batch:
     """Render exactly these (size, colour, shape, background) prompts, in order, with seeded position/rotation."""
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(len(prompts), 6, generator=g).tolist()
+    # Drawn after (and from another generator than) the positions, so jitter=0 renders exactly what it always did.
+    jit = (torch.rand(len(prompts), 2, 3, generator=torch.Generator().manual_seed(seed + 7_777_777)) * 2 - 1) * jitter
     images, captions, attrs = [], [], []
     scale = resolution / RESOLUTION
     for k, (size, colour, shape, bg) in enumerate(prompts):
@@ -249,7 +263,12 @@ def render_prompts(
         cx = margin + (resolution - 2 * margin) * uu[1]
         cy = margin + (resolution - 2 * margin) * uu[2]
         angle = 2 * math.pi * uu[3]
-        images.append(render(shape, colour, bg, radius=radius, center=(cx, cy), angle=angle, resolution=resolution))
+        if jitter:
+            alpha = coverage(shape, radius=radius, center=(cx, cy), angle=angle, resolution=resolution)
+            fg_j = (torch.tensor(COLOURS[colour]) + jit[k, 0]).clamp(0, 1)
+            images.append(_compose(alpha, fg_j, (torch.tensor(COLOURS[bg]) + jit[k, 1]).clamp(0, 1)))
+        else:
+            images.append(render(shape, colour, bg, radius=radius, center=(cx, cy), angle=angle, resolution=resolution))
         captions.append(
             caption(None if uu[4] < drop_size else size, colour, shape, None if uu[5] < drop_background else bg)
         )
