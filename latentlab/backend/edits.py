@@ -113,7 +113,7 @@ def _run_img2img(lab: Lab, latents, conditioning, *, strength, seed, mask, sampl
                     **lab.pipeline_kwargs(cond, negative, s), **kw).images
 
     args = (latents, conditioning, torch.arange(len(latents))) + (() if m is None else (m,))
-    return lab.run_batched(run, *args, batch_size=batch_size), s
+    return lab.run_batched(run, *args, batch_size=batch_size)
 
 
 def img2img(lab: Lab, latents: torch.Tensor, conditioning: Conditioning, *, strength: float = 0.6,
@@ -129,7 +129,7 @@ def img2img(lab: Lab, latents: torch.Tensor, conditioning: Conditioning, *, stre
        generators, so a seed means one result with any scheduler.
     """
     _checks.choice(output_type, "output_type", ("pt", "latent"))
-    out, _ = _run_img2img(lab, latents, conditioning, strength=strength, seed=seed, mask=None, sampling=sampling,
+    out = _run_img2img(lab, latents, conditioning, strength=strength, seed=seed, mask=None, sampling=sampling,
                           batch_size=batch_size, **overrides)
     return out.float().cpu() if output_type == "latent" else lab.decode(out, batch_size=batch_size)
 
@@ -178,7 +178,7 @@ def inpaint(lab: Lab, latents: torch.Tensor, conditioning: Conditioning, mask: t
                              f"got {tuple(image.shape)}")
         _checks.within(image, "image", 0.0, 1.0)
         _checks.real(feather, "feather", low=0.0, high=64.0)
-    out, _ = _run_img2img(lab, latents, conditioning, strength=strength, seed=seed, mask=mask, sampling=sampling,
+    out = _run_img2img(lab, latents, conditioning, strength=strength, seed=seed, mask=mask, sampling=sampling,
                           batch_size=batch_size, **overrides)
     if output_type == "latent":
         return out.float().cpu()

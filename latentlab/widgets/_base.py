@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
+from pathlib import Path
 
 import ipywidgets as widgets
 import torch
@@ -65,6 +67,15 @@ class Panel(widgets.VBox):
     def one(self, latents: torch.Tensor, conditioning, sampling: Sampling | None = None) -> torch.Tensor:
         """Generate interactively: compute batch 1, so a single image pays for one item."""
         return self.lab.generate(latents, conditioning, sampling=sampling or self.sampling, batch_size=1)
+
+
+def free_path(folder: Path, stem: str, suffix: str = ".mp4") -> Path:
+    """``folder/stem-N.suffix`` for the first N whose file and manifest do not exist: never overwrite a user's file."""
+    for k in itertools.count(1):
+        p = folder / f"{stem}-{k}{suffix}"
+        if not p.exists() and not p.with_name(p.name + ".json").exists():
+            return p
+    raise AssertionError("unreachable")
 
 
 def check_seed(seed: object, name: str = "seed") -> int:

@@ -4,7 +4,6 @@ generated) and draw on (a morph video along the path)."""
 from __future__ import annotations
 
 import html
-import itertools
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -14,7 +13,7 @@ import torch
 from latentlab.backend import Backend, Conditioning
 from latentlab.ops import blend
 from latentlab.sampling import Sampling
-from latentlab.widgets._base import Panel, data_url
+from latentlab.widgets._base import Panel, data_url, free_path
 from latentlab.widgets._front import MapView, ThumbGrid
 from latentlab.widgets._worker import LatestWorker
 
@@ -257,9 +256,7 @@ class AtlasExplorer(Panel):
             self.show_error(e)
             return None
         self.map.path = [list(map(float, q)) for q in points]
-        out = next(self.output_dir / f"atlas-path-{k}.mp4" for k in itertools.count(1)
-                   if not (self.output_dir / f"atlas-path-{k}.mp4").exists()
-                   and not (self.output_dir / f"atlas-path-{k}.mp4.json").exists())
+        out = free_path(self.output_dir, "atlas-path")
         self.progress.max, self.progress.value = settings.n_frames, 0
 
         def work():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import io
-import itertools
 import math
 import time
 from pathlib import Path
@@ -16,8 +15,9 @@ import torch
 from latentlab.backend import Backend, Conditioning
 from latentlab.ops import lerp, norm_zscore, slerp
 from latentlab.sampling import Sampling
-from latentlab.widgets._base import Panel, check_seed, check_text, data_url
+from latentlab.widgets._base import Panel, check_seed, check_text, data_url, free_path
 from latentlab.widgets._front import ThumbGrid
+from latentlab.widgets._worker import LatestWorker
 
 _INTERP = {"slerp": slerp, "lerp": lerp}
 
@@ -107,8 +107,6 @@ class Interpolator(Panel):
         self.manifest = widgets.HTML("")
         self.manifest.add_class("ll-manifest")
         self._seconds_per_frame: float | None = None
-        from latentlab.widgets._worker import LatestWorker
-
         self._render_worker = LatestWorker(lambda busy: None, self.show_error)
         self.children = [
             widgets.HBox([self.prompt_a, self.seed_a]), widgets.HBox([self.prompt_b, self.seed_b]),
@@ -237,13 +235,6 @@ class Interpolator(Panel):
 
     # --- video ------------------------------------------------------------------------------------------------
 
-    def _free_output(self) -> Path:
-        for k in itertools.count(1):
-            p = self.output_dir / f"interpolation-{k}.mp4"
-            if not p.exists() and not p.with_name(p.name + ".json").exists():
-                return p
-        raise AssertionError("unreachable")
-
     def render_video(self) -> Path | None:
         """Render the morph A -> B with the current paths in the background; returns the planned output path."""
         from latentlab.morph import Keyframe, MorphSettings, manifest_path, render_morph
@@ -256,7 +247,7 @@ class Interpolator(Panel):
         except (TypeError, ValueError, FileNotFoundError) as e:
             self.show_error(e)
             return None
-        out = self._free_output()
+        out = free_path(self.output_dir, "interpolation")
         self.progress.max, self.progress.value = settings.n_frames, 0
         self.render_button.disabled = True
 
