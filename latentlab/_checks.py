@@ -76,6 +76,15 @@ def positive_int(n: object, name: str, *, minimum: int = 1) -> int:
     return n
 
 
+def seed(s: object, name: str = "seed") -> int:
+    """A seed: an int (not a bool) in [0, 2**64), the range of a torch.Generator seed."""
+    if isinstance(s, bool) or not isinstance(s, int):
+        raise TypeError(f"`{name}` must be an int, got {type(s).__name__}")
+    if not 0 <= s < 2**64:
+        raise ValueError(f"`{name}` must be in [0, 2**64), got {s}")
+    return s
+
+
 def choice(value: object, name: str, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"`{name}` must be one of {tuple(options)}, got {value!r}")

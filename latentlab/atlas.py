@@ -114,9 +114,8 @@ def build_atlas(lab: Backend, prompts: Sequence[str], seeds: Sequence[int], *, c
         raise TypeError("`prompts` must be a non-empty list of strings")
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise TypeError("`seeds` must be a non-empty list of ints")
-    bad = [s for s in seeds if not 0 <= s < 2**64]
-    if bad:
-        raise ValueError(f"`seeds` must be in [0, 2**64), got {bad[0]}")
+    for s in seeds:
+        _checks.seed(s, "seeds")
     sampling = lab.sampling(sampling, **overrides)
     _checks.positive_int(thumbnail, "thumbnail")
     _checks.positive_int(chunk, "chunk")

@@ -25,7 +25,7 @@ def _seed_list(seed: object, name: str) -> list[int] | None:
     if isinstance(seed, bool):
         raise TypeError(f"`{name}` must be an int or a list of ints, got bool")
     if isinstance(seed, int):
-        _check_range(seed, name)
+        _checks.seed(seed, name)
         return None
     if isinstance(seed, (list, tuple)):
         if not seed:
@@ -33,14 +33,9 @@ def _seed_list(seed: object, name: str) -> list[int] | None:
         for i, s in enumerate(seed):
             if isinstance(s, bool) or not isinstance(s, int):
                 raise TypeError(f"`{name}[{i}]` must be an int, got {type(s).__name__}")
-            _check_range(s, f"{name}[{i}]")
+            _checks.seed(s, f"{name}[{i}]")
         return list(seed)
     raise TypeError(f"`{name}` must be an int or a list of ints, got {type(seed).__name__}")
-
-
-def _check_range(s: int, name: str) -> None:
-    if not 0 <= s < 2**64:
-        raise ValueError(f"`{name}` must be in [0, 2**64), got {s}")
 
 
 def _shape(shape: object) -> tuple[int, ...]:

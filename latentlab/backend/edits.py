@@ -43,8 +43,7 @@ def _seeds(seed: object, n: int) -> list[int]:
     else:
         raise ValueError(f"`seed` must be an int (the same noise for every item) or {n} ints, got {seed!r}")
     for s in seeds:
-        if not 0 <= s < 2**64:
-            raise ValueError(f"`seed` must be in [0, 2**64), got {s}")
+        _checks.seed(s, "seed")
     return seeds
 
 

@@ -48,8 +48,7 @@ class Mix:
             if sum(vals) <= 0:
                 raise ValueError(f"`mix.{name}` must not all be zero")
         for s in self.seeds:
-            if not 0 <= s < 2**64:
-                raise ValueError(f"`mix.seeds` must be in [0, 2**64), got {s}")
+            _checks.seed(s, "mix.seeds")
         for i, p in enumerate(self.prompts):
             check_prompt(p, f"mix.prompts[{i}]")
 

@@ -78,14 +78,6 @@ def free_path(folder: Path, stem: str, suffix: str = ".mp4") -> Path:
     raise AssertionError("unreachable")
 
 
-def check_seed(seed: object, name: str = "seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"`{name}` must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"`{name}` must be in [0, 2**64), got {seed}")
-    return seed
-
-
 def check_text(prompt: object, name: str = "prompt") -> str:
     from latentlab.sampling import check_prompt
 

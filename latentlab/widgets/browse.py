@@ -6,10 +6,11 @@ import ipywidgets as widgets
 import torch
 import traitlets
 
+from latentlab import _checks
 from latentlab.backend import Backend
 from latentlab.sampling import Sampling
 from latentlab.seeds import variation_noise
-from latentlab.widgets._base import Panel, check_seed, check_text, data_url
+from latentlab.widgets._base import Panel, check_text, data_url
 from latentlab.widgets._front import ThumbGrid
 
 
@@ -73,8 +74,8 @@ class SeedBrowser(Panel):
         """Render the current page (in the background)."""
         try:
             prompt = check_text(self.prompt.value)
-            first = check_seed(self.first.value, "first seed")
-            check_seed(first + self.page_size - 1, "last seed of the page")
+            first = _checks.seed(self.first.value, "first seed")
+            _checks.seed(first + self.page_size - 1, "last seed of the page")
         except (TypeError, ValueError) as e:
             self.show_error(e)
             return

@@ -8,10 +8,11 @@ import html
 import ipywidgets as widgets
 import torch
 
+from latentlab import _checks
 from latentlab.backend import Backend, Conditioning
 from latentlab.ops import expected_norm, norm_zscore, renormalize
 from latentlab.sampling import Sampling
-from latentlab.widgets._base import Panel, check_seed, check_text
+from latentlab.widgets._base import Panel, check_text
 
 
 class DirectionSliders(Panel):
@@ -76,7 +77,7 @@ class DirectionSliders(Panel):
 
     def update(self) -> None:
         try:
-            prompt, seed = check_text(self.base_prompt.value), check_seed(self.base_seed.value)
+            prompt, seed = check_text(self.base_prompt.value), _checks.seed(self.base_seed.value)
         except (TypeError, ValueError) as e:
             self.show_error(e)
             return
@@ -140,7 +141,7 @@ class Arithmetic(Panel):
     def compute(self):
         """(noise, conditioning, noise z-score, prompt norm ratio) of the current expression."""
         prompts = [check_text(p.value, f"{'ABC'[i]} prompt") for i, (p, _, _, _) in enumerate(self.terms)]
-        seeds = [check_seed(s.value, f"{'ABC'[i]} seed") for i, (_, s, _, _) in enumerate(self.terms)]
+        seeds = [_checks.seed(s.value, f"{'ABC'[i]} seed") for i, (_, s, _, _) in enumerate(self.terms)]
         w = torch.tensor([float(wt.value) for _, _, wt, _ in self.terms]) * torch.tensor([1.0, -1.0, 1.0])
         cs = self.lab.encode_prompt(prompts)
         zs = self.lab.noise(seeds).float()

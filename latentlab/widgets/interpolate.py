@@ -12,10 +12,11 @@ from pathlib import Path
 import ipywidgets as widgets
 import torch
 
+from latentlab import _checks
 from latentlab.backend import Backend, Conditioning
 from latentlab.ops import lerp, norm_zscore, slerp
 from latentlab.sampling import Sampling
-from latentlab.widgets._base import Panel, check_seed, check_text, data_url, free_path
+from latentlab.widgets._base import Panel, check_text, data_url, free_path
 from latentlab.widgets._front import ThumbGrid
 from latentlab.widgets._worker import LatestWorker
 
@@ -126,7 +127,7 @@ class Interpolator(Panel):
 
     def _keys(self):
         pa, pb = check_text(self.prompt_a.value, "A prompt"), check_text(self.prompt_b.value, "B prompt")
-        sa, sb = check_seed(self.seed_a.value, "A seed"), check_seed(self.seed_b.value, "B seed")
+        sa, sb = _checks.seed(self.seed_a.value, "A seed"), _checks.seed(self.seed_b.value, "B seed")
         za, zb = self.lab.noise(sa), self.lab.noise(sb)
         ca, cb = self.lab.encode_prompt(pa), self.lab.encode_prompt(pb)
         return (pa, sa, za, ca), (pb, sb, zb, cb)
