@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import latentlab
-from latentlab import embedded
+from latentlab import distributed, embedded
 
 EXIT_FAILED, EXIT_USAGE, EXIT_MISSING = 1, 2, 3
 
@@ -192,6 +192,8 @@ def _cmd_morph(args: argparse.Namespace) -> int:
                      distance=distance, keep_cache=args.keep_cache)
     except KeyboardInterrupt:
         raise _Exit(EXIT_FAILED, "interrupted; run the same command again to resume") from None
+    if not distributed.ranks().is_main:
+        return 0  # rank 0 wrote the video and says so
     print(f"wrote {out} ({settings.n_frames} frames at {settings.fps:g} fps) and {manifest_path(out)}")
     return 0
 
@@ -233,8 +235,13 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     lab = _load_lab(args.model)
     s = lab.sampling(sampling)
     prompts = [p for p in args.prompts for _ in seeds]
-    images = lab.generate(lab.noise([sd for _ in args.prompts for sd in seeds]), lab.encode_prompt(prompts),
-                          sampling=s, batch_size=args.batch_size)
+    z, cond = lab.noise([sd for _ in args.prompts for sd in seeds]), lab.encode_prompt(prompts)
+    r = distributed.ranks()  # under a launcher, each process generates its share and rank 0 writes the grid
+    images = r.map_blocks(lambda idx: lab.generate(z[idx], cond[idx], sampling=s, batch_size=args.batch_size),
+                          len(prompts), block=min(lab.compute_batch(args.batch_size) or len(prompts),
+                                                  -(-len(prompts) // r.world_size)))
+    if not r.is_main:
+        return 0
     write_image(out, image_grid(images, len(seeds)), upscale=upscale, overwrite=args.overwrite)
     write_manifest(man, {
         "image": out.name, "model": lab.model_id, "rows_prompts": list(args.prompts), "columns_seeds": seeds,
@@ -368,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     from latentlab.morph import RenderLocked
 
     try:
+        if distributed.launched():
+            distributed.ranks()  # join the process group (and pin this process's GPU) before any model loads
         return args.func(args)
     except _Exit as e:
         msg, code = str(e), e.code

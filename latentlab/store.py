@@ -87,18 +87,31 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, provenanc
     return path
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read tensors and provenance written by :func:`save` (any safetensors file works; provenance may be empty)."""
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", keys=None,
+         rows: slice | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read tensors and provenance written by :func:`save` (any safetensors file works; provenance may be empty).
+
+    ``keys`` reads only those tensors and ``rows`` only those rows of each (a slice of the first dimension): the
+    rest of the file is never read (safetensors maps it), so a column of a large file costs only its own bytes.
+    """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    if rows is not None and not isinstance(rows, slice):
+        raise TypeError(f"`rows` must be a slice, got {type(rows).__name__}")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+            names = list(f.keys()) if keys is None else list(keys)
+            missing = [k for k in names if k not in f.keys()]  # noqa: SIM118 - safe_open is not a dict
+            if missing:
+                raise KeyError(f"no tensor(s) {missing}")
+            tensors = {k: f.get_tensor(k) if rows is None else f.get_slice(k)[rows] for k in names}
         provenance = json.loads(meta.get(PROVENANCE_KEY, "{}"))
+    except KeyError as e:
+        raise KeyError(f"{path}: {e.args[0]}") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise ValueError(f"{path} is not a readable safetensors file (truncated or another format?): "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -95,3 +95,17 @@ class FakeBackend:
 
 def manifest(path) -> dict:
     return json.loads(path.read_text())
+
+
+class FakeCLIP:
+    """The two calls the atlas makes of CLIP, as cheap deterministic maths (8-d embeddings)."""
+
+    model_id = "fake/clip"
+
+    def embed_images(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)[:, :8].float()
+
+    def embed_text(self, prompts):
+        rows = [torch.randn(1, 8, generator=torch.Generator().manual_seed(
+            int(hashlib.sha256(p.encode()).hexdigest()[:8], 16))) for p in prompts]
+        return torch.cat(rows)

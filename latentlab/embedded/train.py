@@ -460,6 +460,42 @@ def _trained(args, stage: str, module: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def low_noise_ramp(t: torch.Tensor, full: int = 200, zero: int = 400) -> torch.Tensor:
+    """1 for timesteps below ``full``, falling linearly to 0 at ``zero``: where caption corruption applies (v2.1)."""
+    return ((zero - t.float()) / (zero - full)).clamp(0, 1)
+
+
+def one_attribute_off(text: str, g: torch.Generator) -> str:
+    """The caption with one of its words (size, colour, shape or background) changed to another valid value.
+
+    Training the UNet at low noise levels on such captions, with the true noise as the target, teaches it that
+    once an image is mostly formed the image decides and the prompt does not: img2img at a low strength then keeps
+    the input's attributes, and the share that takes a new prompt's attributes rises with strength (v2.1).
+
+    >>> one_attribute_off("a red star", torch.Generator().manual_seed(0)) != "a red star"
+    True
+    """
+    words = text.split()
+    size = words[1] if words[1] in world.SIZES else None
+    rest = words[2:] if size else words[1:]
+    colour, shape = rest[0], rest[1]
+    bg = rest[4] if len(rest) > 2 else None
+    slots = ["colour", "shape"] + (["size"] if size else []) + (["background"] if bg else [])
+    slot = slots[int(torch.randint(len(slots), (), generator=g))]
+    def other(options, *avoid):
+        options = [o for o in options if o not in avoid]
+        return options[int(torch.randint(len(options), (), generator=g))]
+    if slot == "colour":
+        colour = other(world.COLOUR_NAMES, colour, bg)
+    elif slot == "shape":
+        shape = other(world.SHAPES, shape)
+    elif slot == "size":
+        size = other(world.SIZE_NAMES, size)
+    else:
+        bg = other(world.COLOUR_NAMES, bg, colour)
+    return world.caption(size, colour, shape, bg)
+
+
 def latent_stats(vae, n: int = 512, seed: int = 7) -> tuple[float, float]:
     """Mean and std of the VAE posterior means over ``n`` fresh images (sets ``scaling_factor``)."""
     imgs = world.sample(n, seed=seed).images * 2 - 1
@@ -521,6 +557,13 @@ def train_unet(args) -> None:
         with torch.no_grad():
             z = vae.encode(b.images * 2 - 1).latent_dist.sample(generator=g) * scaling
         t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=g)
+        if args.corrupt_low_t:
+            wrong = torch.rand(len(ids), generator=g) < args.corrupt_low_t * low_noise_ramp(t)
+            if wrong.any():
+                alt = [one_attribute_off(c, g) for c in b.captions]
+                alt_ids = tok(alt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids
+                ids = torch.where((wrong & ~drop)[:, None], alt_ids, ids)
         eps = torch.randn(z.shape, generator=g)
         zt = sched.add_noise(z, eps, t)
         for i, group in enumerate(opt.param_groups):
@@ -648,6 +691,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jitter", type=float, default=0.0, help="decoder/vae2/unet: per-channel colour jitter (v2: 0.06)")
     p.add_argument("--splice", type=float, default=0.0,
                    help="decoder/vae2: fraction of each batch trained on latents joined from two images (locality)")
+    p.add_argument("--corrupt-low-t", type=float, default=0.0,
+                   help="unet: chance of a one-attribute-wrong caption at low noise levels (v2.1: 0.5)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--package-to", type=Path, default=Path(__file__).parent / "model")

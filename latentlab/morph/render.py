@@ -27,6 +27,7 @@ import torch
 from latentlab import _checks
 from latentlab._files import check_output, disk_full_hint
 from latentlab.backend import Backend, Conditioning
+from latentlab.distributed import Ranks, ranks
 from latentlab.morph.manifest import MANIFEST_VERSION, manifest_path, write_manifest
 from latentlab.morph.plan import pixel_distance, plan
 from latentlab.morph.settings import MorphSettings
@@ -70,11 +71,25 @@ def _pid_alive(pid: int) -> bool:
 class _Lock:
     """An exclusive lock file holding the owner's pid; a lock left by a dead process is taken over."""
 
-    def __init__(self, video: Path):
+    def __init__(self, video: Path, r: Ranks | None = None):
         self.path = _lock_path(video)
         self.video = video
+        self.r = r or Ranks()
 
     def __enter__(self):
+        """Rank 0 takes the lock for the whole job; every rank learns whether it could."""
+        error = None
+        if self.r.is_main:
+            try:
+                self._take()
+            except RenderLocked as e:
+                error = str(e)
+        error = self.r.broadcast(error)
+        if error:
+            raise RenderLocked(error)
+        return self
+
+    def _take(self):
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -94,7 +109,8 @@ class _Lock:
         raise RenderLocked(f"could not take the lock {self.path} for {self.video}")
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+        if self.r.is_main:
+            self.path.unlink(missing_ok=True)
 
 
 def frame_key(lab: Backend, latents: torch.Tensor, conditioning: Conditioning, sampling: Sampling, *,
@@ -164,6 +180,77 @@ def _read_cached(path: Path, size: tuple[int, int] | None) -> np.ndarray | None:
     return frame.numpy()
 
 
+def _chunk_keys(lab: Backend, p, s: Sampling, start: int, stop: int, batch_size: int | None):
+    """Frames ``start:stop`` of plan ``p``: their initial latents, conditioning and cache keys."""
+    lat, cond = p.inputs(start, stop)
+    return lat, cond, [frame_key(lab, lat[i : i + 1], cond[i], s, batch_size=batch_size) for i in range(stop - start)]
+
+
+def _cached_frames(cache: Path, keys: list[str], size: tuple[int, int]):
+    """The cached frame of every key (None where missing or damaged; damaged entries are removed), with the counts
+    of frames found and of damaged entries."""
+    frames: list[np.ndarray | None] = [None] * len(keys)
+    found = damaged = 0
+    for i, key in enumerate(keys):
+        file = cache / f"{key}.safetensors"
+        if file.is_file():
+            frames[i] = _read_cached(file, size)
+            if frames[i] is None:
+                damaged += 1
+                file.unlink(missing_ok=True)
+            else:
+                found += 1
+    return frames, found, damaged
+
+
+def _store_frames(cache: Path, keys: list[str], todo: list[int], images: np.ndarray, start: int, video: str) -> None:
+    from latentlab import store
+
+    cache.mkdir(exist_ok=True)
+    for i, img in zip(todo, images):
+        store.save(cache / f"{keys[i]}.safetensors", {"frame": torch.from_numpy(img)},
+                   provenance={"index": start + i, "video": video}, overwrite=True)
+
+
+def _render_share(lab: Backend, p, s: Sampling, r: Ranks, cache: Path, *, chunk: int, batch_size: int | None,
+                  size: tuple[int, int], progress: bool, video: str) -> tuple[list[int], int]:
+    """Distributed phase 1: this rank renders the missing frames of its blocks of ``chunk`` frames into the cache.
+
+    Returns how many frames each rank rendered and how many damaged cache entries all found (on every rank). A failure on any rank is raised on every rank, so
+    no process waits for one that is gone."""
+    from tqdm.auto import tqdm
+
+    n = len(p.frames)
+    chunk = min(chunk, -(-n // r.world_size))  # short renders: every rank gets work (frame keys do not change)
+    mine = r.share(n, block=chunk)
+    rendered, damaged, error = 0, 0, None
+    try:
+        with tqdm(total=len(mine), desc=f"frames (rank {r.rank}/{r.world_size})", unit="frame",
+                  disable=not progress) as bar:
+            for start in mine[::chunk]:
+                stop = min(n, start + chunk)
+                lat, cond, keys = _chunk_keys(lab, p, s, start, stop, batch_size)
+                frames, _, bad = _cached_frames(cache, keys, size)
+                damaged += bad
+                todo = [i for i, fr in enumerate(frames) if fr is None]
+                if todo:
+                    images = _to_uint8(lab.generate(lat[todo], cond[todo], sampling=s, batch_size=batch_size))
+                    _store_frames(cache, keys, todo, images, start, video)
+                    rendered += len(todo)
+                bar.update(stop - start)
+    except Exception as e:  # noqa: BLE001 - reported on every rank below
+        error = f"rank {r.rank}: {type(e).__name__}: {e}"
+        if isinstance(e, OSError):
+            hint = disk_full_hint(e, cache.parent)
+            error = f"rank {r.rank}: {hint}" if hint else error
+    results = r.gather((rendered, damaged, error))
+    errors = [err for _, _, err in results if err]
+    if errors:
+        raise RuntimeError(f"the distributed render failed ({'; '.join(errors)}); finished frames are kept in "
+                           f"{cache}: run the same command again to resume")
+    return [count for count, _, _ in results], sum(bad for _, bad, _ in results)
+
+
 def render_morph(
     lab: Backend,
     settings: MorphSettings,
@@ -186,7 +273,6 @@ def render_morph(
     """
     from tqdm.auto import tqdm
 
-    from latentlab import store
     from latentlab.video import VideoWriter
 
     f = lab.vae_scale_factor
@@ -197,35 +283,31 @@ def render_morph(
     compute = lab.compute_batch(batch_size)
     chunk = compute or GPU_CHUNK
     cache = cache_dir(output)
-    with _Lock(output):
-        writer = VideoWriter(output, fps=settings.fps, upscale=upscale, overwrite=overwrite)
+    r = ranks()
+    with _Lock(output, r):
         p = plan(lab, settings, distance=distance)
-        reused, damaged = 0, 0
+        by_rank, damaged = None, 0
+        if r.world_size > 1:
+            by_rank, damaged = _render_share(lab, p, s, r, cache, chunk=chunk, batch_size=batch_size,
+                                             size=(lh * f, lw * f), progress=progress, video=output.name)
+            if not r.is_main:
+                return output  # rank 0 assembles the video and the manifest from the cache
+        writer = VideoWriter(output, fps=settings.fps, upscale=upscale, overwrite=overwrite)
+        reused = rendered = 0
         try:
             with writer, tqdm(total=settings.n_frames, desc="frames", unit="frame", disable=not progress) as bar:
                 for start in range(0, settings.n_frames, chunk):
                     stop = min(settings.n_frames, start + chunk)
-                    lat, cond = p.inputs(start, stop)
-                    keys = [frame_key(lab, lat[i : i + 1], cond[i], s, batch_size=batch_size)
-                            for i in range(stop - start)]
-                    frames: list[np.ndarray | None] = [None] * (stop - start)
-                    for i, key in enumerate(keys):
-                        file = cache / f"{key}.safetensors"
-                        if file.is_file():
-                            frames[i] = _read_cached(file, (lh * f, lw * f))
-                            if frames[i] is None:
-                                damaged += 1
-                                file.unlink(missing_ok=True)
-                            else:
-                                reused += 1
+                    lat, cond, keys = _chunk_keys(lab, p, s, start, stop, batch_size)
+                    frames, found, bad = _cached_frames(cache, keys, (lh * f, lw * f))
+                    reused, damaged = reused + found, damaged + bad
                     todo = [i for i, fr in enumerate(frames) if fr is None]
                     if todo:
                         images = _to_uint8(lab.generate(lat[todo], cond[todo], sampling=s, batch_size=batch_size))
-                        cache.mkdir(exist_ok=True)
+                        _store_frames(cache, keys, todo, images, start, output.name)
+                        rendered += len(todo)
                         for i, img in zip(todo, images):
                             frames[i] = img
-                            store.save(cache / f"{keys[i]}.safetensors", {"frame": torch.from_numpy(img)},
-                                       provenance={"index": start + i, "video": output.name}, overwrite=True)
                     writer.append(np.stack(frames))
                     for i in range(stop - start):
                         p.frames[start + i]["key"] = keys[i]
@@ -243,6 +325,11 @@ def render_morph(
         if damaged:
             warnings.warn(f"{damaged} damaged frame(s) in the cache {cache} were rendered again", RuntimeWarning,
                           stacklevel=2)
+        if by_rank is None:
+            by_rank = [rendered]
+        else:
+            reused -= sum(by_rank)  # frames the ranks rendered in this run are not reuse
+            by_rank[0] += rendered  # frames rank 0 had to render again while assembling (damaged meanwhile)
         if reused:
             log.info("resumed: %d of %d frames came from %s", reused, settings.n_frames, cache)
         prompts, seeds = settings.resolved()
@@ -259,6 +346,7 @@ def render_morph(
             "upscale": upscale,
             "frames_reused_from_cache": reused,
             "damaged_cache_frames": damaged,
+            "distributed": {"world_size": r.world_size, "frames_rendered_by_rank": by_rank},
             "image_keyframes": p.image_keyframes,
             "frames": p.frames,
             "versions": versions(),

@@ -19,7 +19,10 @@ from latentlab import _checks
 from latentlab.backend import Backend
 from latentlab.sampling import Sampling
 
-__all__ = ["Atlas", "apply_direction", "build_atlas", "plot_atlas", "prompt_direction"]
+__all__ = ["COLUMNS", "Atlas", "apply_direction", "build_atlas", "plot_atlas", "prompt_direction"]
+
+#: The tensors of every atlas item, in file order.
+COLUMNS = ("noise", "latents", "image_embeds", "prompt_embeds", "thumbnails")
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Atlas:
         overwrite)."""
         from latentlab import store
 
-        tensors = {k: getattr(self, k) for k in ("noise", "latents", "image_embeds", "prompt_embeds", "thumbnails")}
+        tensors = {k: getattr(self, k) for k in COLUMNS}
         return store.save(path, tensors, provenance={**self.provenance, "items": self.items}, overwrite=overwrite)
 
     @classmethod
@@ -75,7 +78,7 @@ class Atlas:
         items = prov.pop("items", None)
         if items is None:
             raise ValueError(f"{path} is not a latentlab atlas (no items in its provenance)")
-        missing = [k for k in ("noise", "latents", "image_embeds", "prompt_embeds", "thumbnails") if k not in t]
+        missing = [k for k in COLUMNS if k not in t]
         if missing:
             raise ValueError(f"{path} is not a complete latentlab atlas (no tensor(s) {missing})")
         try:
@@ -101,10 +104,23 @@ def build_atlas(lab: Backend, prompts: Sequence[str], seeds: Sequence[int], *, c
     >>> len(atlas), atlas.latents.shape, atlas.image_embeds.shape, atlas.labels("prompt")[3]
     (6, torch.Size([6, 4, 8, 8]), torch.Size([6, 64]), 'a blue ring')
     """
-    from tqdm.auto import tqdm
+    from latentlab.distributed import ranks
 
-    from latentlab.store import versions
+    prompts, seeds, sampling, clip = _check_request(lab, prompts, seeds, sampling, thumbnail, chunk, clip, overrides)
+    pairs = [(p, s) for p in prompts for s in seeds]
+    r = ranks()  # under a launcher, each process generates its share; every process gets the whole atlas
+    noise, latents, image_embeds, thumbs = r.map_blocks(
+        lambda idx: _collect(lab, [pairs[i] for i in idx], clip, sampling, batch_size, thumbnail, progress=False),
+        len(pairs), block=min(chunk, -(-len(pairs) // r.world_size))) if r.world_size > 1 else _collect(
+        lab, pairs, clip, sampling, batch_size, thumbnail, chunk=chunk, progress=progress)
+    text = clip.embed_text(prompts)
+    idx = torch.tensor([prompts.index(p) for p, _ in pairs])
+    return Atlas(noise, latents, image_embeds, text[idx], thumbs, _items(pairs, attributes),
+                 _provenance(lab, clip, sampling, batch_size))
 
+
+def _check_request(lab, prompts, seeds, sampling, thumbnail, chunk, clip, overrides):
+    """Validate an atlas request before any model work; resolve sampling and the default CLIP."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"`prompts` must be a list of strings (one item per prompt), got {type(prompts).__name__}")
     if isinstance(seeds, (str, int)) or not isinstance(seeds, Sequence):
@@ -123,8 +139,13 @@ def build_atlas(lab: Backend, prompts: Sequence[str], seeds: Sequence[int], *, c
         from latentlab.clip import CLIP
 
         clip = CLIP.default()
-    pairs = [(p, s) for p in prompts for s in seeds]
-    text = clip.embed_text(prompts)
+    return prompts, seeds, sampling, clip
+
+
+def _collect(lab, pairs, clip, sampling, batch_size, thumbnail, *, chunk: int = 64, progress: bool = True):
+    """Generate (prompt, seed) ``pairs``: their noise, final latents, CLIP image embeddings and thumbnails."""
+    from tqdm.auto import tqdm
+
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("noise", "latents", "image_embeds", "thumbnails")}
     with tqdm(total=len(pairs), desc="atlas", unit="item", disable=not progress) as bar:
         for i in range(0, len(pairs), chunk):
@@ -134,18 +155,24 @@ def build_atlas(lab: Backend, prompts: Sequence[str], seeds: Sequence[int], *, c
                                  sampling=sampling, batch_size=batch_size)
             images = lab.decode(final, batch_size=batch_size)
             out["noise"].append(z.float().cpu())
-            out["latents"].append(final)
-            out["image_embeds"].append(clip.embed_images(images))
+            out["latents"].append(final.float().cpu())
+            out["image_embeds"].append(clip.embed_images(images).float().cpu())
             small = torch.nn.functional.interpolate(images, size=(thumbnail, thumbnail), mode="area")
-            out["thumbnails"].append((small * 255).round().to(torch.uint8))
+            out["thumbnails"].append((small * 255).round().to(torch.uint8).cpu())
             bar.update(len(part))
+    return tuple(torch.cat(v) for v in out.values())
+
+
+def _items(pairs, attributes) -> list[dict]:
     attributes = attributes or {}
-    items = [{"prompt": p, "seed": s, **attributes.get(p, {})} for p, s in pairs]
-    prov = {"model": lab.model_id, "clip": clip.model_id, "versions": versions(), "sampling": sampling.to_dict(),
+    return [{"prompt": p, "seed": s, **attributes.get(p, {})} for p, s in pairs]
+
+
+def _provenance(lab, clip, sampling, batch_size) -> dict:
+    from latentlab.store import versions
+
+    return {"model": lab.model_id, "clip": clip.model_id, "versions": versions(), "sampling": sampling.to_dict(),
             "backend": lab.provenance(batch_size)}
-    idx = torch.tensor([prompts.index(p) for p, _ in pairs])
-    return Atlas(torch.cat(out["noise"]), torch.cat(out["latents"]), torch.cat(out["image_embeds"]), text[idx],
-                 torch.cat(out["thumbnails"]), items, prov)
 
 
 def plot_atlas(atlas: Atlas, coords, *, color_by: str | None = "prompt", thumbnails: bool = True,

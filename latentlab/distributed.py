@@ -1,0 +1,126 @@
+"""Several processes, one job: which share of the work is this process's, and the few collectives the renderers need.
+
+One responsibility, and the only module that imports accelerate (lazily, and only when a launcher started more
+than one process). Under ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun --nproc-per-node N``)
+every process runs the same command; :func:`ranks` tells each one its ``rank`` and the ``world_size``, the renderers
+split their work by it, exchange results through the shared filesystem (the content-addressed frame cache) and the
+small collectives here, and rank 0 writes the final files.
+
+- On a machine without CUDA the processes talk over gloo (``PartialState(cpu=True)``: without it, each process of a
+  GPU-less launch believes it is rank 0 of 1 and renders everything).
+- With CUDA, each process is pinned to ``cuda:LOCAL_RANK`` before any model is loaded, so ``device="cuda"`` means
+  that process's own GPU.
+- A single process (no launcher) never imports accelerate: :func:`ranks` returns rank 0 of 1, and the collectives are
+  the identity.
+
+Examples
+--------
+>>> r = ranks()
+>>> (r.rank, r.world_size, r.is_main)
+(0, 1, True)
+>>> r.share(10, block=4)   # the items of blocks 0, 1, 2 (rank 0 of 1 owns every block)
+[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+__all__ = ["Ranks", "launched", "ranks"]
+
+
+def launched() -> bool:
+    """True when a launcher (accelerate, torchrun) started this process as one of several."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: ``rank`` in ``[0, world_size)``."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes the final files."""
+        return self.rank == 0
+
+    def share(self, n: int, *, block: int = 1) -> list[int]:
+        """The indices of ``range(n)`` this rank works on: blocks of ``block`` consecutive items, dealt round-robin
+        (block ``j`` goes to rank ``j % world_size``), so every rank's calls are full compute batches and the ranks'
+        shares partition ``range(n)`` exactly.
+
+        >>> Ranks(1, 2).share(10, block=3)
+        [3, 4, 5, 9]
+        """
+        if block < 1:
+            raise ValueError(f"`block` must be >= 1, got {block}")
+        return [i for i in range(n) if (i // block) % self.world_size == self.rank]
+
+    def map_blocks(self, fn, n: int, *, block: int):
+        """Run ``fn(indices)`` (returning a tensor, or a tuple of tensors, with one row per index) on this rank's
+        blocks of ``range(n)`` (:meth:`share`), and return every rank's rows in index order, on every rank: one
+        tensor (or a tuple of them, like ``fn``'s).
+
+        >>> Ranks().map_blocks(lambda idx: torch.tensor(idx) * 10, 5, block=2)
+        tensor([ 0, 10, 20, 30, 40])
+        """
+        mine = self.share(n, block=block)
+        parts = []
+        for k in range(0, len(mine), block):  # whole blocks (only the last block of range(n) may be shorter)
+            idx = mine[k : k + block]
+            parts.append((idx[0], fn(idx)))
+        if self.world_size > 1:
+            parts = [part for rank_parts in self.gather(parts) for part in rank_parts]
+        ordered = [t for _, t in sorted(parts, key=lambda p: p[0])]
+        if isinstance(ordered[0], tuple):
+            return tuple(torch.cat(column) for column in zip(*ordered))
+        return torch.cat(ordered)
+
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point (no-op for one process)."""
+        if self.world_size > 1:
+            _state().wait_for_everyone()
+
+    def gather(self, obj):
+        """Every rank's ``obj`` (picklable), as a list indexed by rank, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+@cache
+def _state():
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if not cpu:
+        torch.cuda.set_device(state.local_process_index)
+    return state
+
+
+def ranks() -> Ranks:
+    """This process's :class:`Ranks`; sets up the process group on first call when launched (idempotent)."""
+    if not launched():
+        return Ranks()
+    s = _state()
+    return Ranks(s.process_index, s.num_processes)
