@@ -277,6 +277,41 @@ def _cmd_frame(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """``export``: a rendered morph's per-frame noise and conditioning for ComfyUI, its keyframes for Deforum."""
+    from latentlab import exports
+    from latentlab._files import check_output
+    from latentlab.morph import MorphSettings, plan, read_manifest
+    from latentlab.sampling import Sampling
+
+    data = read_manifest(args.manifest)
+    folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--output must be a folder, got the file {folder}")
+    names = {"noise": folder / "noise.latent", "cond": folder / "conditioning.safetensors",
+             "deforum": folder / "deforum.json"}
+    for path in names.values():
+        if path.exists():
+            check_output(path, "--output", overwrite=args.overwrite)
+    settings = MorphSettings.from_dict(data["settings"])
+    model = None if data["model"] == "latentlab/embedded-shapes" else data["model"]
+    _embedded_missing(model)
+    lab = _load_lab(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    p = plan(lab, settings, frames=data["frames"])
+    lat, cond = p.inputs(0, settings.n_frames)
+    exports.write_comfyui_latent(lat, names["noise"], scaling_factor=lab.pipe.vae.config.scaling_factor,
+                                 overwrite=args.overwrite)
+    exports.write_comfyui_conditioning(cond, names["cond"], overwrite=args.overwrite)
+    wrote = [names["noise"], names["cond"]]
+    if all(k.image is None and k.mix is None for k in settings.keyframes):
+        exports.write_deforum_schedule(settings, names["deforum"], sampling=Sampling.from_dict(data["sampling"]),
+                                       overwrite=args.overwrite)
+        wrote.append(names["deforum"])
+    print(f"wrote {', '.join(str(w) for w in wrote)} ({settings.n_frames} frames)")
+    return 0
+
+
 def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
     from latentlab.morph import PACINGS
     from latentlab.paths import EASINGS, METHODS
@@ -365,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", help="use this model instead of the one named in the manifest")
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=_cmd_frame)
+
+    e = sub.add_parser("export", help="export a rendered morph to ComfyUI (noise, conditioning) and Deforum",
+                       description="Write the per-frame initial noise (ComfyUI .latent), the per-frame conditioning "
+                                   "and a Deforum keyframe schedule of a rendered morph, from its manifest.",
+                       epilog="examples:\n  latentlab export morph.mp4.json -o morph-export/\n", formatter_class=fmt)
+    e.add_argument("manifest", help="the video's manifest (e.g. morph.mp4.json)")
+    e.add_argument("-o", "--output", default="export", help="output folder (default: %(default)s)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=_cmd_export)
     return p
 
 
