@@ -33,7 +33,8 @@ LAYERS = {
     "backend": 2, "clip": 2, "project": 2, "store": 2, "video": 2, "distributed": 2,
     "morph": 3, "atlas": 3,
     "embedded.evaluate": 3,  # the automatic evaluator: a development tool the benchmarks and notebooks use
-    "widgets": 4, "cli": 4, "benchmarks": 4, "embedded.train": 4, "exports": 4,
+    "widgets": 4, "benchmarks": 4, "embedded.train": 4, "exports": 4,
+    "cli": 5,  # the leaf over everything, exports (formats of other tools, built on morph) included
     "__init__": 3,  # the package face re-exports layers 0-2
 }
 #: Owners of heavy third-party packages: nothing else may import them, even lazily.
