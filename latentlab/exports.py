@@ -191,8 +191,8 @@ def read_deforum_schedule(path: str | os.PathLike) -> MorphSettings:
     if not isinstance(d, dict) or not isinstance(d.get("prompts"), dict) or "max_frames" not in d:
         raise ValueError(f"{path} is not a Deforum schedule (needs prompts and max_frames)")
     prompt_at = sorted((int(f), p) for f, p in d["prompts"].items())
-    seed_at = dict((f, int(v)) for f, v in _parse_schedule(d["seed_schedule"], "seed_schedule")) \
-        if "seed_schedule" in d else {}
+    seeds = _parse_schedule(d["seed_schedule"], "seed_schedule") if "seed_schedule" in d else []
+    seed_at = {f: int(v) for f, v in seeds}
     keyframes = tuple(Keyframe(p, seed_at.get(f)) for f, p in prompt_at)
     sampling = {}
     if "steps_schedule" in d:
