@@ -414,3 +414,20 @@ def test_edits_are_composed_from_diffusers_pipelines(tiny_lab):
     assert pipe.scheduler is not tiny_lab.pipe.scheduler
     with pytest.raises(ValueError, match=r"`scheduler` must name a diffusers scheduler class, got 'NoSuchScheduler'"):
         tiny_lab.pipeline("text2image", "NoSuchScheduler")
+
+
+def test_optimize_is_opt_in_recorded_and_keeps_images_close(tiny_lab):
+    """channels_last (and torch.compile) are opt-in: recorded in provenance, so cache keys and manifests change,
+    while the images stay within float tolerance of the plain ones."""
+    from latentlab.morph import frame_key
+
+    z, cond = tiny_lab.noise([1, 2]), tiny_lab.encode_prompt(["a", "b"])
+    plain = tiny_lab.generate(z, cond)
+    key = frame_key(tiny_lab, z[:1], cond[0], tiny_lab.sampling())
+    assert "optimizations" not in tiny_lab.provenance()
+    tiny_lab.optimize(channels_last=True)
+    assert tiny_lab.provenance()["optimizations"] == ["channels_last"]
+    assert frame_key(tiny_lab, z[:1], cond[0], tiny_lab.sampling()) != key
+    torch.testing.assert_close(tiny_lab.generate(z, cond), plain, atol=1e-4, rtol=0)
+    tiny_lab.optimize(channels_last=True)  # idempotent
+    assert tiny_lab.provenance()["optimizations"] == ["channels_last"]

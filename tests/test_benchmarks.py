@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from latentlab.benchmarks import morph, projection, structure
 
 
@@ -38,3 +40,36 @@ def test_latency_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     assert "compute batch 1 (widgets)" in capsys.readouterr().out
     rows = [r for r in md.read_text().splitlines() if r.startswith("| compute batch 1")]
     assert len(rows) == 1 and len(rows[0].split("|")) == 7
+
+
+def test_gpu_benchmark_smoke_on_cpu_counts_flops_that_add_up(tmp_path, capsys):
+    """The GPU benchmark at its CPU smoke size: both sides run, the report names the device, and the FLOP count
+    is the UNet's per-step FLOPs (CFG batch 2) times the steps plus one VAE decode -- checked by counting one UNet
+    call and one decode separately."""
+    import json
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from latentlab.backend import Lab
+    from latentlab.benchmarks import gpu
+    from latentlab.sampling import Sampling
+
+    gpu.main(["--size", "tiny", "--frames", "3", "--steps", "2", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert "ratio latentlab / per-frame loop:" in out and "MFU n/a" in out and "CPU" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["frames"] == 3 and r["latentlab_frames_per_s"] > 0 and r["loop_frames_per_s"] > 0 and r["mfu"] is None
+
+    lab = Lab(pipe=gpu.build_pipeline("tiny", torch.device("cpu"), torch.float32), model_id="tiny")
+    z, cond = lab.noise([1]), lab.encode_prompt("a cat")
+    per_frame = {k: gpu.frame_flops(lab, z, cond, lab.sampling(Sampling(num_inference_steps=k, guidance_scale=7.5)))
+                 for k in (2, 5)}
+    with FlopCounterMode(display=False) as unet_call:
+        lab.pipe.unet(torch.cat([z, z]), 10, encoder_hidden_states=torch.cat([cond.prompt_embeds] * 2))
+    with FlopCounterMode(display=False) as decode:
+        lab.decode(z, batch_size=1)
+    assert per_frame[5] - per_frame[2] == 3 * unet_call.get_total_flops()
+    assert per_frame[2] == 2 * unet_call.get_total_flops() + decode.get_total_flops()
+    assert r["tflop_per_frame"] * 1e12 == pytest.approx(per_frame[2])
+    assert gpu.peak_tflops(torch.device("cpu")) is None
