@@ -189,7 +189,7 @@ def _cmd_morph(args: argparse.Namespace) -> int:
                                  else CLIP.from_pretrained(args.pacing_clip))
     try:
         render_morph(lab, settings, out, batch_size=args.batch_size, upscale=upscale, overwrite=args.overwrite,
-                     distance=distance, keep_cache=args.keep_cache)
+                     distance=distance, keep_cache=args.keep_cache, workers=args.workers)
     except KeyboardInterrupt:
         raise _Exit(EXIT_FAILED, "interrupted; run the same command again to resume") from None
     if not distributed.ranks().is_main:
@@ -312,6 +312,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {text!r}")
+    return n
+
+
 def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
     from latentlab.morph import PACINGS
     from latentlab.paths import EASINGS, METHODS
@@ -338,6 +350,9 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
                    help="frames the denoiser sees per call (default: 16 on CPU, all at once on a GPU)")
     m.add_argument("--upscale", type=int, help="integer upscaling of frames (default: 4 for the embedded model)")
     m.add_argument("--keep-cache", action="store_true", help="keep the per-frame cache after a successful render")
+    m.add_argument("--workers", type=_workers_arg, default="auto", metavar="N|auto",
+                   help="single-thread worker processes for a CPU render (default: auto, one per available core; "
+                        "1: this process, torch's threads)")
     m.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
@@ -417,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from latentlab._files import disk_full_hint
     from latentlab.morph import RenderLocked
+    from latentlab.morph.workers import WorkerFailed
 
     try:
         if distributed.launched():
@@ -426,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         msg, code = str(e), e.code
     except RenderLocked as e:
         msg, code = str(e), EXIT_FAILED
+    except WorkerFailed as e:
+        msg, code = f"{e}; finished frames are kept: run the same command again to resume", EXIT_FAILED
     except _INPUT_ERRORS as e:
         msg, code = str(e), EXIT_USAGE
     except KeyboardInterrupt:

@@ -73,3 +73,14 @@ def test_gpu_benchmark_smoke_on_cpu_counts_flops_that_add_up(tmp_path, capsys):
     assert per_frame[2] == 2 * unet_call.get_total_flops() + decode.get_total_flops()
     assert r["tflop_per_frame"] * 1e12 == pytest.approx(per_frame[2])
     assert gpu.peak_tflops(torch.device("cpu")) is None
+
+
+def test_throughput_benchmark_smoke(tmp_path, capsys):
+    from latentlab.benchmarks import throughput
+
+    throughput.main(["--frames", "6", "--repeats", "1", "--threads", "1", "--no-command",
+                     "--markdown", str(tmp_path / "t.md")])
+    out = capsys.readouterr().out
+    assert "pipeline-batch16" in out and "latentlab-workers" in out and "max pixel diff" in out
+    table = (tmp_path / "t.md").read_text()
+    assert table.count("| 6 |") == 3

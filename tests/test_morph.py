@@ -64,7 +64,13 @@ def test_render_writes_video_and_manifest_that_recreates_frames(fake, tmp_path):
 
 def test_render_calls_the_denoiser_once_per_compute_batch(fake, tmp_path):
     render_morph(fake, _settings(n_frames=10), tmp_path / "a.gif", progress=False)
-    assert fake.calls == [4, 4, 4]  # 10 frames at the backend's compute batch 4
+    assert fake.calls == [4, 4, 2]  # 10 frames at the backend's compute batch 4; the last 2 not padded to 4
+    man = json.loads(manifest_path(tmp_path / "a.gif").read_text())
+    assert [f.get("compute_batch") for f in man["frames"]] == [None] * 8 + [2, 2]
+    fake.calls.clear()
+    render_frame(fake, manifest_path(tmp_path / "a.gif"), 9)
+    assert fake.calls == [2]  # re-created at the size it was rendered at
+    fake.calls.clear()
     fake.calls.clear()
     render_morph(fake, _settings(n_frames=10), tmp_path / "b.gif", batch_size=5, progress=False)
     assert fake.calls == [5, 5]
@@ -330,17 +336,17 @@ def test_image_keyframe_is_inverted_and_the_morph_starts_at_the_image(tmp_path):
 
 
 def test_cli_batch_size_does_no_more_unet_work_than_the_frames_need(tiny_lab, tmp_path, monkeypatch):
-    """--batch-size 4 on 10 frames: 3 UNet calls per step of 4 items each (the last padded from 2), not calls
-    padded to 16 (v1 did 4x the work)."""
+    """--batch-size 4 on 10 frames: UNet calls of 4, 4 and 2 items per step (the last, partial batch is not padded),
+    not calls padded to 16 (v1 did 4x the work)."""
     items = []
     handle = tiny_lab.pipe.unet.register_forward_hook(lambda m, a, o: items.append(a[0].shape[0]))
     monkeypatch.setattr(cli, "_load_lab", lambda model: tiny_lab)
     try:
         assert cli.main(["morph", "a red star", "a blue ring", "--frames", "10", "--steps", "2", "--guidance", "1",
-                         "--batch-size", "4", "--model", "unused", "-o", str(tmp_path / "m.gif")]) == 0
+                         "--batch-size", "4", "--workers", "1", "--model", "unused", "-o", str(tmp_path / "m.gif")]) == 0
     finally:
         handle.remove()
-    assert items == [4] * (3 * 2)
+    assert items == [4, 4, 4, 4, 2, 2]  # per batch of frames, 2 steps each
     man = json.loads(manifest_path(tmp_path / "m.gif").read_text())
     assert man["backend"]["compute_batch"] == 4 and man["sampling"]["guidance_scale"] == 1.0
 
@@ -362,3 +368,36 @@ def test_mix_keyframes_blend_seeds_and_prompts_and_round_trip_through_the_manife
     assert torch.equal(render_frame(fake, manifest_path(out), 4), fake.generate(lat, cond))
     with pytest.raises(ValueError, match=r"`mix.seed_weights` must have 3 weights"):
         Mix(seeds=(1, 2, 3), seed_weights=(1.0,), prompts=("a",), prompt_weights=(1.0,))
+
+
+def test_worker_processes_render_the_same_frames_and_a_dead_worker_is_reported(tmp_path):
+    """Two forked single-thread workers (taking chunks from a queue) give the one-process video bit for bit, and
+    record who rendered what; a worker that fails stops the render with a clear error and leaves the cache."""
+    from latentlab.morph import cache_dir
+    from latentlab.morph.workers import WorkerFailed
+
+    s = _settings(n_frames=22)
+    one = render_morph(FakeBackend(), s, tmp_path / "one.gif", progress=False)
+    two = render_morph(FakeBackend(), s, tmp_path / "two.gif", progress=False, workers=2)
+    np = pytest.importorskip("numpy")
+    assert np.array_equal(read_video(two)[0], read_video(one)[0])
+    man = json.loads(manifest_path(two).read_text())
+    assert man["workers"]["processes"] == 2 and man["workers"]["torch_threads_each"] == 1
+    assert sum(man["workers"]["frames_rendered_by_worker"]) == 22 and man["frames_reused_from_cache"] == 0
+    assert render_frame(FakeBackend(), manifest_path(two), 13).shape == (1, 3, 8, 8)
+
+    class Dies(FakeBackend):
+        def generate(self, latents, conditioning, **kw):
+            if float(latents[0].abs().sum()) > 0 and len(latents) < 4:  # the last, short chunk
+                raise RuntimeError("out of luck")
+            return super().generate(latents, conditioning, **kw)
+
+    out = tmp_path / "dies.gif"
+    with pytest.raises(WorkerFailed, match=r"a render worker failed on the frames from 20: RuntimeError: out of luck"):
+        render_morph(Dies(), s, out, progress=False, workers=2)
+    assert not out.exists() and len(list(cache_dir(out).glob("*.safetensors"))) >= 4
+    assert not list(tmp_path.glob(".*.lock"))
+    render_morph(FakeBackend(), s, out, progress=False, workers=2)  # resumes
+    assert np.array_equal(read_video(out)[0], read_video(one)[0])
+    with pytest.raises(ValueError, match=r"`workers` must be"):
+        render_morph(FakeBackend(), s, tmp_path / "x.gif", progress=False, workers=0)

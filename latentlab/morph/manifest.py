@@ -26,7 +26,7 @@ __all__ = ["MANIFEST_VERSION", "manifest_path", "read_manifest", "render_frame",
 MANIFEST_VERSION = 2
 _REQUIRED = ("manifest_version", "video", "model", "sampling", "backend", "settings", "frames")
 _OPTIONAL = ("pacing_distance", "resolved_keyframes", "upscale", "frames_reused_from_cache", "damaged_cache_frames",
-             "image_keyframes", "versions", "distributed")
+             "image_keyframes", "versions", "distributed", "workers")
 
 
 def manifest_path(video: str | os.PathLike) -> Path:
@@ -129,5 +129,5 @@ def render_frame(lab: Backend, manifest: str | os.PathLike | dict, index: int) -
             warnings.warn(f"keyframe image {d['image']} changed since the render: the frame will differ",
                           RuntimeWarning, stacklevel=2)
     lat, cond = p.inputs(index, index + 1)
-    return lab.generate(lat, cond, sampling=Sampling.from_dict(data["sampling"]),
-                        batch_size=recorded.get("compute_batch") or None)
+    call = data["frames"][index].get("compute_batch") or recorded.get("compute_batch") or None  # a last, partial
+    return lab.generate(lat, cond, sampling=Sampling.from_dict(data["sampling"]), batch_size=call)  # batch: its own

@@ -13,9 +13,11 @@ One responsibility: turn a :class:`~latentlab.morph.plan.Plan` into files withou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import warnings
@@ -31,6 +33,7 @@ from latentlab.distributed import Ranks, ranks
 from latentlab.morph.manifest import MANIFEST_VERSION, manifest_path, write_manifest
 from latentlab.morph.plan import pixel_distance, plan
 from latentlab.morph.settings import MorphSettings
+from latentlab.morph.workers import LocalWorkers, auto_workers
 from latentlab.sampling import Sampling
 from latentlab.store import versions
 
@@ -180,10 +183,22 @@ def _read_cached(path: Path, size: tuple[int, int] | None) -> np.ndarray | None:
     return frame.numpy()
 
 
-def _chunk_keys(lab: Backend, p, s: Sampling, start: int, stop: int, batch_size: int | None):
+def call_sizes(n_frames: int, compute: int | None, batch_size: int | None) -> list[int | None]:
+    """The compute batch each frame of an ``n_frames`` render is generated at: ``batch_size`` (the backend's
+    compute batch), except the frames of a last, partial compute batch, which are generated at its own size so that
+    no call is padded with work that is thrown away (their bits differ from a padded call's by float rounding, ~1e-6;
+    their cache keys and manifest records say so)."""
+    if not compute or n_frames % compute == 0:
+        return [batch_size] * n_frames
+    full = n_frames - n_frames % compute
+    return [batch_size] * full + [n_frames % compute] * (n_frames - full)
+
+
+def _chunk_keys(lab: Backend, p, s: Sampling, start: int, stop: int, sizes: list[int | None]):
     """Frames ``start:stop`` of plan ``p``: their initial latents, conditioning and cache keys."""
     lat, cond = p.inputs(start, stop)
-    return lat, cond, [frame_key(lab, lat[i : i + 1], cond[i], s, batch_size=batch_size) for i in range(stop - start)]
+    return lat, cond, [frame_key(lab, lat[i : i + 1], cond[i], s, batch_size=sizes[start + i])
+                       for i in range(stop - start)]
 
 
 def _cached_frames(cache: Path, keys: list[str], size: tuple[int, int]):
@@ -212,7 +227,38 @@ def _store_frames(cache: Path, keys: list[str], todo: list[int], images: np.ndar
                    provenance={"index": start + i, "video": video}, overwrite=True)
 
 
-def _render_share(lab: Backend, p, s: Sampling, r: Ranks, cache: Path, *, chunk: int, batch_size: int | None,
+def _render_chunk(lab: Backend, p, s: Sampling, cache: Path, start: int, stop: int, *, sizes: list[int | None],
+                  size: tuple[int, int], video: str) -> tuple[int, int]:
+    """Render the frames ``start:stop`` that are not in the cache into it, each at its call size (``sizes``):
+    ``(rendered, damaged entries)``."""
+    lat, cond, keys = _chunk_keys(lab, p, s, start, stop, sizes)
+    frames, _, bad = _cached_frames(cache, keys, size)
+    todo = [i for i, fr in enumerate(frames) if fr is None]
+    for call in dict.fromkeys(sizes[start + i] for i in todo):  # at most two call sizes, in frame order
+        group = [i for i in todo if sizes[start + i] == call]
+        images = _to_uint8(lab.generate(lat[group], cond[group], sampling=s, batch_size=call))
+        try:
+            _store_frames(cache, keys, group, images, start, video)
+        except OSError as e:
+            hint = disk_full_hint(e, cache.parent)
+            if hint:
+                raise OSError(e.errno, hint) from e
+            raise
+    return len(todo), bad
+
+
+def _resolve_workers(workers, lab: Backend, batch_size: int | None, n_chunks: int, world_size: int) -> int:
+    if workers == "auto":
+        return auto_workers(device=str(lab.provenance(batch_size)["device"]), n_chunks=n_chunks,
+                            world_size=world_size)
+    _checks.positive_int(workers, "workers")
+    if workers > 1 and (world_size > 1 or "fork" not in multiprocessing.get_all_start_methods()):
+        raise ValueError(f"`workers` {workers} needs a single-process job on a system with fork; got world size "
+                         f"{world_size}")
+    return min(workers, n_chunks)
+
+
+def _render_share(lab: Backend, p, s: Sampling, r: Ranks, cache: Path, *, chunk: int, sizes: list[int | None],
                   size: tuple[int, int], progress: bool, video: str) -> tuple[list[int], int]:
     """Distributed phase 1: this rank renders the missing frames of its blocks of ``chunk`` frames into the cache.
 
@@ -229,14 +275,8 @@ def _render_share(lab: Backend, p, s: Sampling, r: Ranks, cache: Path, *, chunk:
                   disable=not progress) as bar:
             for start in mine[::chunk]:
                 stop = min(n, start + chunk)
-                lat, cond, keys = _chunk_keys(lab, p, s, start, stop, batch_size)
-                frames, _, bad = _cached_frames(cache, keys, size)
-                damaged += bad
-                todo = [i for i, fr in enumerate(frames) if fr is None]
-                if todo:
-                    images = _to_uint8(lab.generate(lat[todo], cond[todo], sampling=s, batch_size=batch_size))
-                    _store_frames(cache, keys, todo, images, start, video)
-                    rendered += len(todo)
+                done, bad = _render_chunk(lab, p, s, cache, start, stop, sizes=sizes, size=size, video=video)
+                rendered, damaged = rendered + done, damaged + bad
                 bar.update(stop - start)
     except Exception as e:  # noqa: BLE001 - reported on every rank below
         error = f"rank {r.rank}: {type(e).__name__}: {e}"
@@ -263,6 +303,7 @@ def render_morph(
     distance=None,
     keep_cache: bool = False,
     on_progress=None,
+    workers: int | str = 1,
 ) -> Path:
     """Render ``settings`` with ``lab`` to ``output`` (.mp4/.gif) and write its manifest; returns the video path.
 
@@ -270,6 +311,10 @@ def render_morph(
     manifest records it, and :func:`~latentlab.morph.render_frame` re-creates a frame at the same compute batch.
     See the module notes for validation, locking, caching and resume. ``on_progress(done, total)`` is called after
     every batch of frames (widgets show their own progress bar with it).
+
+    ``workers``: ``1`` renders in this process; ``N`` forks N single-thread worker processes that render compute
+    batches into the frame cache while this process streams them to the video (same frames: see
+    :mod:`latentlab.morph.workers`); ``"auto"`` picks one per available core for CPU renders (the CLI's default).
     """
     from tqdm.auto import tqdm
 
@@ -284,30 +329,41 @@ def render_morph(
     chunk = compute or GPU_CHUNK
     cache = cache_dir(output)
     r = ranks()
+    sizes = call_sizes(settings.n_frames, compute, batch_size)
     with _Lock(output, r):
         p = plan(lab, settings, distance=distance)
+        for i, call in enumerate(sizes):
+            if call != batch_size:
+                p.frames[i]["compute_batch"] = call  # a last, partial compute batch: generated at its own size
         by_rank, damaged = None, 0
         if r.world_size > 1:
-            by_rank, damaged = _render_share(lab, p, s, r, cache, chunk=chunk, batch_size=batch_size,
+            by_rank, damaged = _render_share(lab, p, s, r, cache, chunk=chunk, sizes=sizes,
                                              size=(lh * f, lw * f), progress=progress, video=output.name)
             if not r.is_main:
                 return output  # rank 0 assembles the video and the manifest from the cache
         writer = VideoWriter(output, fps=settings.fps, upscale=upscale, overwrite=overwrite)
         reused = rendered = 0
+        starts = list(range(0, settings.n_frames, chunk))
+        n_workers = _resolve_workers(workers, lab, batch_size, len(starts), r.world_size)
+        size = (lh * f, lw * f)
+        def render(start: int) -> tuple[int, int]:
+            return _render_chunk(lab, p, s, cache, start, min(settings.n_frames, start + chunk), sizes=sizes,
+                                 size=size, video=output.name)
+
+        pool = LocalWorkers(n_workers, render) if n_workers > 1 else None
         try:
-            with writer, tqdm(total=settings.n_frames, desc="frames", unit="frame", disable=not progress) as bar:
-                for start in range(0, settings.n_frames, chunk):
+            with writer, pool or contextlib.nullcontext(), tqdm(total=settings.n_frames, desc="frames", unit="frame",
+                                                                disable=not progress) as bar:
+                if pool is not None:
+                    pool.run(starts)
+                for start in starts:
                     stop = min(settings.n_frames, start + chunk)
-                    lat, cond, keys = _chunk_keys(lab, p, s, start, stop, batch_size)
-                    frames, found, bad = _cached_frames(cache, keys, (lh * f, lw * f))
-                    reused, damaged = reused + found, damaged + bad
-                    todo = [i for i, fr in enumerate(frames) if fr is None]
-                    if todo:
-                        images = _to_uint8(lab.generate(lat[todo], cond[todo], sampling=s, batch_size=batch_size))
-                        _store_frames(cache, keys, todo, images, start, output.name)
-                        rendered += len(todo)
-                        for i, img in zip(todo, images):
-                            frames[i] = img
+                    done, bad = pool.wait(start) if pool is not None else render(start)
+                    _, _, keys = _chunk_keys(lab, p, s, start, stop, sizes)
+                    frames, found, _ = _cached_frames(cache, keys, size)
+                    if any(fr is None for fr in frames):  # removed or damaged since it was written: never trust it
+                        raise OSError(f"frames {start}-{stop - 1} vanished from the cache {cache} while rendering")
+                    reused, rendered, damaged = reused + found - done, rendered + done, damaged + bad
                     writer.append(np.stack(frames))
                     for i in range(stop - start):
                         p.frames[start + i]["key"] = keys[i]
@@ -347,6 +403,9 @@ def render_morph(
             "frames_reused_from_cache": reused,
             "damaged_cache_frames": damaged,
             "distributed": {"world_size": r.world_size, "frames_rendered_by_rank": by_rank},
+            "workers": {"processes": n_workers, "torch_threads_each": 1 if pool is not None else torch.get_num_threads(),
+                        "frames_rendered_by_worker": sorted(pool.rendered_by_pid.values(), reverse=True)
+                        if pool is not None else [rendered]},
             "image_keyframes": p.image_keyframes,
             "frames": p.frames,
             "versions": versions(),
