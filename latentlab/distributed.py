@@ -115,6 +115,18 @@ def _state():
     state = PartialState(cpu=cpu)
     if not cpu:
         torch.cuda.set_device(state.local_process_index)
+    else:
+        # N processes on one machine share its cores: never oversubscribe them (torchrun sets OMP_NUM_THREADS=1,
+        # forked launchers do not). Setting it before any torch op also keeps a forked process clear of the OpenMP
+        # thread pool its parent may have started (GNU OpenMP hangs in a forked child that uses the parent's pool).
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        # processes on this machine: LOCAL_WORLD_SIZE (torchrun), else all of them (a forked launcher sets it to 1)
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", "1")) or 1)
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), state.num_processes // max(1, nodes))
+        torch.set_num_threads(max(1, cores // max(1, local)))
     return state
 
 

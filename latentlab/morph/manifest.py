@@ -130,4 +130,13 @@ def render_frame(lab: Backend, manifest: str | os.PathLike | dict, index: int) -
                           RuntimeWarning, stacklevel=2)
     lat, cond = p.inputs(index, index + 1)
     call = data["frames"][index].get("compute_batch") or recorded.get("compute_batch") or None  # a last, partial
-    return lab.generate(lat, cond, sampling=Sampling.from_dict(data["sampling"]), batch_size=call)  # batch: its own
+    # batch has its own size. At some batch sizes the last float bits depend on torch's thread count (measured: up to
+    # 5e-6), so the frame is re-created at the thread count that rendered it.
+    threads = (data.get("workers") or {}).get("torch_threads_each")
+    before = torch.get_num_threads()
+    if threads and str(recorded.get("device", "cpu")).startswith("cpu"):
+        torch.set_num_threads(threads)
+    try:
+        return lab.generate(lat, cond, sampling=Sampling.from_dict(data["sampling"]), batch_size=call)
+    finally:
+        torch.set_num_threads(before)

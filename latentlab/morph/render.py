@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +122,17 @@ def frame_key(lab: Backend, latents: torch.Tensor, conditioning: Conditioning, s
     """Hash of everything that determines one frame's pixels: the backend's :meth:`~Backend.provenance` (model
     fingerprint, scheduler config, compute batch, device, dtype), the complete ``sampling``, the versions of
     torch/diffusers/latentlab, and the exact bytes of the frame's initial latent and conditioning."""
-    h = hashlib.sha256()
+    return _frame_key(_key_prefix(lab, sampling, batch_size), latents, conditioning)
+
+
+def _key_prefix(lab: Backend, sampling: Sampling, batch_size: int | None) -> bytes:
+    """The part of every frame key that is the same for all frames of a render (computed once per render)."""
     meta = {"backend": lab.provenance(batch_size), "sampling": sampling.to_dict(), "versions": versions()}
-    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return json.dumps(meta, sort_keys=True, default=str).encode()
+
+
+def _frame_key(prefix: bytes, latents: torch.Tensor, conditioning: Conditioning) -> str:
+    h = hashlib.sha256(prefix)
     for t in (latents, conditioning.prompt_embeds, conditioning.pooled_prompt_embeds):
         if t is not None:
             h.update(str((tuple(t.shape), t.dtype)).encode())
@@ -194,11 +203,11 @@ def call_sizes(n_frames: int, compute: int | None, batch_size: int | None) -> li
     return [batch_size] * full + [n_frames % compute] * (n_frames - full)
 
 
-def _chunk_keys(lab: Backend, p, s: Sampling, start: int, stop: int, sizes: list[int | None]):
-    """Frames ``start:stop`` of plan ``p``: their initial latents, conditioning and cache keys."""
+def _chunk_keys(prefixes: dict, p, start: int, stop: int, sizes: list[int | None]):
+    """Frames ``start:stop`` of plan ``p``: their initial latents, conditioning and cache keys (``prefixes``: the
+    :func:`_key_prefix` of each call size)."""
     lat, cond = p.inputs(start, stop)
-    return lat, cond, [frame_key(lab, lat[i : i + 1], cond[i], s, batch_size=sizes[start + i])
-                       for i in range(stop - start)]
+    return lat, cond, [_frame_key(prefixes[sizes[start + i]], lat[i : i + 1], cond[i]) for i in range(stop - start)]
 
 
 def _cached_frames(cache: Path, keys: list[str], size: tuple[int, int]):
@@ -227,24 +236,42 @@ def _store_frames(cache: Path, keys: list[str], todo: list[int], images: np.ndar
                    provenance={"index": start + i, "video": video}, overwrite=True)
 
 
-def _render_chunk(lab: Backend, p, s: Sampling, cache: Path, start: int, stop: int, *, sizes: list[int | None],
-                  size: tuple[int, int], video: str) -> tuple[int, int]:
-    """Render the frames ``start:stop`` that are not in the cache into it, each at its call size (``sizes``):
-    ``(rendered, damaged entries)``."""
-    lat, cond, keys = _chunk_keys(lab, p, s, start, stop, sizes)
-    frames, _, bad = _cached_frames(cache, keys, size)
+@dataclass(frozen=True)
+class _Job:
+    """What every chunk of one render needs (built once per render; workers inherit it by fork)."""
+
+    lab: Backend
+    plan: object
+    sampling: Sampling
+    cache: Path
+    sizes: list  # call size of every frame (call_sizes)
+    prefixes: dict  # call size -> _key_prefix
+    frame_size: tuple[int, int]
+    video: str
+
+    def keys(self, start: int, stop: int):
+        return _chunk_keys(self.prefixes, self.plan, start, stop, self.sizes)
+
+
+def _render_chunk(job: _Job, start: int, stop: int):
+    """Render the frames ``start:stop`` that are not in the cache into it, each at its call size:
+    ``(rendered, damaged entries, frames (uint8 arrays), keys)``."""
+    lat, cond, keys = job.keys(start, stop)
+    frames, _, bad = _cached_frames(job.cache, keys, job.frame_size)
     todo = [i for i, fr in enumerate(frames) if fr is None]
-    for call in dict.fromkeys(sizes[start + i] for i in todo):  # at most two call sizes, in frame order
-        group = [i for i in todo if sizes[start + i] == call]
-        images = _to_uint8(lab.generate(lat[group], cond[group], sampling=s, batch_size=call))
+    for call in dict.fromkeys(job.sizes[start + i] for i in todo):  # at most two call sizes, in frame order
+        group = [i for i in todo if job.sizes[start + i] == call]
+        images = _to_uint8(job.lab.generate(lat[group], cond[group], sampling=job.sampling, batch_size=call))
         try:
-            _store_frames(cache, keys, group, images, start, video)
+            _store_frames(job.cache, keys, group, images, start, job.video)
         except OSError as e:
-            hint = disk_full_hint(e, cache.parent)
+            hint = disk_full_hint(e, job.cache.parent)
             if hint:
                 raise OSError(e.errno, hint) from e
             raise
-    return len(todo), bad
+        for i, img in zip(group, images):
+            frames[i] = img
+    return len(todo), bad, frames, keys
 
 
 def _resolve_workers(workers, lab: Backend, batch_size: int | None, n_chunks: int, world_size: int) -> int:
@@ -258,15 +285,14 @@ def _resolve_workers(workers, lab: Backend, batch_size: int | None, n_chunks: in
     return min(workers, n_chunks)
 
 
-def _render_share(lab: Backend, p, s: Sampling, r: Ranks, cache: Path, *, chunk: int, sizes: list[int | None],
-                  size: tuple[int, int], progress: bool, video: str) -> tuple[list[int], int]:
+def _render_share(job: _Job, r: Ranks, *, chunk: int, progress: bool) -> tuple[list[int], int]:
     """Distributed phase 1: this rank renders the missing frames of its blocks of ``chunk`` frames into the cache.
 
     Returns how many frames each rank rendered and how many damaged cache entries all found (on every rank). A failure on any rank is raised on every rank, so
     no process waits for one that is gone."""
     from tqdm.auto import tqdm
 
-    n = len(p.frames)
+    n = len(job.plan.frames)
     chunk = min(chunk, -(-n // r.world_size))  # short renders: every rank gets work (frame keys do not change)
     mine = r.share(n, block=chunk)
     rendered, damaged, error = 0, 0, None
@@ -275,19 +301,19 @@ def _render_share(lab: Backend, p, s: Sampling, r: Ranks, cache: Path, *, chunk:
                   disable=not progress) as bar:
             for start in mine[::chunk]:
                 stop = min(n, start + chunk)
-                done, bad = _render_chunk(lab, p, s, cache, start, stop, sizes=sizes, size=size, video=video)
+                done, bad, _, _ = _render_chunk(job, start, stop)
                 rendered, damaged = rendered + done, damaged + bad
                 bar.update(stop - start)
     except Exception as e:  # noqa: BLE001 - reported on every rank below
         error = f"rank {r.rank}: {type(e).__name__}: {e}"
         if isinstance(e, OSError):
-            hint = disk_full_hint(e, cache.parent)
+            hint = disk_full_hint(e, job.cache.parent)
             error = f"rank {r.rank}: {hint}" if hint else error
     results = r.gather((rendered, damaged, error))
     errors = [err for _, _, err in results if err]
     if errors:
         raise RuntimeError(f"the distributed render failed ({'; '.join(errors)}); finished frames are kept in "
-                           f"{cache}: run the same command again to resume")
+                           f"{job.cache}: run the same command again to resume")
     return [count for count, _, _ in results], sum(bad for _, bad, _ in results)
 
 
@@ -335,20 +361,20 @@ def render_morph(
         for i, call in enumerate(sizes):
             if call != batch_size:
                 p.frames[i]["compute_batch"] = call  # a last, partial compute batch: generated at its own size
+        size = (lh * f, lw * f)
+        job = _Job(lab, p, s, cache, sizes, {c: _key_prefix(lab, s, c) for c in set(sizes)}, size, output.name)
         by_rank, damaged = None, 0
         if r.world_size > 1:
-            by_rank, damaged = _render_share(lab, p, s, r, cache, chunk=chunk, sizes=sizes,
-                                             size=(lh * f, lw * f), progress=progress, video=output.name)
+            by_rank, damaged = _render_share(job, r, chunk=chunk, progress=progress)
             if not r.is_main:
                 return output  # rank 0 assembles the video and the manifest from the cache
         writer = VideoWriter(output, fps=settings.fps, upscale=upscale, overwrite=overwrite)
         reused = rendered = 0
         starts = list(range(0, settings.n_frames, chunk))
         n_workers = _resolve_workers(workers, lab, batch_size, len(starts), r.world_size)
-        size = (lh * f, lw * f)
-        def render(start: int) -> tuple[int, int]:
-            return _render_chunk(lab, p, s, cache, start, min(settings.n_frames, start + chunk), sizes=sizes,
-                                 size=size, video=output.name)
+
+        def render(start: int) -> tuple[int, int]:  # in a worker: the frames go to the cache only
+            return _render_chunk(job, start, min(settings.n_frames, start + chunk))[:2]
 
         pool = LocalWorkers(n_workers, render) if n_workers > 1 else None
         try:
@@ -358,12 +384,15 @@ def render_morph(
                     pool.run(starts)
                 for start in starts:
                     stop = min(settings.n_frames, start + chunk)
-                    done, bad = pool.wait(start) if pool is not None else render(start)
-                    _, _, keys = _chunk_keys(lab, p, s, start, stop, sizes)
-                    frames, found, _ = _cached_frames(cache, keys, size)
-                    if any(fr is None for fr in frames):  # removed or damaged since it was written: never trust it
-                        raise OSError(f"frames {start}-{stop - 1} vanished from the cache {cache} while rendering")
-                    reused, rendered, damaged = reused + found - done, rendered + done, damaged + bad
+                    if pool is None:
+                        done, bad, frames, keys = _render_chunk(job, start, stop)
+                    else:
+                        done, bad = pool.wait(start)
+                        _, _, keys = job.keys(start, stop)
+                        frames, _, _ = _cached_frames(cache, keys, size)
+                        if any(fr is None for fr in frames):  # removed or damaged since it was written
+                            raise OSError(f"frames {start}-{stop - 1} vanished from the cache {cache} while rendering")
+                    reused, rendered, damaged = reused + (stop - start) - done, rendered + done, damaged + bad
                     writer.append(np.stack(frames))
                     for i in range(stop - start):
                         p.frames[start + i]["key"] = keys[i]
