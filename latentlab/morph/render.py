@@ -355,6 +355,14 @@ def render_morph(
     chunk = compute or GPU_CHUNK
     cache = cache_dir(output)
     r = ranks()
+    n_workers = _resolve_workers(workers, lab, batch_size, -(-settings.n_frames // chunk), r.world_size)
+    if n_workers > 1 and batch_size is None and compute:
+        # Balance the workers: the smallest number of whole batches per worker that fits, each as large as it can be
+        # (48 frames on 2 workers: 4 batches of 12, not 16 + 16 + 16 with one worker idle for a third of the time).
+        per_worker = -(-settings.n_frames // (n_workers * compute))
+        balanced = -(-settings.n_frames // (n_workers * per_worker))
+        if balanced < compute:
+            batch_size = compute = chunk = balanced
     sizes = call_sizes(settings.n_frames, compute, batch_size)
     with _Lock(output, r):
         p = plan(lab, settings, distance=distance)
@@ -371,7 +379,6 @@ def render_morph(
         writer = VideoWriter(output, fps=settings.fps, upscale=upscale, overwrite=overwrite)
         reused = rendered = 0
         starts = list(range(0, settings.n_frames, chunk))
-        n_workers = _resolve_workers(workers, lab, batch_size, len(starts), r.world_size)
 
         def render(start: int) -> tuple[int, int]:  # in a worker: the frames go to the cache only
             return _render_chunk(job, start, min(settings.n_frames, start + chunk))[:2]
