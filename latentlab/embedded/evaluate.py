@@ -21,6 +21,7 @@ Run ``python -m latentlab.embedded.evaluate --help``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from pathlib import Path
@@ -151,6 +152,24 @@ def _train_shape_classifier(steps: int, seed: int) -> tuple[ShapeNet, float]:
     with torch.no_grad():
         acc = (net(masks).argmax(1) == labels).float().mean().item()
     return net, acc
+
+
+#: The evaluator's shape reader as shipped: ``train_shape_classifier()``'s weights (400 steps, seed 0, one thread).
+SHAPE_CLASSIFIER = Path(__file__).parent / "evaluator" / "shape-classifier.safetensors"
+
+
+@functools.cache
+def shape_classifier() -> ShapeNet:
+    """The evaluator's shape reader, ready in milliseconds: the shipped weights (:data:`SHAPE_CLASSIFIER`, written by
+    ``python -m latentlab.embedded.evaluate --write-shape-classifier``), or trained now (about a minute) if they are
+    missing. Notebooks and tests use this; ``main`` trains its own to report the evaluator's accuracy."""
+    from latentlab import store
+
+    if SHAPE_CLASSIFIER.is_file():
+        net = ShapeNet()
+        net.load_state_dict(store.load(SHAPE_CLASSIFIER)[0])
+        return net.eval()
+    return train_shape_classifier()[0]
 
 
 def blob_radius(masks: torch.Tensor) -> torch.Tensor:
@@ -395,7 +414,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--v2", action="store_true", help="also measure the v2 targets: decoder and inpainting locality, "
                    "graded img2img, clean in-betweens (a few more minutes)")
+    p.add_argument("--write-shape-classifier", action="store_true",
+                   help=f"train the shape reader and write it to {SHAPE_CLASSIFIER.name} (shipped with latentlab)")
     args = p.parse_args(argv)
+    if args.write_shape_classifier:
+        from latentlab import store
+
+        net, acc = train_shape_classifier()
+        SHAPE_CLASSIFIER.parent.mkdir(exist_ok=True)
+        store.save(SHAPE_CLASSIFIER, net.state_dict(), provenance={"steps": 400, "seed": 0, "threads": 1,
+                                                                   "held_out_accuracy": acc}, overwrite=True)
+        print(f"wrote {SHAPE_CLASSIFIER} (held-out accuracy {acc:.3f})")
+        return
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel, CLIPTokenizer
