@@ -11,7 +11,7 @@ import errno
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "check_output", "disk_full_hint", "partial_path"]
+__all__ = ["atomic_write", "atomic_write_text", "check_output", "disk_full_hint", "partial_path"]
 
 
 def partial_path(path: Path, *, suffix: str | None = None) -> Path:
@@ -20,16 +20,22 @@ def partial_path(path: Path, *, suffix: str | None = None) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.partial{suffix}")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp)`` to write a temporary file beside ``path``, then rename it to ``path``: readers see the
+    old file or the whole new one, never a half-written one, and a failed write leaves nothing behind."""
     path = Path(path)
     tmp = partial_path(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def check_output(path: str | os.PathLike, name: str, *, overwrite: bool, suffixes: tuple[str, ...] | None = None) -> Path:

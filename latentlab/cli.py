@@ -169,6 +169,13 @@ def _load_lab(model: str | None):
         raise _Exit(EXIT_MISSING, str(e)) from None
 
 
+def _lab_for_manifest(data: dict, model: str | None):
+    """The model a manifest names (the embedded one by its name), or ``model`` instead when given."""
+    model = model or (None if data["model"] == "latentlab/embedded-shapes" else data["model"])
+    _embedded_missing(model)
+    return _load_lab(model)
+
+
 def _cmd_morph(args: argparse.Namespace) -> int:
     """``morph`` and ``walk``: keyframes -> video + manifest."""
     from latentlab.morph import check_render, manifest_path, render_morph
@@ -238,8 +245,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     z, cond = lab.noise([sd for _ in args.prompts for sd in seeds]), lab.encode_prompt(prompts)
     r = distributed.ranks()  # under a launcher, each process generates its share and rank 0 writes the grid
     images = r.map_blocks(lambda idx: lab.generate(z[idx], cond[idx], sampling=s, batch_size=args.batch_size),
-                          len(prompts), block=min(lab.compute_batch(args.batch_size) or len(prompts),
-                                                  -(-len(prompts) // r.world_size)))
+                          len(prompts), block=r.block(len(prompts), lab.compute_batch(args.batch_size) or len(prompts)))
     if not r.is_main:
         return 0
     write_image(out, image_grid(images, len(seeds)), upscale=upscale, overwrite=args.overwrite)
@@ -266,11 +272,7 @@ def _cmd_frame(args: argparse.Namespace) -> int:
     check_output(out, "--output", overwrite=args.overwrite, suffixes=IMAGE_FORMATS)
     upscale = args.upscale if args.upscale is not None else data.get("upscale", 1)
     _checks.positive_int(upscale, "--upscale")
-    model = None if data["model"] == "latentlab/embedded-shapes" else data["model"]
-    if args.model:
-        model = args.model
-    _embedded_missing(model)
-    lab = _load_lab(model)
+    lab = _lab_for_manifest(data, args.model)
     image = render_frame(lab, data, args.index)
     write_image(out, image, upscale=upscale, overwrite=args.overwrite)
     print(f"wrote {out} (frame {args.index} of {data['video']})")
@@ -294,13 +296,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if path.exists():
             check_output(path, "--output", overwrite=args.overwrite)
     settings = MorphSettings.from_dict(data["settings"])
-    model = None if data["model"] == "latentlab/embedded-shapes" else data["model"]
-    _embedded_missing(model)
-    lab = _load_lab(model)
+    lab = _lab_for_manifest(data, None)
     folder.mkdir(parents=True, exist_ok=True)
     p = plan(lab, settings, frames=data["frames"])
     lat, cond = p.inputs(0, settings.n_frames)
-    exports.write_comfyui_latent(lat, names["noise"], scaling_factor=lab.pipe.vae.config.scaling_factor,
+    exports.write_comfyui_latent(lat, names["noise"], scaling_factor=lab.vae_scaling_factor,
                                  overwrite=args.overwrite)
     exports.write_comfyui_conditioning(cond, names["cond"], overwrite=args.overwrite)
     wrote = [names["noise"], names["cond"]]

@@ -30,7 +30,15 @@ from functools import cache
 
 import torch
 
-__all__ = ["Ranks", "launched", "ranks"]
+__all__ = ["Ranks", "available_cores", "launched", "ranks"]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def launched() -> bool:
@@ -65,6 +73,15 @@ class Ranks:
             raise ValueError(f"`block` must be >= 1, got {block}")
         return [i for i in range(n) if (i // block) % self.world_size == self.rank]
 
+    def block(self, n: int, batch: int) -> int:
+        """The block size for sharing ``n`` items by :meth:`share`: ``batch``, but no more than an equal share, so
+        that a short job still gives every rank work.
+
+        >>> Ranks(0, 2).block(12, 16), Ranks(0, 2).block(64, 16), Ranks().block(5, 16)
+        (6, 16, 5)
+        """
+        return max(1, min(batch, -(-n // self.world_size)))
+
     def map_blocks(self, fn, n: int, *, block: int):
         """Run ``fn(indices)`` (returning a tensor, or a tuple of tensors, with one row per index) on this rank's
         blocks of ``range(n)`` (:meth:`share`), and return every rank's rows in index order, on every rank: one
@@ -98,6 +115,20 @@ class Ranks:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def gather_checked(self, value, error: str | None, *, failed: str, kept: str) -> list:
+        """Every rank's ``value``, on every rank -- unless some rank reports an ``error`` (this rank's failure, or
+        None): then every rank raises one RuntimeError naming each failure, so no process waits for one that is gone.
+        ``failed`` says what failed and ``kept`` what was kept for the resume.
+
+        >>> Ranks().gather_checked(3, None, failed="the job failed", kept="nothing")
+        [3]
+        """
+        results = self.gather((value, None if error is None else f"rank {self.rank}: {error}"))
+        errors = [err for _, err in results if err]
+        if errors:
+            raise RuntimeError(f"{failed} ({'; '.join(errors)}); {kept}: run the same command again to resume")
+        return [v for v, _ in results]
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank."""
         if self.world_size == 1:
@@ -119,14 +150,10 @@ def _state():
         # N processes on one machine share its cores: never oversubscribe them (torchrun sets OMP_NUM_THREADS=1,
         # forked launchers do not). Setting it before any torch op also keeps a forked process clear of the OpenMP
         # thread pool its parent may have started (GNU OpenMP hangs in a forked child that uses the parent's pool).
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
         # processes on this machine: LOCAL_WORLD_SIZE (torchrun), else all of them (a forked launcher sets it to 1)
         nodes = int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", "1")) or 1)
         local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), state.num_processes // max(1, nodes))
-        torch.set_num_threads(max(1, cores // max(1, local)))
+        torch.set_num_threads(max(1, available_cores() // max(1, local)))
     return state
 
 

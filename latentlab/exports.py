@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from latentlab import _checks
-from latentlab._files import atomic_write_text, check_output, partial_path
+from latentlab._files import atomic_write, atomic_write_text, check_output
 from latentlab.backend import Conditioning
 from latentlab.morph import Keyframe, MorphSettings
 from latentlab.sampling import Sampling
@@ -43,13 +43,8 @@ __all__ = [
 def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
-    tmp = partial_path(path)
-    try:
-        save_file({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    data = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))
 
 
 def write_comfyui_latent(latents: torch.Tensor, path: str | os.PathLike, *, scaling_factor: float,
@@ -217,14 +212,13 @@ def save_direction(direction, path: str | os.PathLike, *, overwrite: bool = Fals
     _checks.tensor(direction, "direction", min_ndim=1)
     _checks.finite(direction, "direction")
     path = check_output(path, "path", overwrite=overwrite, suffixes=(".npy",))
-    tmp = partial_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, direction.detach().cpu().float().numpy(), allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    arr = direction.detach().cpu().float().numpy()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
+            np.save(f, arr, allow_pickle=False)
+
+    return atomic_write(path, write)
 
 
 def load_direction(path: str | os.PathLike) -> torch.Tensor:

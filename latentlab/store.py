@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from latentlab import _checks
-from latentlab._files import partial_path
+from latentlab._files import atomic_write
 
 __all__ = ["PROVENANCE_KEY", "load", "save", "versions"]
 
@@ -76,15 +76,9 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, provenanc
         raise TypeError(f"`provenance` must be JSON-serialisable: {e}") from None
     for k, v in tensors.items():
         _checks.finite(v, f"tensors[{k!r}]")
-    tmp = partial_path(path)
     # Tensors that share memory (views of one another) cannot be saved as they are: each is stored as its own copy.
     data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-    try:
-        save_file(data, tmp, metadata={PROVENANCE_KEY: meta})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata={PROVENANCE_KEY: meta}))
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", keys=None,

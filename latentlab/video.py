@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from latentlab import _checks
-from latentlab._files import check_output, partial_path
+from latentlab._files import atomic_write, check_output, partial_path
 
 __all__ = ["FORMATS", "IMAGE_FORMATS", "VideoWriter", "image_grid", "png_bytes", "read_image", "read_video",
            "write_image", "write_video"]
@@ -203,13 +203,7 @@ def write_image(path: str | os.PathLike, image: torch.Tensor, *, upscale: int = 
     if x.shape[0] != 1:
         raise ValueError(f"`image` must be one image (3, H, W) or (1, 3, H, W), got shape {tuple(image.shape)}")
     arr = _to_uint8_frames(x, _checks.positive_int(upscale, "upscale"))[0]
-    tmp = partial_path(path)
-    try:
-        iio.imwrite(tmp, arr)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: iio.imwrite(tmp, arr))
 
 
 def png_bytes(image: torch.Tensor, *, upscale: int = 1) -> bytes:

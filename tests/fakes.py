@@ -31,6 +31,10 @@ class FakeBackend:
     def vae_scale_factor(self) -> int:
         return self.factor
 
+    @property
+    def vae_scaling_factor(self) -> float:
+        return 0.5
+
     def sampling(self, sampling=None, **overrides) -> Sampling:
         given = {k: v for k, v in overrides.items() if v is not None}
         return Sampling(**given).over(sampling or Sampling()).over(self.defaults)

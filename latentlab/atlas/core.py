@@ -111,7 +111,7 @@ def build_atlas(lab: Backend, prompts: Sequence[str], seeds: Sequence[int], *, c
     r = ranks()  # under a launcher, each process generates its share; every process gets the whole atlas
     noise, latents, image_embeds, thumbs = r.map_blocks(
         lambda idx: _collect(lab, [pairs[i] for i in idx], clip, sampling, batch_size, thumbnail, progress=False),
-        len(pairs), block=min(chunk, -(-len(pairs) // r.world_size))) if r.world_size > 1 else _collect(
+        len(pairs), block=r.block(len(pairs), chunk)) if r.world_size > 1 else _collect(
         lab, pairs, clip, sampling, batch_size, thumbnail, chunk=chunk, progress=progress)
     text = clip.embed_text(prompts)
     idx = torch.tensor([prompts.index(p) for p, _ in pairs])

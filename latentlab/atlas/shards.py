@@ -80,7 +80,7 @@ def build_atlas_shards(lab: Backend, prompts: Sequence[str], seeds: Sequence[int
     r = ranks()
     n = len(prompts) * len(seeds)
     n_shards = -(-n // shard_size)
-    mine = [k for k in range(n_shards) if k % r.world_size == r.rank]
+    mine = r.share(n_shards)  # shard k -> rank k % world_size
     folder.mkdir(parents=True, exist_ok=True)
     error = None
     try:
@@ -89,8 +89,7 @@ def build_atlas_shards(lab: Backend, prompts: Sequence[str], seeds: Sequence[int
             for k in mine:
                 path = folder / _shard_name(k)
                 if not _complete(path, request):
-                    rows = range(k * shard_size, min(n, (k + 1) * shard_size))
-                    pairs = [(prompts[i // len(seeds)], seeds[i % len(seeds)]) for i in rows]
+                    pairs = _pairs(prompts, seeds, range(k * shard_size, min(n, (k + 1) * shard_size)))
                     noise, latents, image_embeds, thumbs = _collect(lab, pairs, clip, sampling, batch_size, thumbnail,
                                                                     chunk=chunk, progress=False)
                     order = sorted({p for p, _ in pairs}, key=prompts.index)
@@ -100,11 +99,9 @@ def build_atlas_shards(lab: Backend, prompts: Sequence[str], seeds: Sequence[int
                            "request": request}).save(path, overwrite=True)
                 bar.update(1)
     except Exception as e:  # noqa: BLE001 - reported on every rank below
-        error = f"rank {r.rank}: {type(e).__name__}: {e}"
-    errors = [err for err in r.gather(error) if err]
-    if errors:
-        raise RuntimeError(f"building the sharded atlas failed ({'; '.join(errors)}); finished shards are kept in "
-                           f"{folder}: run the same command again to resume")
+        error = f"{type(e).__name__}: {e}"
+    r.gather_checked(None, error, failed="building the sharded atlas failed",
+                     kept=f"finished shards are kept in {folder}")
     if r.is_main:
         atomic_write_text(index, json.dumps({
             "format": FORMAT, "version": 1, "n": n, "shard_size": shard_size,
@@ -115,6 +112,11 @@ def build_atlas_shards(lab: Backend, prompts: Sequence[str], seeds: Sequence[int
         }, indent=1))
     r.barrier()
     return ShardedAtlas(folder)
+
+
+def _pairs(prompts: list, seeds: list, rows: range) -> list[tuple]:
+    """The (prompt, seed) of each item index in ``rows`` (items are prompt-major, as in ``build_atlas``)."""
+    return [(prompts[i // len(seeds)], seeds[i % len(seeds)]) for i in rows]
 
 
 def _complete(path: Path, request: dict) -> bool:
@@ -145,7 +147,6 @@ class ShardedAtlas:
         if self.index.get("format") != FORMAT:
             raise ValueError(f"{index} is not a latentlab sharded-atlas index")
         self.provenance = self.index["provenance"]
-        self._starts = [s["start"] for s in self.index["shards"]]
 
     def __len__(self) -> int:
         return self.index["n"]
@@ -188,7 +189,7 @@ class ShardedAtlas:
         req = self.index["request"]
         prompts, seeds, attrs = req["prompts"], req["seeds"], req["attributes"]
         start, stop, _ = (rows or slice(None)).indices(len(self))
-        return _items([(prompts[i // len(seeds)], seeds[i % len(seeds)]) for i in range(start, stop)], attrs)
+        return _items(_pairs(prompts, seeds, range(start, stop)), attrs)
 
     def chunks(self, name: str, size: int = 65536):
         """``(start, tensor)`` for consecutive chunks of ``size`` rows of a column: constant memory for any size."""

@@ -227,6 +227,10 @@ class Lab:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
     @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.pipe.vae.config.scaling_factor)
+
+    @property
     def device(self) -> torch.device:
         return self.pipe.unet.device
 

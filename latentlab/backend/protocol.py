@@ -30,6 +30,10 @@ class Backend(Protocol):
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel along each side."""
 
+    @property
+    def vae_scaling_factor(self) -> float:
+        """The VAE's ``scaling_factor``: latents as the UNet sees them = the VAE's latents times this."""
+
     def sampling(self, sampling: Sampling | None = None, **overrides) -> Sampling:
         """A complete :class:`Sampling`: ``overrides`` over ``sampling`` over the model's defaults (validated)."""
 

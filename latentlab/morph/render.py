@@ -288,12 +288,12 @@ def _resolve_workers(workers, lab: Backend, batch_size: int | None, n_chunks: in
 def _render_share(job: _Job, r: Ranks, *, chunk: int, progress: bool) -> tuple[list[int], int]:
     """Distributed phase 1: this rank renders the missing frames of its blocks of ``chunk`` frames into the cache.
 
-    Returns how many frames each rank rendered and how many damaged cache entries all found (on every rank). A failure on any rank is raised on every rank, so
-    no process waits for one that is gone."""
+    Returns how many frames each rank rendered and how many damaged cache entries all found (on every rank). A
+    failure on any rank is raised on every rank (:meth:`Ranks.gather_checked`)."""
     from tqdm.auto import tqdm
 
     n = len(job.plan.frames)
-    chunk = min(chunk, -(-n // r.world_size))  # short renders: every rank gets work (frame keys do not change)
+    chunk = r.block(n, chunk)  # short renders: every rank gets work (frame keys do not change)
     mine = r.share(n, block=chunk)
     rendered, damaged, error = 0, 0, None
     try:
@@ -305,16 +305,10 @@ def _render_share(job: _Job, r: Ranks, *, chunk: int, progress: bool) -> tuple[l
                 rendered, damaged = rendered + done, damaged + bad
                 bar.update(stop - start)
     except Exception as e:  # noqa: BLE001 - reported on every rank below
-        error = f"rank {r.rank}: {type(e).__name__}: {e}"
-        if isinstance(e, OSError):
-            hint = disk_full_hint(e, job.cache.parent)
-            error = f"rank {r.rank}: {hint}" if hint else error
-    results = r.gather((rendered, damaged, error))
-    errors = [err for _, _, err in results if err]
-    if errors:
-        raise RuntimeError(f"the distributed render failed ({'; '.join(errors)}); finished frames are kept in "
-                           f"{job.cache}: run the same command again to resume")
-    return [count for count, _, _ in results], sum(bad for _, bad, _ in results)
+        error = (isinstance(e, OSError) and disk_full_hint(e, job.cache.parent)) or f"{type(e).__name__}: {e}"
+    results = r.gather_checked((rendered, damaged), error, failed="the distributed render failed",
+                               kept=f"finished frames are kept in {job.cache}")
+    return [count for count, _ in results], sum(bad for _, bad in results)
 
 
 def render_morph(

@@ -25,19 +25,13 @@ from typing import Self
 
 import torch
 
-__all__ = ["LocalWorkers", "WorkerFailed", "auto_workers", "available_cores"]
+from latentlab.distributed import available_cores
+
+__all__ = ["LocalWorkers", "WorkerFailed", "auto_workers"]
 
 
 class WorkerFailed(RuntimeError):
     """A worker process raised or died; finished frames are in the cache."""
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def auto_workers(*, device: str, n_chunks: int, world_size: int = 1) -> int:
