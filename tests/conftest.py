@@ -100,3 +100,100 @@ def tiny_sdxl_path(tmp_path_factory):
     path = root / "pipe"
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# --- flow-matching transformers (SD3, Flux): tiny random pipelines with 16-channel latents ------------------------
+
+_CLIP = dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+             max_position_embeddings=16, bos_token_id=512, eos_token_id=513, pad_token_id=513, projection_dim=16)
+
+
+def _flow_vae(shift_factor: float, scaling_factor: float):
+    """A 16-channel AutoencoderKL of the SD3/Flux kind (shift and scale, no quant convs), f=2."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=16, norm_num_groups=8, sample_size=16, shift_factor=shift_factor,
+                         scaling_factor=scaling_factor, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _t5():
+    """A tiny T5 encoder over the CLIP character vocabulary (the embedded tokenizer stands in for T5's)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=514, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8, pad_token_id=513, eos_token_id=513))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    """A tiny random StableDiffusion3Pipeline (two CLIP encoders + T5, patch 1, 16-channel VAE f=2) as a folder.
+    Load it with ``text_encoder_3=None, tokenizer_3=None`` for the T5-free variant."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    root = tmp_path_factory.mktemp("tiny-sd3")
+    torch.manual_seed(0)
+    tok = _tiny_tokenizer(root / "tok-src")
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=_flow_vae(0.0609, 1.5305), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**_CLIP)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_CLIP)), tokenizer_2=tok,
+        text_encoder_3=_t5(), tokenizer_3=tok)
+    path = root / "pipe"
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _tiny_flux(root, *, guidance_embeds: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tok = _tiny_tokenizer(root / "tok-src")
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 4, 8))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, vae=_flow_vae(0.1159, 0.3611), scheduler=sched,
+                        text_encoder=CLIPTextModel(CLIPTextConfig(**_CLIP)), tokenizer=tok,
+                        text_encoder_2=_t5(), tokenizer_2=tok)
+    path = root / "pipe"
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory):
+    """A tiny random FluxPipeline of the "dev" kind (guidance embedding), 16-channel VAE f=2 (images: x4)."""
+    return _tiny_flux(tmp_path_factory.mktemp("tiny-flux"), guidance_embeds=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_path(tmp_path_factory):
+    """A tiny random FluxPipeline of the "schnell" kind (no guidance embedding: true CFG above guidance 1)."""
+    return _tiny_flux(tmp_path_factory.mktemp("tiny-flux-schnell"), guidance_embeds=False)
+
+
+@pytest.fixture(params=["sd3", "sd3-no-t5", "flux", "flux-schnell"])
+def flow_lab(request):
+    """A Lab over each tiny flow pipeline (3 steps by default)."""
+    from latentlab.backend import Lab
+
+    kind = request.param
+    if kind.startswith("sd3"):
+        path = request.getfixturevalue("tiny_sd3_path")
+        extra = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3-no-t5" else {}
+    else:
+        path = request.getfixturevalue("tiny_flux_path" if kind == "flux" else "tiny_flux_schnell_path")
+        extra = {}
+    lab = Lab.from_pretrained(path, device="cpu", **extra)
+    lab.defaults = lab.defaults.replace(num_inference_steps=3)
+    lab.kind = kind
+    return lab

@@ -108,7 +108,7 @@ def test_sdxl_layout_pooled_embeds_and_parity(tiny_sdxl_path):
     from latentlab.backend import Lab
 
     lab = Lab.from_pretrained(tiny_sdxl_path, device="cpu")
-    assert lab.is_sdxl and lab.latent_shape() == (4, 8, 8)
+    assert lab.family == "sdxl" and lab.latent_shape() == (4, 8, 8)
     cond = lab.encode_prompt(["a red star", "a blue ring"])
     assert cond.prompt_embeds.shape == (2, 16, 32) and cond.pooled_prompt_embeds.shape == (2, 16)
     z = lab.noise([1, 2])
@@ -312,7 +312,7 @@ def test_stochastic_schedulers_are_seeded_per_item(tiny_lab, tiny_sd_path, sched
     or in a batch, and equal to plain diffusers given one CPU generator per item."""
     import diffusers
 
-    from latentlab.backend.lab import cpu_generators, step_seeds
+    from latentlab.backend.engine import cpu_generators, step_seeds
 
     z, c = tiny_lab.noise([1, 2, 3]), tiny_lab.encode_prompt(["a red star", "a blue ring", "a green cross"])
     kw = dict(num_inference_steps=4, guidance_scale=3.0, scheduler=scheduler)

@@ -1,7 +1,9 @@
-"""The generation backend: :class:`Lab` over diffusers, the :class:`Backend` contract the upper layers use, and
-the records both hand out. ``import latentlab.backend`` does not import diffusers (it is loaded on first use)."""
+"""The generation backend: :class:`Lab` over diffusers (an engine plus one adapter per model family), the
+:class:`Backend` contract the upper layers use, and the records both hand out. ``import latentlab.backend`` does
+not import diffusers (it is loaded on first use)."""
 
-from latentlab.backend.lab import CPU_BATCH_SIZE, Lab
+from latentlab.backend.engine import CPU_BATCH_SIZE
+from latentlab.backend.lab import Lab
 from latentlab.backend.protocol import Backend
 from latentlab.backend.records import Conditioning, Inversion, Trajectory
 from latentlab.sampling import Sampling

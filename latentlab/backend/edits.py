@@ -1,15 +1,17 @@
-"""Latent edits composed from diffusers: img2img, inpainting and DDIM inversion.
+"""Latent edits over an :class:`~latentlab.backend.engine.Engine`: img2img, inpainting and inversion.
 
-One responsibility: edits of clean latents, each built from a diffusers piece rather than a copy of its loop --
+One responsibility: edits of clean latents, each built from a diffusers piece rather than a copy of its loop, the
+same code for every model family (the family adapter supplies the pipeline class, the noising rule and the packing):
 
-- **img2img**: diffusers' img2img pipeline (``StableDiffusion[XL]Img2ImgPipeline.from_pipe``: the same components,
-  no weights copied), given the clean latents as its ``image`` (4-channel input is used as latents as it is).
+- **img2img**: the family's img2img pipeline (``StableDiffusion[XL|3]Img2ImgPipeline``, ``FluxImg2ImgPipeline``,
+  composed on the same components, no weights copied), given the clean latents as its ``image`` (input with the
+  VAE's latent channels is used as latents as it is).
 - **inpainting**: the same pipeline plus a ``callback_on_step_end`` that, after every step, puts the known latent,
-  noised to the next step's level by the scheduler's own ``add_noise``, back outside the mask (the blend of
-  diffusers' inpainting pipelines for ordinary 4-channel UNets), and optionally a pixel-space composite that keeps
-  the original pixels outside a feathered mask exactly.
-- **inversion**: diffusers' ``DDIMInverseScheduler`` (which handles epsilon, v and sample prediction), stepping the
-  guided UNet output; the reconstruction is the ordinary DDIM sampler run from the inverted noise.
+  noised to the next step's level (``add_noise`` for diffusion models, ``(1 - sigma) z0 + sigma noise`` for flow
+  models), back outside the mask (the blend of diffusers' inpainting pipelines for ordinary latent models), and
+  optionally a pixel-space composite that keeps the original pixels outside a feathered mask exactly.
+- **inversion**: DDIM inversion (diffusers' ``DDIMInverseScheduler``) for diffusion models, the flow ODE integrated
+  backwards (Euler, Heun or FireFlow) for flow models; the reconstruction denoises the result again.
 
 References: Meng et al., "SDEdit" (2022) for img2img; Lugmayr et al., "RePaint" (2022) for the inpainting blend;
 Song et al., "Denoising Diffusion Implicit Models" (2021) and Mokady et al., "Null-text Inversion" (2023) on why
@@ -18,18 +20,19 @@ inversion drifts under guidance.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from latentlab import _checks
-from latentlab.backend.lab import cpu_generators, import_diffusers
+from latentlab.backend.engine import cpu_generators
 from latentlab.backend.records import Conditioning, Inversion
 from latentlab.sampling import Sampling
 
 if TYPE_CHECKING:
-    from latentlab.backend.lab import Lab
+    from latentlab.backend.engine import Engine as Lab
 
 __all__ = ["img2img", "inpaint", "invert"]
 
@@ -77,18 +80,23 @@ def _latent_mask(lab: Lab, mask: object, latents: torch.Tensor) -> torch.Tensor:
 def _run_img2img(lab: Lab, latents, conditioning, *, strength, seed, mask, sampling, batch_size, **overrides):
     s = lab.sampling(sampling, **overrides)
     conditioning = lab.check_request(latents, conditioning)
-    t_start = s.num_inference_steps - _strength(strength, s.num_inference_steps)
+    _strength(strength, s.num_inference_steps)
     seeds = _seeds(seed, len(latents))
     m = None if mask is None else _latent_mask(lab, mask, latents)
     pipe = lab.pipeline("img2img", s.scheduler)
     negative = lab.negative_conditioning(s.negative_prompt)
+    adapter = lab.adapter
     shape = tuple(latents.shape[1:])
+    f = lab.vae_scale_factor
+    # SD3/Flux img2img pipelines take the image size (their default is the model's native size); SD's do not.
+    sized = {"height", "width"} <= set(inspect.signature(pipe.__call__).parameters)
 
     @torch.no_grad()
     def run(z0, cond, index, *rest):
         z0 = z0.to(lab.device, lab.dtype)
         item_seeds = [seeds[i] for i in index.tolist()]
         gens = cpu_generators(item_seeds)
+        h, w = z0.shape[2], z0.shape[3]
         kw: dict[str, Any] = {}
         if rest:
             keep = rest[0].to(lab.device, lab.dtype)
@@ -98,18 +106,16 @@ def _run_img2img(lab: Lab, latents, conditioning, *, strength, seed, mask, sampl
 
             def blend(p, i, t, callback_kwargs):
                 sched = p.scheduler
-                timesteps = sched.timesteps[t_start * sched.order :]  # what the pipeline runs
-                x = callback_kwargs["latents"]
-                if i + 1 < len(timesteps):
-                    known = sched.add_noise(z0, noise, timesteps[i + 1 : i + 2].repeat(len(z0)))
-                else:
-                    known = z0
-                return {"latents": (1 - keep) * known + keep * x}
+                timesteps = sched.timesteps[len(sched.timesteps) - p.num_timesteps :]  # what the pipeline runs
+                x = adapter.unpack(callback_kwargs["latents"], h, w)
+                known = adapter.renoise(sched, z0, noise, i + 1, timesteps) if i + 1 < len(timesteps) else z0
+                return {"latents": adapter.pack((1 - keep) * known + keep * x)}
 
             kw = {"callback_on_step_end": blend, "callback_on_step_end_tensor_inputs": ["latents"]}
-        return pipe(image=z0, strength=strength, num_inference_steps=s.num_inference_steps,
-                    guidance_scale=s.guidance_scale, generator=gens, output_type="latent",
-                    **lab.pipeline_kwargs(cond, negative, s), **kw).images
+        size = {"height": h * f, "width": w * f} if sized else {}
+        out = pipe(image=z0, strength=strength, num_inference_steps=s.num_inference_steps, generator=gens,
+                   output_type="latent", **size, **adapter.call_kwargs(lab, cond, negative, s), **kw).images
+        return adapter.unpack(out, h, w)
 
     args = (latents, conditioning, torch.arange(len(latents))) + (() if m is None else (m,))
     return lab.run_batched(run, *args, batch_size=batch_size)
@@ -188,60 +194,41 @@ def inpaint(lab: Lab, latents: torch.Tensor, conditioning: Conditioning, mask: t
     return m * decoded + (1 - m) * image.float().expand_as(decoded)
 
 
-def _unet_inputs(lab: Lab, cond: Conditioning, negative: Conditioning, cfg: float, latents: torch.Tensor):
-    """What the pipelines pass the UNet: text embeddings ([negative, positive] under classifier-free guidance)
-    and, for SDXL, the pooled embeddings and micro-conditioning time ids (original size, crop (0, 0), target
-    size; the pipeline's defaults)."""
-    b = latents.shape[0]
-    guided = cfg > 1.0 and lab.pipe.unet.config.time_cond_proj_dim is None
-    neg = negative.map(lambda t: t.expand(b, *t.shape[1:]))
-    both = Conditioning.cat([neg, cond]) if guided else cond
-    emb = both.prompt_embeds.to(lab.device, lab.dtype)
-    added = None
-    if lab.is_sdxl:
-        h, w = latents.shape[2] * lab.vae_scale_factor, latents.shape[3] * lab.vae_scale_factor
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=emb.dtype, device=lab.device).repeat(len(emb), 1)
-        added = {"text_embeds": both.pooled_prompt_embeds.to(lab.device, emb.dtype), "time_ids": time_ids}
-    return guided, emb, added
+def invert(lab: Lab, latents: torch.Tensor, conditioning: Conditioning, *, solver: str | None = None,
+           sampling: Sampling | None = None, batch_size: int | None = None, **overrides: Any) -> Inversion:
+    """Invert clean ``latents`` to the noise that regenerates them, and report how well it does.
 
+    Diffusion models (SD, SDXL): deterministic DDIM run backwards, each step diffusers' ``DDIMInverseScheduler.step``
+    on the (guided) model output (epsilon, v or sample prediction); the reconstruction is DDIM from that noise.
+    Flow models (SD3, Flux): the flow ODE integrated backwards from sigma 0 to 1 on the pipeline's own (shifted)
+    sigma grid with ``solver`` -- ``"euler"`` (default; the reconstruction is then the ordinary pipeline),
+    ``"heun"``, or ``"fireflow"`` (second order at one model call per step; the reconstruction uses it too).
 
-def invert(lab: Lab, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
-           batch_size: int | None = None, **overrides: Any) -> Inversion:
-    """DDIM inversion: run deterministic DDIM backwards from clean ``latents`` to the noise that regenerates them.
-
-    Each step is diffusers' ``DDIMInverseScheduler.step`` on the (guided) model output, which converts epsilon,
-    v or sample predictions correctly. The noise is then denoised again with DDIM to report how well it
-    reconstructs (latent RMSE and image PSNR). The approximation error grows with guidance (the reason for
-    null-text inversion), so guidance defaults to 1 (none) here unless ``sampling`` or ``guidance_scale=`` say
-    otherwise.
+    The reconstruction error (latent RMSE and image PSNR) is reported, not hidden. It grows with guidance (the
+    reason for null-text inversion), so guidance defaults to 1 (none) here unless ``sampling`` or
+    ``guidance_scale=`` say otherwise.
     """
-    diffusers = import_diffusers()
+    solvers = lab.adapter.solvers()
+    solver = solvers[0] if solver is None else solver
+    if solver not in solvers:
+        raise ValueError(f"`solver` must be one of {solvers} for this {lab.family} model, got {solver!r}")
     if (sampling is None or sampling.guidance_scale is None) and overrides.get("guidance_scale") is None:
         overrides["guidance_scale"] = 1.0
-    overrides["scheduler"] = "DDIMScheduler"  # the reconstruction is DDIM's, whatever the model's default
     s = lab.sampling(sampling, **overrides)
     conditioning = lab.check_request(latents, conditioning)
     negative = lab.negative_conditioning(s.negative_prompt)
-    cfg = s.guidance_scale
+    adapter = lab.adapter
 
     @torch.no_grad()
     def run(z0, cond):
-        sched = diffusers.DDIMInverseScheduler.from_config(lab.pipe.scheduler.config)
-        sched.set_timesteps(s.num_inference_steps, device=lab.device)
-        guided, emb, added = _unet_inputs(lab, cond, negative, cfg, z0)
-        x = z0.to(lab.device, lab.dtype)
-        for t in sched.timesteps:
-            model_in = sched.scale_model_input(torch.cat([x] * 2) if guided else x, t)
-            out = lab.pipe.unet(model_in, t, encoder_hidden_states=emb, added_cond_kwargs=added,
-                                return_dict=False)[0]
-            if guided:
-                uncond, text = out.chunk(2)
-                out = uncond + cfg * (text - uncond)
-            x = sched.step(out, t, x, return_dict=False)[0]
-        return x
+        return adapter.invert(lab, z0.to(lab.device, lab.dtype), cond, negative, s, solver)
+
+    @torch.no_grad()
+    def back(noise, cond):
+        return adapter.reconstruct(lab, noise.to(lab.device, lab.dtype), cond, negative, s, solver)
 
     noise = lab.run_batched(run, latents, conditioning, batch_size=batch_size).float()
-    rec = lab.generate(noise, conditioning, sampling=s, batch_size=batch_size, output_type="latent")
+    rec = lab.run_batched(back, noise, conditioning, batch_size=batch_size).float()
     original = lab.decode(latents, batch_size=batch_size)
     images = lab.decode(rec, batch_size=batch_size)
     rmse = (rec - latents.float().cpu()).pow(2).flatten(1).mean(1).sqrt()

@@ -1,0 +1,37 @@
+"""Model families: one adapter per diffusers pipeline family, and the lookup from a loaded pipeline to its adapter.
+
+| family | pipelines | latents above the backend | guidance |
+| --- | --- | --- | --- |
+| ``sd`` | ``StableDiffusionPipeline`` (SD 1.x/2.x, Turbo) | (b, 4, h, w) | CFG |
+| ``sdxl`` | ``StableDiffusionXLPipeline`` (SDXL, SDXL Turbo) | (b, 4, h, w) | CFG |
+| ``sd3`` | ``StableDiffusion3Pipeline`` (SD3, SD3.5; T5 optional) | (b, 16, h, w) | CFG |
+| ``flux`` | ``FluxPipeline`` (Flux.1 dev and schnell) | (b, 16, h, w); packed 2x2 only inside | embedded / true CFG |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from latentlab.backend.families.base import Family
+from latentlab.backend.families.flux import FluxFamily
+from latentlab.backend.families.sd3 import SD3Family
+from latentlab.backend.families.unet import SDXLFamily, UNetFamily
+
+__all__ = ["FAMILIES", "Family", "adapter_for", "supported_pipelines"]
+
+#: Every family latentlab speaks, in lookup order.
+FAMILIES: tuple[type[Family], ...] = (UNetFamily, SDXLFamily, SD3Family, FluxFamily)
+
+
+def supported_pipelines() -> tuple[str, ...]:
+    """The diffusers pipeline class names :class:`latentlab.Lab` loads."""
+    return tuple(name for fam in FAMILIES for name in fam.pipelines)
+
+
+def adapter_for(pipe: Any) -> Family:
+    """The adapter of ``pipe``'s family; ``TypeError`` naming the class and what is supported otherwise."""
+    for fam in FAMILIES:
+        if fam.matches(pipe):
+            return fam()
+    raise TypeError(f"latentlab does not support {type(pipe).__name__} models; supported pipelines: "
+                    f"{', '.join(supported_pipelines())}")

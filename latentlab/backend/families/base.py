@@ -1,0 +1,152 @@
+"""What every model-family adapter answers: the narrow interface between the engine and one diffusers family.
+
+One responsibility: the contract (and the defaults shared by every family). An adapter is stateless: it is asked
+about a loaded pipeline and returns plain values, so one adapter serves every model of its family. Adding a family
+is one new module with a subclass of :class:`Family` and its tiny parity test against the plain pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from latentlab.backend.records import Conditioning
+from latentlab.sampling import Sampling
+
+if TYPE_CHECKING:
+    from latentlab.backend.engine import Engine
+
+__all__ = ["Family"]
+
+
+class Family:
+    """Base class of the family adapters (see the module notes). Subclasses set the class attributes and
+    implement the methods that raise ``NotImplementedError`` here."""
+
+    #: Short family name recorded in provenance, manifests and cache keys ("sd", "sdxl", "sd3", "flux").
+    family: ClassVar[str] = ""
+    #: The pipeline attribute of the network that runs every step.
+    denoiser_name: ClassVar[str] = "unet"
+    #: Latent pixels per token side (1: none; 2: latents are patched/packed 2x2 into tokens).
+    latent_patch: ClassVar[int] = 1
+    #: diffusers pipeline class names this adapter serves.
+    pipelines: ClassVar[tuple[str, ...]] = ()
+
+    # --- facts ----------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        return type(pipe).__name__ in cls.pipelines
+
+    def latent_channels(self, pipe: Any) -> int:
+        return int(pipe.vae.config.latent_channels)
+
+    def size_patch(self, pipe: Any) -> int:
+        """Latent pixels per token side: image sizes must be multiples of the VAE factor times this."""
+        return self.latent_patch
+
+    def default_size(self, engine: Engine) -> tuple[int, int]:
+        s = engine.pipe.default_sample_size * engine.vae_scale_factor
+        return s, s
+
+    def default_sampling(self, pipe: Any) -> Sampling:
+        raise NotImplementedError
+
+    def check_scheduler(self, name: str) -> None:
+        raise NotImplementedError
+
+    def guidance_mode(self, pipe: Any) -> str:
+        """How ``guidance_scale`` acts: "cfg" (classifier-free guidance, two branches when > 1), "embedded"
+        (a guidance-distilled model takes it as an input: Flux dev), or "true_cfg" (a guidance-free model run
+        with two branches when > 1: Flux schnell)."""
+        return "cfg"
+
+    def schedule(self, engine: Engine, *, height: int, width: int, sampling: Sampling) -> dict:
+        """What of the noise schedule depends on the request (JSON-safe)."""
+        return {}
+
+    # --- prompts ----------------------------------------------------------------------------------------------
+
+    def token_limit(self, pipe: Any) -> tuple[Any, int]:
+        """(tokenizer, token limit) of the text encoder whose limit truncates the prompt."""
+        return pipe.tokenizer, pipe.tokenizer.model_max_length
+
+    def encode_prompt(self, pipe: Any, prompt: str, device: torch.device) -> Conditioning:
+        raise NotImplementedError
+
+    def negative(self, pipe: Any, encoded: Conditioning, negative_prompt: str) -> Conditioning:
+        """The unconditional branch from the encoded ``negative_prompt`` (the pipeline's own rule)."""
+        return encoded
+
+    def check_conditioning(self, pipe: Any, conditioning: Conditioning) -> None:
+        """``conditioning`` carries the fields this family needs, in its shapes."""
+        if conditioning.prompt_embeds.ndim != 3:
+            raise ValueError("`conditioning.prompt_embeds` must have shape (batch, tokens, dim), got "
+                             f"{tuple(conditioning.prompt_embeds.shape)}")
+
+    # --- latents and the VAE ------------------------------------------------------------------------------------
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-layout latents -> what the pipeline's ``latents=`` takes."""
+        return latents
+
+    def unpack(self, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The pipeline's latent layout -> the VAE's ``(batch, C, h, w)`` (``h``, ``w``: the latent's size)."""
+        return latents
+
+    def scale(self, vae: Any, z: torch.Tensor) -> torch.Tensor:
+        """VAE posterior latents -> latents as the denoiser sees them (the pipelines' arithmetic)."""
+        return z * vae.config.scaling_factor
+
+    def unscale(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`scale`."""
+        return latents / vae.config.scaling_factor
+
+    # --- denoising --------------------------------------------------------------------------------------------
+
+    def pipeline_class(self, pipe: Any, kind: str):
+        """The diffusers pipeline class for ``kind`` ("text2image" or "img2img") over this model's components."""
+        raise NotImplementedError
+
+    def call_kwargs(self, engine: Engine, cond: Conditioning, negative: Conditioning, sampling: Sampling) -> dict:
+        """The embeddings and guidance keyword arguments of a pipeline call."""
+        raise NotImplementedError
+
+    def generate(self, engine: Engine, z: torch.Tensor, cond: Conditioning, negative: Conditioning,
+                 sampling: Sampling) -> torch.Tensor:
+        """One compute batch through the pipeline: VAE-layout initial latents -> final latents (VAE layout)."""
+        from latentlab.backend.engine import cpu_generators, step_seeds
+
+        f = engine.vae_scale_factor
+        h, w = z.shape[2] * f, z.shape[3] * f
+        pipe = engine.pipeline("text2image", sampling.scheduler)
+        out = pipe(latents=self.pack(z), height=h, width=w, num_inference_steps=sampling.num_inference_steps,
+                   generator=cpu_generators(step_seeds(z)), output_type="latent",
+                   **self.call_kwargs(engine, cond, negative, sampling)).images
+        return self.unpack(out, z.shape[2], z.shape[3])
+
+    def renoise(self, scheduler: Any, z0: torch.Tensor, noise: torch.Tensor, step: int, timesteps: torch.Tensor
+                ) -> torch.Tensor:
+        """The clean latents ``z0`` noised with ``noise`` to the level of ``timesteps[step]`` (inpainting's blend)."""
+        raise NotImplementedError
+
+    def trajectory(self, engine: Engine, z: torch.Tensor, cond: Conditioning, negative: Conditioning,
+                   sampling: Sampling):
+        """(timesteps, latents after each step, predicted x0 at each step, final latents) for one compute batch;
+        the stacked tensors are ``(batch, steps, C, h, w)`` float32 on the CPU."""
+        raise NotImplementedError
+
+    def invert(self, engine: Engine, z0: torch.Tensor, cond: Conditioning, negative: Conditioning,
+               sampling: Sampling, solver: str) -> torch.Tensor:
+        """Clean latents -> the noise that regenerates them (one compute batch)."""
+        raise NotImplementedError
+
+    def reconstruct(self, engine: Engine, noise: torch.Tensor, cond: Conditioning, negative: Conditioning,
+                    sampling: Sampling, solver: str) -> torch.Tensor:
+        """The inverse of :meth:`invert`: denoise ``noise`` with the sampler that matches ``solver``."""
+        return self.generate(engine, noise, cond, negative, sampling)
+
+    def solvers(self) -> tuple[str, ...]:
+        """Inversion solvers this family offers (the first is the default)."""
+        return ("ddim",)

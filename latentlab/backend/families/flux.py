@@ -1,0 +1,154 @@
+"""The Flux.1 family (``FluxPipeline``): the guidance-distilled "dev" style and the guidance-free "schnell" style.
+
+One responsibility: Flux's side of the adapter interface --
+
+- prompts: T5 token embeddings as ``prompt_embeds`` and CLIP's pooled output as ``pooled_prompt_embeds``;
+- latents: 16 channels in the VAE layout above the backend; the pipeline's 2x2 token packing
+  (``(b, c, h, w) -> (b, h/2 * w/2, 4c)``) happens only here, in :meth:`FluxFamily.pack` / :meth:`unpack`;
+- guidance: a model with a guidance embedding ("dev") takes ``guidance_scale`` as an input (one branch); a model
+  without ("schnell") runs true classifier-free guidance (``true_cfg_scale``, two branches) when it is above 1;
+- the schedule: sigmas ``linspace(1, 1/N, N)`` shifted by ``mu`` from the packed token count.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from latentlab.backend.engine import import_diffusers
+from latentlab.backend.families.flow import FlowFamily
+from latentlab.backend.records import Conditioning
+from latentlab.sampling import Sampling
+
+if TYPE_CHECKING:
+    from latentlab.backend.engine import Engine
+
+__all__ = ["FluxFamily", "pack", "unpack"]
+
+#: The T5 length FluxPipeline uses when called without ``max_sequence_length``.
+FLUX_MAX_SEQUENCE_LENGTH = 512
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(b, c, h, w) -> (b, h/2 * w/2, 4c): each 2x2 latent patch becomes one token (FluxPipeline's packing).
+
+    >>> pack(torch.arange(16.).view(1, 1, 4, 4))[0, :2].tolist()
+    [[0.0, 1.0, 4.0, 5.0], [2.0, 3.0, 6.0, 7.0]]
+    """
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack` for a latent of ``h`` x ``w``.
+
+    >>> z = torch.randn(2, 16, 6, 4)
+    >>> bool((unpack(pack(z), 6, 4) == z).all())
+    True
+    """
+    b, _, d = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """Positions (0, row, col) of the packed tokens of an ``h`` x ``w`` latent (the transformer's RoPE ids)."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device, dtype)
+
+
+class FluxFamily(FlowFamily):
+    family = "flux"
+    latent_patch = 2
+    pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
+
+    def embedded_guidance(self, pipe: Any) -> bool:
+        return bool(pipe.transformer.config.guidance_embeds)
+
+    def guidance_mode(self, pipe: Any) -> str:
+        return "embedded" if self.embedded_guidance(pipe) else "true_cfg"
+
+    def default_sampling(self, pipe: Any) -> Sampling:
+        s = super().default_sampling(pipe)
+        if not self.embedded_guidance(pipe):  # schnell: a few steps, no guidance
+            return s.replace(num_inference_steps=4, guidance_scale=1.0)
+        return s
+
+    def image_seq_len(self, pipe: Any, h: int, w: int) -> int:
+        return (h // 2) * (w // 2)
+
+    def mu(self, pipe: Any, h: int, w: int) -> float | None:
+        # FluxPipeline always computes mu (its scheduler uses it when dynamic shifting is on).
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        cfg = pipe.scheduler.config
+        mu = calculate_shift(self.image_seq_len(pipe, h, w), cfg.get("base_image_seq_len", 256),
+                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                             cfg.get("max_shift", 1.15))
+        return mu if cfg.get("use_dynamic_shifting", False) else None
+
+    def pipeline_sigmas(self, steps: int):
+        return np.linspace(1.0, 1 / steps, steps)
+
+    def token_limit(self, pipe: Any):
+        return pipe.tokenizer_2, FLUX_MAX_SEQUENCE_LENGTH
+
+    def encode_prompt(self, pipe: Any, prompt: str, device: torch.device) -> Conditioning:
+        emb, pooled, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=device, num_images_per_prompt=1)
+        return Conditioning(emb, pooled)
+
+    def check_conditioning(self, pipe: Any, conditioning: Conditioning) -> None:
+        super().check_conditioning(pipe, conditioning)
+        if conditioning.pooled_prompt_embeds is None:
+            raise ValueError("`conditioning` must carry pooled_prompt_embeds for a Flux model (use "
+                             "lab.encode_prompt of this model)")
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        return pack(latents)
+
+    def unpack(self, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return unpack(latents, h, w)
+
+    def pipeline_class(self, pipe: Any, kind: str):
+        diffusers = import_diffusers()
+        return diffusers.FluxImg2ImgPipeline if kind == "img2img" else diffusers.FluxPipeline
+
+    def call_kwargs(self, engine: Engine, cond: Conditioning, negative: Conditioning, sampling: Sampling) -> dict:
+        b, dev = len(cond), engine.device
+        kw: dict[str, Any] = {"prompt_embeds": cond.prompt_embeds.to(dev),
+                              "pooled_prompt_embeds": cond.pooled_prompt_embeds.to(dev)}
+        if self.embedded_guidance(engine.pipe):
+            kw["guidance_scale"] = sampling.guidance_scale
+        elif sampling.guidance_scale > 1.0:
+            neg = negative.map(lambda t: t.expand(b, *t.shape[1:]).to(dev))
+            kw.update(true_cfg_scale=sampling.guidance_scale, negative_prompt_embeds=neg.prompt_embeds,
+                      negative_pooled_prompt_embeds=neg.pooled_prompt_embeds)
+        return kw
+
+    def velocity(self, engine, x, sigma, cond, negative, sampling):
+        pipe, (b, _, h, w) = engine.pipe, x.shape
+        dev, dt = x.device, x.dtype
+        tokens = pack(x)
+        img_ids = image_ids(h, w, dev, dt)
+        guidance = None
+        if self.embedded_guidance(pipe):
+            guidance = torch.full([1], sampling.guidance_scale, device=dev, dtype=torch.float32).expand(b)
+        t = sigma.to(dt).expand(b)
+
+        def call(c: Conditioning):
+            txt_ids = torch.zeros(c.prompt_embeds.shape[1], 3, device=dev, dtype=dt)
+            return pipe.transformer(hidden_states=tokens, timestep=t, guidance=guidance,
+                                    pooled_projections=c.pooled_prompt_embeds.to(dev, dt),
+                                    encoder_hidden_states=c.prompt_embeds.to(dev, dt), txt_ids=txt_ids,
+                                    img_ids=img_ids, return_dict=False)[0]
+
+        out = call(cond)
+        if not self.embedded_guidance(pipe) and sampling.guidance_scale > 1.0:
+            neg = call(negative.map(lambda t_: t_.expand(b, *t_.shape[1:])))
+            out = neg + sampling.guidance_scale * (out - neg)
+        return unpack(out, h, w)

@@ -1,0 +1,228 @@
+"""The UNet family: Stable Diffusion 1.x/2.x, SDXL and their Turbo/LCM variants (4-channel latents, epsilon or
+v prediction on a discrete noise schedule).
+
+One responsibility: what those pipelines do differently from the engine's generic request -- CLIP prompt encoding
+(plus pooled embeddings and micro-conditioning time ids for SDXL), SDXL's zero negative for an empty prompt, the
+VAE's ``scaling_factor`` (and ``latents_mean/std`` where a VAE has them), per-step x0 read from the UNet's own
+output with a forward hook, and DDIM inversion with diffusers' ``DDIMInverseScheduler`` (which handles epsilon, v and
+sample prediction). References: Song et al., "Denoising Diffusion Implicit Models" (2021); Mokady et al.,
+"Null-text Inversion" (2023) on why inversion drifts under guidance.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from latentlab.backend.engine import cpu_generators, import_diffusers, step_seeds
+from latentlab.backend.families.base import Family
+from latentlab.backend.records import Conditioning
+from latentlab.sampling import Sampling
+
+if TYPE_CHECKING:
+    from latentlab.backend.engine import Engine
+
+__all__ = ["SDXLFamily", "UNetFamily", "alphas_cumprod_at"]
+
+
+def _latents_mean_std(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel latent mean/std from the VAE config (some SDXL-family VAEs), shaped (1, C, 1, 1) like ``like``."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    return torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like)
+
+
+def alphas_cumprod_at(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """Cumulative alpha at (possibly fractional) timestep t, interpolating sigma linearly as Euler schedulers do."""
+    ac = scheduler.alphas_cumprod.double()
+    sigmas = ((1 - ac) / ac).sqrt()
+    tt = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+    lo = int(min(max(0, int(tt)), len(ac) - 1))
+    hi = min(lo + 1, len(ac) - 1)
+    sigma = sigmas[lo] + (sigmas[hi] - sigmas[lo]) * (tt - lo)
+    return 1 / (1 + sigma**2)
+
+
+class UNetFamily(Family):
+    """Stable Diffusion 1.x/2.x (``StableDiffusionPipeline``)."""
+
+    family = "sd"
+    denoiser_name = "unet"
+    pipelines = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+
+    def latent_channels(self, pipe: Any) -> int:
+        return int(pipe.unet.config.in_channels)
+
+    def default_size(self, engine: Engine) -> tuple[int, int]:
+        s = engine.pipe.unet.config.sample_size
+        s = s if isinstance(s, (tuple, list)) else (s, s)
+        return s[0] * engine.vae_scale_factor, s[1] * engine.vae_scale_factor
+
+    def default_sampling(self, pipe: Any) -> Sampling:
+        return Sampling(50, 7.5, "", type(pipe.scheduler).__name__)
+
+    def check_scheduler(self, name: str) -> None:
+        if name.startswith("FlowMatch"):
+            raise ValueError(f"`scheduler` {name!r} is a flow-matching scheduler; this {self.family} model is a "
+                             "diffusion (noise-prediction) model: use e.g. 'DDIMScheduler' or 'EulerDiscreteScheduler'")
+
+    def guided(self, pipe: Any, sampling: Sampling) -> bool:
+        """Whether the pipeline runs the unconditional branch (LCM-style guidance-embedded UNets never do)."""
+        return sampling.guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+
+    # --- prompts ----------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, pipe: Any, prompt: str, device: torch.device) -> Conditioning:
+        emb, _ = pipe.encode_prompt([prompt], device, 1, False)
+        return Conditioning(emb)
+
+    # --- VAE --------------------------------------------------------------------------------------------------
+
+    def scale(self, vae: Any, z: torch.Tensor) -> torch.Tensor:
+        stats = _latents_mean_std(vae, z)
+        if stats is not None:
+            return (z - stats[0]) * vae.config.scaling_factor / stats[1]
+        return z * vae.config.scaling_factor
+
+    def unscale(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        stats = _latents_mean_std(vae, latents)
+        if stats is not None:
+            return latents * stats[1] / vae.config.scaling_factor + stats[0]
+        return latents / vae.config.scaling_factor
+
+    # --- denoising --------------------------------------------------------------------------------------------
+
+    def pipeline_class(self, pipe: Any, kind: str):
+        diffusers = import_diffusers()
+        return diffusers.StableDiffusionImg2ImgPipeline if kind == "img2img" else diffusers.StableDiffusionPipeline
+
+    def call_kwargs(self, engine: Engine, cond: Conditioning, negative: Conditioning, sampling: Sampling) -> dict:
+        b, dev = len(cond), engine.device
+        kw: dict[str, Any] = {"prompt_embeds": cond.prompt_embeds.to(dev), "guidance_scale": sampling.guidance_scale}
+        if cond.pooled_prompt_embeds is not None:
+            kw["pooled_prompt_embeds"] = cond.pooled_prompt_embeds.to(dev)
+        if sampling.guidance_scale > 1.0:
+            neg = negative.map(lambda t: t.expand(b, *t.shape[1:]).to(dev))
+            kw["negative_prompt_embeds"] = neg.prompt_embeds
+            if neg.pooled_prompt_embeds is not None:
+                kw["negative_pooled_prompt_embeds"] = neg.pooled_prompt_embeds
+        return kw
+
+    def renoise(self, scheduler, z0, noise, step, timesteps):
+        return scheduler.add_noise(z0, noise, timesteps[step : step + 1].repeat(len(z0)))
+
+    def unet_inputs(self, engine: Engine, cond: Conditioning, negative: Conditioning, cfg: float, latents):
+        """What the pipelines pass the UNet: text embeddings ([negative, positive] under classifier-free guidance)
+        and, for SDXL, the pooled embeddings and micro-conditioning time ids (original size, crop (0, 0), target
+        size; the pipeline's defaults)."""
+        b = latents.shape[0]
+        guided = cfg > 1.0 and engine.pipe.unet.config.time_cond_proj_dim is None
+        neg = negative.map(lambda t: t.expand(b, *t.shape[1:]))
+        both = Conditioning.cat([neg, cond]) if guided else cond
+        emb = both.prompt_embeds.to(engine.device, engine.dtype)
+        return guided, emb, None
+
+    def trajectory(self, engine, z, cond, negative, sampling):
+        """x0 from the UNet's own output (read with a forward hook; nothing is patched), combined for classifier-free
+        guidance as the pipeline combines it, and converted with the scheduler's cumulative alphas:
+        ``x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)`` for epsilon prediction, ``sqrt(a) x_t - sqrt(1 - a) v`` for v."""
+        pipe = engine.pipeline("text2image", sampling.scheduler)
+        pred_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        cfg = sampling.guidance_scale
+        guided = self.guided(engine.pipe, sampling)
+        x0s, lats, ts = [], [], []
+
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["sample"]
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            out = output[0] if isinstance(output, tuple) else output.sample
+            if guided:  # the pipeline batches [unconditional, conditional]
+                x = x.chunk(2)[1]
+                uncond, c = out.chunk(2)
+                out = uncond + cfg * (c - uncond)
+            a = alphas_cumprod_at(pipe.scheduler, t).to(x.device)
+            x, out = x.double(), out.double()
+            if pred_type == "epsilon":
+                x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+            elif pred_type == "v_prediction":
+                x0 = a.sqrt() * x - (1 - a).sqrt() * out
+            else:
+                x0 = out
+            x0s.append(x0.float().cpu())
+            ts.append(float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t))
+
+        def on_step_end(p, i, t, callback_kwargs):
+            lats.append(callback_kwargs["latents"].float().cpu())
+            return {}
+
+        f = engine.vae_scale_factor
+        handle = engine.pipe.unet.register_forward_hook(hook, with_kwargs=True)
+        try:
+            final = pipe(latents=z, height=z.shape[2] * f, width=z.shape[3] * f,
+                         num_inference_steps=sampling.num_inference_steps, output_type="latent",
+                         generator=cpu_generators(step_seeds(z)), callback_on_step_end=on_step_end,
+                         callback_on_step_end_tensor_inputs=["latents"],
+                         **self.call_kwargs(engine, cond, negative, sampling)).images
+        finally:
+            handle.remove()
+        return tuple(ts), torch.stack(lats, 1), torch.stack(x0s, 1), final.float().cpu()
+
+    def invert(self, engine, z0, cond, negative, sampling, solver):
+        """DDIM inversion: each step is diffusers' ``DDIMInverseScheduler.step`` on the (guided) UNet output."""
+        diffusers = import_diffusers()
+        sched = diffusers.DDIMInverseScheduler.from_config(engine.pipe.scheduler.config)
+        sched.set_timesteps(sampling.num_inference_steps, device=engine.device)
+        cfg = sampling.guidance_scale
+        guided, emb, added = self.unet_inputs(engine, cond, negative, cfg, z0)
+        x = z0
+        for t in sched.timesteps:
+            model_in = sched.scale_model_input(torch.cat([x] * 2) if guided else x, t)
+            out = engine.pipe.unet(model_in, t, encoder_hidden_states=emb, added_cond_kwargs=added,
+                                   return_dict=False)[0]
+            if guided:
+                uncond, text = out.chunk(2)
+                out = uncond + cfg * (text - uncond)
+            x = sched.step(out, t, x, return_dict=False)[0]
+        return x
+
+    def reconstruct(self, engine, noise, cond, negative, sampling, solver):
+        return self.generate(engine, noise, cond, negative, sampling.replace(scheduler="DDIMScheduler"))
+
+
+class SDXLFamily(UNetFamily):
+    """SDXL and SDXL Turbo (``StableDiffusionXLPipeline``): two text encoders, pooled embeddings, time ids."""
+
+    family = "sdxl"
+    pipelines = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+
+    def encode_prompt(self, pipe: Any, prompt: str, device: torch.device) -> Conditioning:
+        emb, _, pooled, _ = pipe.encode_prompt([prompt], device=device, num_images_per_prompt=1,
+                                               do_classifier_free_guidance=False)
+        return Conditioning(emb, pooled)
+
+    def negative(self, pipe: Any, encoded: Conditioning, negative_prompt: str) -> Conditioning:
+        if negative_prompt == "" and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            return encoded.map(torch.zeros_like)
+        return encoded
+
+    def check_conditioning(self, pipe: Any, conditioning: Conditioning) -> None:
+        super().check_conditioning(pipe, conditioning)
+        if conditioning.pooled_prompt_embeds is None:
+            raise ValueError("`conditioning` must carry pooled_prompt_embeds for an SDXL model (use "
+                             "lab.encode_prompt of this model)")
+
+    def pipeline_class(self, pipe: Any, kind: str):
+        diffusers = import_diffusers()
+        return diffusers.StableDiffusionXLImg2ImgPipeline if kind == "img2img" else diffusers.StableDiffusionXLPipeline
+
+    def unet_inputs(self, engine, cond, negative, cfg, latents):
+        guided, emb, _ = super().unet_inputs(engine, cond, negative, cfg, latents)
+        b = latents.shape[0]
+        neg = negative.map(lambda t: t.expand(b, *t.shape[1:]))
+        both = Conditioning.cat([neg, cond]) if guided else cond
+        h, w = latents.shape[2] * engine.vae_scale_factor, latents.shape[3] * engine.vae_scale_factor
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=emb.dtype, device=engine.device).repeat(len(emb), 1)
+        added = {"text_embeds": both.pooled_prompt_embeds.to(engine.device, emb.dtype), "time_ids": time_ids}
+        return guided, emb, added
