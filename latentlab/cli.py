@@ -64,23 +64,33 @@ def _embedded_missing(model: str | None) -> None:
                                   "latentlab/embedded/MODEL_CARD.md)")
 
 
-def _native_frame_size(model: str | None) -> tuple[int, int] | None:
-    """The model's native image size read from its config files (no weights loaded), when it is a local folder."""
-    import json
+def _model_facts(model: str | None) -> dict | None:
+    """A local model's family, native image size and size factor from its config files (no weights loaded)."""
+    from latentlab.backend.families import folder_facts
 
-    folder = embedded.model_path() if model is None else Path(model)
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    s = unet.get("sample_size")
-    f = 2 ** (len(vae.get("block_out_channels", [])) - 1)
-    if isinstance(s, int):
-        return s * f, s * f
-    if isinstance(s, (list, tuple)) and len(s) == 2:
-        return s[0] * f, s[1] * f
-    return None
+    return folder_facts(embedded.model_path() if model is None else Path(model))
+
+
+def _frame_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """The size of the frames this command will render, checked against the model's size factor before it loads:
+    ``--height``/``--width`` (each defaulting to the model's native size), or the native size."""
+    from latentlab.backend.engine import check_size
+
+    facts = _model_facts(args.model)
+    native = facts["size"] if facts and facts["size"] else None
+    h = args.height if args.height is not None else (native[0] if native else None)
+    w = args.width if args.width is not None else (native[1] if native else None)
+    for name, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and (isinstance(v, bool) or v <= 0):
+            raise ValueError(f"{name} must be a positive number of pixels, got {v}")
+    if facts is not None and (args.height is not None or args.width is not None):
+        try:
+            check_size(h or facts["size_multiple"], w or facts["size_multiple"], facts["size_multiple"])
+        except ValueError as e:
+            raise ValueError(f"{str(e).replace('`height`', '--height').replace('`width`', '--width')} "
+                             f"(this {facts['family']} model's images are multiples of {facts['size_multiple']})"
+                             ) from None
+    return (h, w) if h is not None and w is not None else None
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -103,6 +113,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"default device: {device}; default dtype: {'torch.float16' if cuda else 'torch.float32'}")
     print(f"torch threads: {torch.get_num_threads()} (of {os.cpu_count()} CPUs; OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    from latentlab.backend.families import FAMILIES
+
+    print("model families: " + "; ".join(f"{f.family} ({', '.join(p for p in f.pipelines if 'Img2Img' not in p)})"
+                                         for f in FAMILIES))
     if embedded.is_available():
         print(f"embedded default model: {embedded.model_path()}")
         if args.fingerprint:
@@ -156,7 +170,7 @@ def _settings_from_args(args: argparse.Namespace):
         keyframes=keys, n_frames=n_frames, fps=args.fps, loop=args.loop,
         noise_interpolation=args.noise_interp, noise_easing=args.noise_easing,
         prompt_interpolation=args.prompt_interp, prompt_easing=args.prompt_easing,
-        sampling=_sampling_from_args(args), pacing=args.pacing,
+        sampling=_sampling_from_args(args), pacing=args.pacing, height=args.height, width=args.width,
     )
 
 
@@ -185,7 +199,7 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     upscale = args.upscale if args.upscale is not None else (4 if args.model is None else 1)
     _embedded_missing(args.model)
     check_render(settings, out, overwrite=args.overwrite, upscale=upscale, batch_size=args.batch_size,
-                 frame_size=_native_frame_size(args.model))
+                 frame_size=_frame_size(args))
     lab = _load_lab(args.model)
     distance = None
     if args.pacing == "even" and args.pacing_clip:
@@ -231,7 +245,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     man = manifest_path(out)
     if man.exists() and not args.overwrite:
         raise FileExistsError(f"{man} exists; pass --overwrite to replace it")
-    size = _native_frame_size(args.model)
+    size = _frame_size(args)
     if size is not None:
         h = (size[0] + 2) * len(args.prompts) * upscale
         w = (size[1] + 2) * len(seeds) * upscale
@@ -242,7 +256,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     lab = _load_lab(args.model)
     s = lab.sampling(sampling)
     prompts = [p for p in args.prompts for _ in seeds]
-    z, cond = lab.noise([sd for _ in args.prompts for sd in seeds]), lab.encode_prompt(prompts)
+    z = lab.noise([sd for _ in args.prompts for sd in seeds], height=args.height, width=args.width)
+    cond = lab.encode_prompt(prompts)
     r = distributed.ranks()  # under a launcher, each process generates its share and rank 0 writes the grid
     images = r.map_blocks(lambda idx: lab.generate(z[idx], cond[idx], sampling=s, batch_size=args.batch_size),
                           len(prompts), block=r.block(len(prompts), lab.compute_batch(args.batch_size) or len(prompts)))
@@ -251,6 +266,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     write_image(out, image_grid(images, len(seeds)), upscale=upscale, overwrite=args.overwrite)
     write_manifest(man, {
         "image": out.name, "model": lab.model_id, "rows_prompts": list(args.prompts), "columns_seeds": seeds,
+        "height": z.shape[2] * lab.vae_scale_factor, "width": z.shape[3] * lab.vae_scale_factor,
         "sampling": s.to_dict(), "backend": lab.provenance(args.batch_size), "upscale": upscale,
         "versions": versions(),
     })
@@ -301,6 +317,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     p = plan(lab, settings, frames=data["frames"])
     lat, cond = p.inputs(0, settings.n_frames)
     exports.write_comfyui_latent(lat, names["noise"], scaling_factor=lab.vae_scaling_factor,
+                                 shift_factor=lab.vae_shift_factor,
                                  overwrite=args.overwrite)
     exports.write_comfyui_conditioning(cond, names["cond"], overwrite=args.overwrite)
     wrote = [names["noise"], names["cond"]]
@@ -365,6 +382,9 @@ def _generation_options(m: argparse.ArgumentParser) -> None:
     m.add_argument("--scheduler", choices=SCHEDULERS, metavar="NAME",
                    help="a diffusers scheduler class (default: the model's); one of " + ", ".join(SCHEDULERS))
     m.add_argument("--model", help="diffusers model id or folder (default: the embedded model)")
+    m.add_argument("--width", type=int, help="image width in pixels (default: the model's; a multiple of its size "
+                   "factor: 8 for SD, 16 for Flux)")
+    m.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,8 +7,10 @@ finished elsewhere (and every writer is tested by reading its file back).
 - **ComfyUI latents** (``.latent``): what ComfyUI's ``SaveLatent`` writes and its ``LoadLatent`` node reads: a
   safetensors file with ``latent_tensor`` (batch, 4, h, w) and an empty ``latent_format_version_0`` marker. ComfyUI
   keeps latents as the VAE produces them and applies the model's scaling inside the model, so a diffusers latent
-  ``z`` is stored as ``z / scaling_factor`` (the VAE config's ``scaling_factor``: 0.18215 for SD 1.x/2.x, 0.13025
-  for SDXL). A morph's initial noise exported this way is, inside ComfyUI, exactly latentlab's per-frame noise.
+  ``z`` is stored as ``z / scaling_factor + shift_factor`` (the VAE config's ``scaling_factor``: 0.18215 for SD
+  1.x/2.x, 0.13025 for SDXL; SD3 and Flux latents have 16 channels and a ``shift_factor`` too, which ComfyUI's SD3
+  and Flux latent formats subtract on the way in: ``(latent - shift) * scale``). A morph's initial noise exported
+  this way is, inside ComfyUI, exactly latentlab's per-frame noise.
 - **ComfyUI conditioning**: ComfyUI holds conditioning as a list of ``[cond (1, 77, D), {"pooled_output": (1, D)}]``
   per item and has no core file format for it; :func:`write_comfyui_conditioning` stores the tensors in one
   safetensors file (``cond``, optional ``pooled_output``) and :func:`read_comfyui_conditioning` returns exactly
@@ -48,7 +50,7 @@ def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[s
 
 
 def write_comfyui_latent(latents: torch.Tensor, path: str | os.PathLike, *, scaling_factor: float,
-                         overwrite: bool = False) -> Path:
+                         shift_factor: float = 0.0, overwrite: bool = False) -> Path:
     """Write diffusers-scaled ``latents`` (batch, C, h, w) as a ComfyUI ``.latent`` file (see the module notes).
 
     Examples
@@ -58,26 +60,33 @@ def write_comfyui_latent(latents: torch.Tensor, path: str | os.PathLike, *, scal
     >>> path = write_comfyui_latent(z, Path(tempfile.mkdtemp()) / "noise.latent", scaling_factor=0.18215)
     >>> torch.allclose(read_comfyui_latent(path, scaling_factor=0.18215), z)
     True
+    >>> flux = torch.randn(1, 16, 8, 8)                     # Flux: 16 channels, scale and shift
+    >>> path = write_comfyui_latent(flux, Path(tempfile.mkdtemp()) / "f.latent", scaling_factor=0.3611,
+    ...                             shift_factor=0.1159)
+    >>> torch.allclose(read_comfyui_latent(path, scaling_factor=0.3611, shift_factor=0.1159), flux, atol=1e-6)
+    True
     """
     _checks.tensor(latents, "latents", min_ndim=4)
     _checks.finite(latents, "latents")
     _checks.real(scaling_factor, "scaling_factor", low=0.0, low_inclusive=False)
+    _checks.real(shift_factor, "shift_factor")
     path = check_output(path, "path", overwrite=overwrite, suffixes=(".latent",))
-    return _save_safetensors(path, {"latent_tensor": latents.float() / scaling_factor,
+    return _save_safetensors(path, {"latent_tensor": latents.float() / scaling_factor + shift_factor,
                                     "latent_format_version_0": torch.tensor([])},
-                             {"latentlab": json.dumps({"scaling_factor": scaling_factor})})
+                             {"latentlab": json.dumps({"scaling_factor": scaling_factor,
+                                                       "shift_factor": shift_factor})})
 
 
-def read_comfyui_latent(path: str | os.PathLike, *, scaling_factor: float) -> torch.Tensor:
+def read_comfyui_latent(path: str | os.PathLike, *, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
     """A ComfyUI ``.latent`` file as diffusers-scaled latents (ComfyUI's own ``LoadLatent`` arithmetic, then
-    ``* scaling_factor``)."""
+    ``(x - shift_factor) * scaling_factor``)."""
     from safetensors.torch import load_file
 
     data = load_file(str(path))
     if "latent_tensor" not in data:
         raise ValueError(f"{path} is not a ComfyUI latent (no latent_tensor)")
     multiplier = 1.0 if "latent_format_version_0" in data else 1.0 / 0.18215  # ComfyUI's LoadLatent
-    return data["latent_tensor"].float() * multiplier * scaling_factor
+    return (data["latent_tensor"].float() * multiplier - shift_factor) * scaling_factor
 
 
 def write_comfyui_conditioning(conditioning: Conditioning, path: str | os.PathLike, *,

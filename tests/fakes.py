@@ -20,10 +20,15 @@ class FakeBackend:
 
     model_id = "fake/backend"
 
-    def __init__(self, *, latent_size: int = 4, factor: int = 2, compute_batch: int = 4, weight: float = 1.0):
+    def __init__(self, *, latent_size: int = 4, factor: int = 2, compute_batch: int = 4, weight: float = 1.0,
+                 layout: str = "unet"):
+        # layout "unet": 4 latent channels, prompt embeddings only (SD 1.x/2.x); "flow": 16 channels, pooled
+        # embeddings and a VAE shift too (SD3/Flux), so the layers above the backend are tested on both.
+        flow = layout == "flow"
         self.defaults = Sampling(num_inference_steps=4, guidance_scale=2.0, negative_prompt="",
-                                 scheduler="DDIMScheduler")
+                                 scheduler="FlowMatchEulerDiscreteScheduler" if flow else "DDIMScheduler")
         self.latent_size, self.factor, self._compute, self.weight = latent_size, factor, compute_batch, weight
+        self.layout, self.channels = layout, 16 if flow else 4
         self.calls: list[int] = []  # items per denoiser call
         self.generated: list[int] = []  # items per generate() request
 
@@ -34,6 +39,10 @@ class FakeBackend:
     @property
     def vae_scaling_factor(self) -> float:
         return 0.5
+
+    @property
+    def vae_shift_factor(self) -> float:
+        return 0.1 if self.layout == "flow" else 0.0
 
     def sampling(self, sampling=None, **overrides) -> Sampling:
         given = {k: v for k, v in overrides.items() if v is not None}
@@ -50,7 +59,7 @@ class FakeBackend:
     def latent_shape(self, *, height=None, width=None):
         h = (height or self.latent_size * self.factor) // self.factor
         w = (width or self.latent_size * self.factor) // self.factor
-        return (4, h, w)
+        return (self.channels, h, w)
 
     def noise(self, seed, *, height=None, width=None):
         n = len(seed) if isinstance(seed, (list, tuple)) else 1
@@ -62,7 +71,8 @@ class FakeBackend:
         for p in prompts:
             g = torch.Generator().manual_seed(int(hashlib.sha256(p.encode()).hexdigest()[:8], 16))
             rows.append(torch.randn(1, 3, 8, generator=g))
-        return Conditioning(torch.cat(rows))
+        emb = torch.cat(rows)
+        return Conditioning(emb, emb.mean(1) if self.layout == "flow" else None)
 
     def _images(self, latents, cond, s: Sampling):
         colour = torch.tanh(cond.prompt_embeds.mean(1)[:, :3]) * s.guidance_scale / 4  # (n, 3)
@@ -89,7 +99,7 @@ class FakeBackend:
 
     def encode(self, images, *, batch_size=None):
         x = torch.nn.functional.avg_pool2d(images, self.factor)
-        return torch.cat([x, x.mean(1, keepdim=True)], dim=1)
+        return torch.cat([x] + [x.mean(1, keepdim=True)] * (self.channels - 3), dim=1)
 
     def invert(self, latents, conditioning, *, sampling=None, batch_size=None, **overrides):
         images = self.decode(latents)

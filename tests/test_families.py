@@ -234,3 +234,38 @@ def test_lab_loads_every_family_from_a_folder(tiny_sd3_path, tiny_flux_path):
     for path in (tiny_sd3_path, tiny_flux_path):
         lab = Lab.from_pretrained(path, device="cpu")
         assert lab.family in ("sd3", "flux") and lab.model_id == str(path)
+
+
+def test_cli_renders_flow_models_at_any_size_and_recreates_frames(tiny_flux_path, tiny_sd3_path, tmp_path, capsys):
+    import json
+
+    from latentlab.cli import main
+
+    for path, (h, w) in ((tiny_flux_path, (16, 24)), (tiny_sd3_path, (12, 18))):
+        out = tmp_path / f"{path.parent.name}.mp4"
+        assert main(["morph", "a red star", "a blue ring", "--model", str(path), "--frames", "4", "--steps", "2",
+                     "--height", str(h), "--width", str(w), "--workers", "1", "-o", str(out)]) == 0
+        man = json.loads((tmp_path / f"{out.name}.json").read_text())
+        assert man["settings"]["height"] == h and man["settings"]["width"] == w
+        assert man["backend"]["family"] in ("flux", "sd3") and "guidance_mode" in man["backend"]
+        frame = tmp_path / f"{path.parent.name}-2.png"
+        assert main(["frame", str(tmp_path / f"{out.name}.json"), "2", "-o", str(frame)]) == 0
+        grid = tmp_path / f"{path.parent.name}-grid.png"
+        assert main(["grid", "a red star", "--seeds", "1", "2", "--model", str(path), "--steps", "2",
+                     "--height", str(h), "--width", str(w), "-o", str(grid)]) == 0
+        assert json.loads((tmp_path / f"{grid.name}.json").read_text())["height"] == h
+    capsys.readouterr()
+    # A size that is not a multiple of the model's factor: exit 2, one line naming the option and the factor.
+    code = main(["morph", "a red star", "a blue ring", "--model", str(tiny_flux_path), "--width", "18",
+                 "-o", str(tmp_path / "bad.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--width must be a multiple of 4" in err and "flux" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_python_m_latentlab_works_like_the_script():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "latentlab", "info"], capture_output=True, text=True, check=True)
+    assert "model families: sd (StableDiffusionPipeline)" in out.stdout and "flux (FluxPipeline)" in out.stdout

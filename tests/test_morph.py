@@ -23,20 +23,23 @@ def _settings(**kw):
     return MorphSettings(**base)
 
 
-@pytest.fixture()
-def fake():
-    return FakeBackend()
+@pytest.fixture(params=["unet", "flow"])
+def fake(request):
+    """The fake backend in the UNet layout (4 channels) and the flow layout (16 channels, pooled embeddings)."""
+    return FakeBackend(layout=request.param)
 
 
 def test_plan_paths_are_independent_and_hit_keyframes(fake):
     s = _settings(prompt_interpolation="slerp", noise_easing="smoothstep")
     p = plan(fake, s)
-    assert p.latents.shape == (9, 4, 4, 4) and len(p.conditioning) == 9
+    assert p.latents.shape == (9, fake.channels, 4, 4) and len(p.conditioning) == 9
     assert torch.equal(p.latents[0], fake.noise(1)[0]) and torch.equal(p.latents[8], fake.noise(3)[0])
     cond = fake.encode_prompt(["a red star", "a blue ring"])
     torch.testing.assert_close(p.conditioning.prompt_embeds[0], cond.prompt_embeds[0])
     torch.testing.assert_close(p.conditioning.prompt_embeds[4], cond.prompt_embeds[1])
     torch.testing.assert_close(p.conditioning.prompt_embeds[8], cond.prompt_embeds[1])  # prompt carried over
+    if fake.layout == "flow":  # every field of the conditioning follows the prompt path (SD3/Flux pooled embeds)
+        torch.testing.assert_close(p.conditioning.pooled_prompt_embeds[4], cond.pooled_prompt_embeds[1])
     assert [f["noise_t"] for f in p.frames][:3] == [0.0, pytest.approx(0.15625), 0.5]
     assert [f["prompt_t"] for f in p.frames][:3] == [0.0, 0.25, 0.5]
 
@@ -51,7 +54,7 @@ def test_render_writes_video_and_manifest_that_recreates_frames(fake, tmp_path):
     assert man["resolved_keyframes"][2] == {"prompt": "a blue ring", "seed": 3}
     # The complete sampling settings the backend resolved, and its provenance (compute batch included).
     assert man["sampling"] == {"num_inference_steps": 4, "guidance_scale": 3.0, "negative_prompt": "",
-                               "scheduler": "DDIMScheduler"}
+                               "scheduler": fake.defaults.scheduler}
     assert man["backend"]["compute_batch"] == 4
     assert {"latentlab", "torch"} <= set(man["versions"])
     p = plan(fake, _settings())

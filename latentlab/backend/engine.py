@@ -141,6 +141,10 @@ class Engine:
         return float(self.pipe.vae.config.scaling_factor)
 
     @property
+    def vae_shift_factor(self) -> float:
+        return float(getattr(self.pipe.vae.config, "shift_factor", None) or 0.0)
+
+    @property
     def size_multiple(self) -> int:
         """Image sizes must be multiples of this: the VAE factor, times 2 where latents are patched/packed 2x2."""
         return self.vae_scale_factor * self.adapter.size_patch(self.pipe)

@@ -34,6 +34,11 @@ class Backend(Protocol):
     def vae_scaling_factor(self) -> float:
         """The VAE's ``scaling_factor``: latents as the UNet sees them = the VAE's latents times this."""
 
+    @property
+    def vae_shift_factor(self) -> float:
+        """The VAE's ``shift_factor`` (SD3/Flux; 0 for SD): latents as the denoiser sees them =
+        ``(VAE latents - shift_factor) * scaling_factor``."""
+
     def sampling(self, sampling: Sampling | None = None, **overrides) -> Sampling:
         """A complete :class:`Sampling`: ``overrides`` over ``sampling`` over the model's defaults (validated)."""
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from latentlab.backend.families.base import Family
@@ -17,7 +18,7 @@ from latentlab.backend.families.flux import FluxFamily
 from latentlab.backend.families.sd3 import SD3Family
 from latentlab.backend.families.unet import SDXLFamily, UNetFamily
 
-__all__ = ["FAMILIES", "Family", "adapter_for", "supported_pipelines"]
+__all__ = ["FAMILIES", "Family", "adapter_for", "folder_facts", "supported_pipelines"]
 
 #: Every family latentlab speaks, in lookup order.
 FAMILIES: tuple[type[Family], ...] = (UNetFamily, SDXLFamily, SD3Family, FluxFamily)
@@ -26,6 +27,25 @@ FAMILIES: tuple[type[Family], ...] = (UNetFamily, SDXLFamily, SD3Family, FluxFam
 def supported_pipelines() -> tuple[str, ...]:
     """The diffusers pipeline class names :class:`latentlab.Lab` loads."""
     return tuple(name for fam in FAMILIES for name in fam.pipelines)
+
+
+def folder_facts(folder: str | Path) -> dict | None:
+    """What a diffusers folder's config files say without loading weights: its ``family``, native image ``size``
+    (height, width) and the ``size_multiple`` image sizes must respect; None when it is not a readable folder or
+    not a supported pipeline (loading then reports why)."""
+    import json
+
+    folder = Path(folder)
+    try:
+        name = json.loads((folder / "model_index.json").read_text())["_class_name"]
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    fam = next((f for f in FAMILIES if name in f.pipelines), None)
+    if fam is None:
+        return None
+    f = 2 ** (len(vae.get("block_out_channels", [])) - 1)
+    return fam().facts_from_configs(folder, f)
 
 
 def adapter_for(pipe: Any) -> Family:

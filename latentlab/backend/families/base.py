@@ -50,6 +50,10 @@ class Family:
         s = engine.pipe.default_sample_size * engine.vae_scale_factor
         return s, s
 
+    def facts_from_configs(self, folder, vae_factor: int) -> dict:
+        """``family``, native ``size`` and ``size_multiple`` from a folder's config files (no weights loaded)."""
+        return {"family": self.family, "size": None, "size_multiple": vae_factor * self.latent_patch}
+
     def default_sampling(self, pipe: Any) -> Sampling:
         raise NotImplementedError
 

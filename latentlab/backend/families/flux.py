@@ -67,6 +67,10 @@ class FluxFamily(FlowFamily):
     latent_patch = 2
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
 
+    def facts_from_configs(self, folder, vae_factor: int) -> dict:
+        s = 128 * vae_factor  # FluxPipeline.default_sample_size
+        return super().facts_from_configs(folder, vae_factor) | {"size": (s, s)}
+
     def embedded_guidance(self, pipe: Any) -> bool:
         return bool(pipe.transformer.config.guidance_embeds)
 

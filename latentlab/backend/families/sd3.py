@@ -35,6 +35,18 @@ class SD3Family(FlowFamily):
     def size_patch(self, pipe: Any) -> int:
         return int(pipe.transformer.config.patch_size)
 
+    def facts_from_configs(self, folder, vae_factor: int) -> dict:
+        import json
+        from pathlib import Path
+
+        facts = super().facts_from_configs(folder, vae_factor)
+        try:
+            cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+        except (OSError, ValueError):
+            return facts
+        s = int(cfg.get("sample_size", 128)) * vae_factor
+        return facts | {"size": (s, s), "size_multiple": vae_factor * int(cfg.get("patch_size", 2))}
+
     def token_limit(self, pipe: Any):
         if getattr(pipe, "text_encoder_3", None) is not None:
             return pipe.tokenizer_3, SD3_MAX_SEQUENCE_LENGTH

@@ -60,6 +60,21 @@ class UNetFamily(Family):
         s = s if isinstance(s, (tuple, list)) else (s, s)
         return s[0] * engine.vae_scale_factor, s[1] * engine.vae_scale_factor
 
+    def facts_from_configs(self, folder, vae_factor: int) -> dict:
+        import json
+        from pathlib import Path
+
+        facts = super().facts_from_configs(folder, vae_factor)
+        try:
+            s = json.loads((Path(folder) / "unet" / "config.json").read_text()).get("sample_size")
+        except (OSError, ValueError):
+            return facts
+        if isinstance(s, int):
+            facts["size"] = (s * vae_factor, s * vae_factor)
+        elif isinstance(s, (list, tuple)) and len(s) == 2:
+            facts["size"] = (s[0] * vae_factor, s[1] * vae_factor)
+        return facts
+
     def default_sampling(self, pipe: Any) -> Sampling:
         return Sampling(50, 7.5, "", type(pipe.scheduler).__name__)
 
