@@ -35,6 +35,7 @@ LAYERS = {
     "embedded.evaluate": 3,  # the automatic evaluator: a development tool the benchmarks and notebooks use
     "widgets": 4, "benchmarks": 4, "embedded.train": 4, "exports": 4,
     "cli": 5,  # the leaf over everything, exports (formats of other tools, built on morph) included
+    "__main__": 6,  # `python -m latentlab`: the cli
     "__init__": 3,  # the package face re-exports layers 0-2
 }
 #: Owners of heavy third-party packages: nothing else may import them, even lazily.
@@ -125,3 +126,64 @@ def test_ruff_is_clean():
     out = subprocess.run([ruff, "check", str(PKG), str(PKG.parent / "tests")], capture_output=True, text=True,
                          check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+BACKEND = PKG / "backend"
+
+
+def _backend_imports() -> dict[str, set[str]]:
+    """Module -> the latentlab.backend modules it imports (lazy imports included; TYPE_CHECKING ones too)."""
+    graph: dict[str, set[str]] = {}
+    for module, path in _modules():
+        if not module.startswith("latentlab.backend"):
+            continue
+        deps = graph.setdefault(module, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target, _ in _targets(node, module):
+                    if target.startswith("latentlab.backend") and target != module:
+                        deps.add(target)
+    return graph
+
+
+def test_the_backend_has_no_import_circle():
+    """engine <- families <- edits/trajectory <- lab: every import runs one way (the package face excepted)."""
+    graph = {m: {d for d in deps if d != "latentlab.backend"} for m, deps in _backend_imports().items()
+             if m != "latentlab.backend"}
+    seen, stack, cycles = set(), [], []
+
+    def visit(m):
+        if m in stack:
+            cycles.append(stack[stack.index(m):] + [m])
+            return
+        if m in seen:
+            return
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            visit(d)
+        stack.pop()
+        seen.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    assert not cycles, cycles
+    assert "latentlab.backend.lab" not in graph["latentlab.backend.engine"]
+    assert "latentlab.backend.lab" not in graph["latentlab.backend.edits"] | graph["latentlab.backend.trajectory"]
+
+
+def test_no_family_check_outside_the_family_adapters():
+    """What differs between model families lives in backend/families/ only: nothing else names a family."""
+    import re
+
+    family_words = re.compile(r"\b(is_sdxl|StableDiffusion(XL|3)\w*Pipeline|Flux\w*Pipeline|family\s*==|"
+                              r"text_encoder_2|transformer\.config|unet\.config)\b")
+    problems = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        if rel.parts[:2] == ("backend", "families") or rel.parts[0] in ("embedded", "benchmarks"):
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if family_words.search(code) and not code.strip().startswith(('"', "'")):
+                problems.append(f"{rel}:{i}: {line.strip()}")
+    assert not problems, "\n".join(problems)

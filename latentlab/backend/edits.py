@@ -3,8 +3,8 @@
 One responsibility: edits of clean latents, each built from a diffusers piece rather than a copy of its loop, the
 same code for every model family (the family adapter supplies the pipeline class, the noising rule and the packing):
 
-- **img2img**: the family's img2img pipeline (``StableDiffusion[XL|3]Img2ImgPipeline``, ``FluxImg2ImgPipeline``,
-  composed on the same components, no weights copied), given the clean latents as its ``image`` (input with the
+- **img2img**: the family's own img2img pipeline (SD, SDXL, SD3 and Flux each have one in diffusers), composed
+  on the same components (no weights copied), given the clean latents as its ``image`` (input with the
   VAE's latent channels is used as latents as it is).
 - **inpainting**: the same pipeline plus a ``callback_on_step_end`` that, after every step, puts the known latent,
   noised to the next step's level (``add_noise`` for diffusion models, ``(1 - sigma) z0 + sigma noise`` for flow

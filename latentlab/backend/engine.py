@@ -105,9 +105,7 @@ class Engine:
 
     def __post_init__(self):
         if self.adapter is None:
-            from latentlab.backend.families import adapter_for
-
-            self.adapter = adapter_for(self.pipe)
+            raise TypeError("`adapter` must be the family adapter of `pipe` (latentlab.backend.families.adapter_for)")
         # The model's own defaults: its scheduler, its family's usual steps and guidance.
         self.defaults = self.defaults.over(self.adapter.default_sampling(self.pipe))
 
@@ -253,8 +251,7 @@ class Engine:
         changes them). Cache keys of rendered frames include it."""
         if self._fingerprint is None:
             h = hashlib.sha256(self.model_id.encode())
-            names = (self.adapter.denoiser_name, "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-            for name in names:
+            for name in self.adapter.weight_components:
                 module = getattr(self.pipe, name, None)
                 if module is None:
                     continue

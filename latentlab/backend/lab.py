@@ -62,6 +62,11 @@ class Lab(Engine):
     'sd'
     """
 
+    def __post_init__(self):
+        if self.adapter is None:
+            self.adapter = adapter_for(self.pipe)
+        super().__post_init__()
+
     # --- construction ------------------------------------------------------------------------------------------
 
     @classmethod

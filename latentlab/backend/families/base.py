@@ -30,6 +30,8 @@ class Family:
     denoiser_name: ClassVar[str] = "unet"
     #: Latent pixels per token side (1: none; 2: latents are patched/packed 2x2 into tokens).
     latent_patch: ClassVar[int] = 1
+    #: The pipeline's weight-holding components (the model fingerprint samples them; absent ones are skipped).
+    weight_components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2")
     #: diffusers pipeline class names this adapter serves.
     pipelines: ClassVar[tuple[str, ...]] = ()
 

@@ -32,7 +32,7 @@ from latentlab.sampling import Sampling
 if TYPE_CHECKING:
     from latentlab.backend.engine import Engine
 
-__all__ = ["FLOW_SCHEDULERS", "FlowFamily", "SOLVERS", "integrate", "model_calls"]
+__all__ = ["FLOW_SCHEDULERS", "SOLVERS", "FlowFamily", "integrate", "model_calls"]
 
 #: Schedulers a flow model accepts (diffusers' class names).
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -96,6 +96,7 @@ class FlowFamily(Family):
     """Shared behaviour of the flow-matching families; subclasses add prompt encoding and the velocity call."""
 
     denoiser_name = "transformer"
+    weight_components = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     #: Guidance and steps of the family's pipelines when a model says nothing else.
     default_steps, default_guidance = 28, 3.5
 
@@ -128,7 +129,7 @@ class FlowFamily(Family):
 
     def pipeline_sigmas(self, steps: int):
         """The ``sigmas=`` the pipeline passes its scheduler (None: the scheduler's own spacing)."""
-        return None
+        return
 
     def image_seq_len(self, pipe: Any, h: int, w: int) -> int:
         """Image tokens for a latent of ``h`` x ``w`` (what the dynamic shift's ``mu`` depends on)."""
