@@ -84,3 +84,16 @@ def test_throughput_benchmark_smoke(tmp_path, capsys):
     assert "pipeline-batch16" in out and "latentlab-workers" in out and "max pixel diff" in out
     table = (tmp_path / "t.md").read_text()
     assert table.count("| 6 |") == 3
+
+
+def test_families_benchmark_smoke(capsys):
+    """The per-family benchmark runs (tiny settings) and its FireFlow claim holds: 8 calls beat Euler's 24."""
+    import json
+
+    from latentlab.benchmarks import families
+
+    families.main(["--families", "sd3", "flux", "--images", "1", "--steps", "2", "--repeats", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    for r in rows[:2]:
+        assert r["invert_fireflow_7_steps"]["relative_rmse"] <= r["invert_euler_24_steps"]["relative_rmse"]
+        assert r["latents"] == [16, 8, 8]
