@@ -269,3 +269,23 @@ def test_python_m_latentlab_works_like_the_script():
 
     out = subprocess.run([sys.executable, "-m", "latentlab", "info"], capture_output=True, text=True, check=True)
     assert "model families: sd (StableDiffusionPipeline)" in out.stdout and "flux (FluxPipeline)" in out.stdout
+
+
+def test_atlas_and_widgets_work_on_a_flow_model(tiny_flux_path, tmp_path):
+    """The layers above the backend see a Flux model through the Backend protocol like any other."""
+    from fakes import FakeCLIP
+
+    from latentlab.atlas import Atlas, build_atlas
+    from latentlab.widgets import Interpolator, SeedBrowser
+
+    lab = Lab.from_pretrained(tiny_flux_path, device="cpu")
+    lab.defaults = lab.defaults.replace(num_inference_steps=2)
+    lab.default_size = lambda: (SIZE, SIZE)  # the tiny model's native size (Flux's default is 1024)
+    atlas = build_atlas(lab, ["a red star", "a blue ring"], [1, 2], clip=FakeCLIP(), thumbnail=16, progress=False)
+    assert atlas.noise.shape == (4, 16, 8, 8)
+    path = atlas.save(tmp_path / "atlas.safetensors")
+    assert Atlas.load(path).noise.shape == (4, 16, 8, 8)
+    browser = SeedBrowser(lab, "a red star", page_size=4)
+    assert browser.wait()
+    interp = Interpolator(lab, ("a red star", 1), ("a blue ring", 2), clip=None, frames=4)
+    assert interp.wait()
