@@ -57,18 +57,30 @@ _INPUT_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, IsAD
                  NotADirectoryError)
 
 
+def _embedded_name(model: str | None) -> str | None:
+    """The embedded model ``--model`` names (None: the default one), or None for any other model."""
+    if model is None:
+        return embedded.DEFAULT
+    return None if Path(model).exists() else embedded.resolve(model)
+
+
 def _embedded_missing(model: str | None) -> None:
-    if model is None and not embedded.is_available():
-        raise _Exit(EXIT_MISSING, "the embedded default model is not available, so there is nothing to render "
-                                  "with; it is built by `python -m latentlab.embedded.train` (see "
-                                  "latentlab/embedded/MODEL_CARD.md)")
+    name = _embedded_name(model)
+    if name is not None and not embedded.is_available(name):
+        try:
+            embedded.model_path(name)
+        except FileNotFoundError as e:
+            raise _Exit(EXIT_MISSING, f"nothing to render with: {e}") from None
 
 
 def _model_facts(model: str | None) -> dict | None:
     """A local model's family, native image size and size factor from its config files (no weights loaded)."""
     from latentlab.backend.families import folder_facts
 
-    return folder_facts(embedded.model_path() if model is None else Path(model))
+    name = _embedded_name(model)
+    if name is not None:
+        return folder_facts(embedded.model_path(name)) if embedded.is_available(name) else None
+    return folder_facts(Path(model))
 
 
 def _frame_size(args: argparse.Namespace) -> tuple[int, int] | None:
@@ -117,14 +129,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     print("model families: " + "; ".join(f"{f.family} ({', '.join(p for p in f.pipelines if 'Img2Img' not in p)})"
                                          for f in FAMILIES))
+    for name in embedded.NAMES:
+        where = embedded.model_path(name) if embedded.is_available(name) else "not trained yet"
+        print(f"embedded model {name}{' (default)' if name == embedded.DEFAULT else ''}: {where}")
     if embedded.is_available():
-        print(f"embedded default model: {embedded.model_path()}")
         if args.fingerprint:
             from latentlab.backend import Lab
 
             print(f"embedded model fingerprint: {Lab.default().provenance()['model_fingerprint']}")
-    else:
-        print("embedded default model: not trained yet")
     return 0
 
 
@@ -196,7 +208,7 @@ def _cmd_morph(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     settings = _settings_from_args(args)
-    upscale = args.upscale if args.upscale is not None else (4 if args.model is None else 1)
+    upscale = args.upscale if args.upscale is not None else (4 if _embedded_name(args.model) else 1)
     _embedded_missing(args.model)
     check_render(settings, out, overwrite=args.overwrite, upscale=upscale, batch_size=args.batch_size,
                  frame_size=_frame_size(args))
@@ -239,7 +251,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
     for i, p in enumerate(args.prompts):
         check_prompt(p, f"prompt {i + 1}")
-    upscale = args.upscale if args.upscale is not None else (2 if args.model is None else 1)
+    upscale = args.upscale if args.upscale is not None else (2 if _embedded_name(args.model) else 1)
     _checks.positive_int(upscale, "--upscale")
     check_output(out, "--output", overwrite=args.overwrite, suffixes=IMAGE_FORMATS)
     man = manifest_path(out)
@@ -381,7 +393,8 @@ def _generation_options(m: argparse.ArgumentParser) -> None:
     m.add_argument("--negative-prompt")
     m.add_argument("--scheduler", choices=SCHEDULERS, metavar="NAME",
                    help="a diffusers scheduler class (default: the model's); one of " + ", ".join(SCHEDULERS))
-    m.add_argument("--model", help="diffusers model id or folder (default: the embedded model)")
+    m.add_argument("--model", help="diffusers model id or folder, or an embedded model's name: "
+                   f"{', '.join(embedded.NAMES)} (default: {embedded.DEFAULT})")
     m.add_argument("--width", type=int, help="image width in pixels (default: the model's; a multiple of its size "
                    "factor: 8 for SD, 16 for Flux)")
     m.add_argument("--height", type=int, help="image height in pixels (default: the model's)")

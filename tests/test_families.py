@@ -289,3 +289,15 @@ def test_atlas_and_widgets_work_on_a_flow_model(tiny_flux_path, tmp_path):
     assert browser.wait()
     interp = Interpolator(lab, ("a red star", 1), ("a blue ring", 2), clip=None, frames=4)
     assert interp.wait()
+
+
+def test_embedded_models_by_name():
+    from latentlab import embedded
+
+    assert embedded.NAMES == ("embedded-shapes", "embedded-shapes-flow")
+    assert embedded.model_path("embedded-shapes") == embedded.model_path()
+    assert embedded.resolve("latentlab/embedded-shapes") == "embedded-shapes" and embedded.resolve("x") is None
+    with pytest.raises(ValueError, match=r"`name` must be one of embedded-shapes, embedded-shapes-flow, got 'shapes'"):
+        embedded.model_path("shapes")
+    lab = Lab.from_pretrained("embedded-shapes")
+    assert lab.model_id == "latentlab/embedded-shapes" and lab.defaults.num_inference_steps == 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -353,3 +354,52 @@ def test_renormalize_and_arithmetic():
         ll.add_direction(a, d, float("inf"))
     with pytest.raises(ValueError, match=r"`norm` must be a finite number >= 0, got -1"):
         ll.renormalize(a, norm=-1)
+
+
+# --- the NaN policy, generated over every tensor argument of every public op --------------------------------------
+
+def _op_calls():
+    """(name, call with tensors, the tensors' argument names): every public function of ops and paths that takes
+    tensors. test_every_public_op_is_in_the_nan_table keeps this inventory complete."""
+    from latentlab import paths
+
+    z = lambda: torch.randn(2, 4, 8, 8)  # noqa: E731
+    return {
+        "lerp": (lambda a, b: ll.lerp(a, b, 0.3), {"a": z(), "b": z()}),
+        "slerp": (lambda a, b: ll.slerp(a, b, 0.3), {"a": z(), "b": z()}),
+        "blend": (lambda x: ll.blend([x, torch.randn(2, 4, 8, 8)], [0.5, 0.5]), {"latents[0]": z()}),
+        "grid": (lambda c: ll.grid(c, *[torch.randn(2, 4, 8, 8) for _ in range(3)], rows=2, cols=2),
+                 {"corners[0]": z()}),
+        "norm_zscore": (lambda x: ll.norm_zscore(x), {"x": z()}),
+        "renormalize": (lambda x: ll.renormalize(x), {"x": z()}),
+        "analogy": (lambda a, b, c: ll.analogy(a, b, c), {"a": z(), "b": z(), "c": z()}),
+        "add_direction": (lambda x, direction: ll.add_direction(x, direction, 1.0),
+                          {"x": z(), "direction": torch.randn(4, 8, 8)}),
+        "keyframe_path": (lambda k: paths.keyframe_path([k, torch.randn(2, 4, 8, 8)], 5), {"keyframes[0]": z()}),
+        "path_at": (lambda k: paths.path_at([k, torch.randn(2, 4, 8, 8)], [0], [0.5]), {"keyframes[0]": z()}),
+        "circular_walk": (lambda a, b: paths.circular_walk(a, b, 4), {"a": z(), "b": z()}),
+    }
+
+
+def test_every_public_op_is_in_the_nan_table():
+    import inspect
+
+    from latentlab import ops, paths
+
+    takes_tensors = {name for mod in (ops, paths) for name in mod.__all__
+                     if inspect.isfunction(getattr(mod, name))
+                     and any("Tensor" in str(p.annotation) for p in inspect.signature(getattr(mod, name)).parameters.values()
+                             if p.name not in ("t", "strength", "weights", "samples", "distances"))}
+    assert takes_tensors <= set(_op_calls()), f"add to the NaN table: {sorted(takes_tensors - set(_op_calls()))}"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("op", sorted(_op_calls()))
+def test_every_op_refuses_nonfinite_tensors_naming_the_argument(op, bad):
+    """latentlab's NaN policy (README): refuse at the boundary, never propagate silently."""
+    call, tensors = _op_calls()[op]
+    for name in tensors:
+        args = {k: v.clone() for k, v in tensors.items()}
+        args[name].view(-1)[3] = bad
+        with pytest.raises(ValueError, match=rf"`{re.escape(name)}` must be finite, got 1 NaN/infinite value"):
+            call(*args.values())

@@ -70,14 +70,14 @@ class Lab(Engine):
     # --- construction ------------------------------------------------------------------------------------------
 
     @classmethod
-    def default(cls, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Lab:
-        """The embedded shapes model (see ``latentlab/embedded/MODEL_CARD.md``): 64x64 images, 4x8x8 latents,
-        20 DDIM steps at guidance 4 by default."""
+    def default(cls, name: str = "embedded-shapes", *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> Lab:
+        """An embedded model (see ``latentlab/embedded/MODEL_CARD.md``): ``"embedded-shapes"`` (the default UNet
+        model) or ``"embedded-shapes-flow"`` (its flow-matching twin); 64x64 images, 20 steps at guidance 4."""
         from latentlab import embedded
 
-        path = embedded.model_path()
-        lab = cls.from_pretrained(path, device=device, dtype=dtype)
-        lab.model_id = "latentlab/embedded-shapes"
+        path = embedded.model_path(name)
+        lab = cls._load(path, device=device, dtype=dtype, model_id=f"latentlab/{embedded.resolve(name)}")
         lab.defaults = lab.defaults.replace(num_inference_steps=20, guidance_scale=4.0)
         return lab
 
@@ -94,11 +94,23 @@ class Lab(Engine):
         Turbo variants, SD3/SD3.5 (without T5: pass ``text_encoder_3=None, tokenizer_3=None``) and Flux.1 (dev or
         schnell). Any other pipeline class is refused with a ``TypeError`` that lists what is supported.
 
-        ``device`` defaults to CUDA when available, else CPU; ``dtype`` to float16 on CUDA, else float32.
+        ``model_id_or_path`` may also name an embedded model (``"embedded-shapes"``, ``"embedded-shapes-flow"``,
+        with or without ``latentlab/``): that is :meth:`default`. ``device`` defaults to CUDA when available,
+        else CPU; ``dtype`` to float16 on CUDA, else float32.
         Extra keyword arguments go to ``DiffusionPipeline.from_pretrained`` (e.g. ``variant="fp16"``).
         A local folder is checked first (exists, holds a ``model_index.json`` and safetensors weights);
         ``FileNotFoundError`` says what is missing.
         """
+        from latentlab import embedded
+
+        name = embedded.resolve(model_id_or_path)
+        if name is not None and not Path(model_id_or_path).exists():
+            return cls.default(name, device=device or "cpu", dtype=dtype or torch.float32)
+        return cls._load(model_id_or_path, device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def _load(cls, model_id_or_path: str | Path, *, device=None, dtype=None, model_id: str | None = None,
+              **kwargs: Any) -> Lab:
         local = Path(model_id_or_path)
         looks_local = isinstance(model_id_or_path, Path) or local.exists() or str(model_id_or_path).startswith(
             (".", "/", "~"))
@@ -144,7 +156,7 @@ class Lab(Engine):
             raise TypeError(f"`model_id_or_path` {str(model_id_or_path)!r}: {e}") from None
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        lab = cls(pipe=pipe, model_id=str(model_id_or_path), adapter=adapter)
+        lab = cls(pipe=pipe, model_id=model_id or str(model_id_or_path), adapter=adapter)
         if "turbo" in str(model_id_or_path).lower():
             lab.defaults = lab.defaults.replace(num_inference_steps=4, guidance_scale=0.0)
         return lab

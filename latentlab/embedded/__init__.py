@@ -1,33 +1,62 @@
-"""The embedded default model: a miniature Stable Diffusion trained on a procedural shapes world.
+"""The embedded models: miniature diffusion models trained on a procedural shapes world, shipped inside latentlab.
 
-One responsibility: say where the shipped model is. The model is a standard diffusers folder inside the installed
-package (``latentlab/embedded/model``), so it is found after a non-editable ``pip install .`` too; see
-``MODEL_CARD.md`` beside this file for what it is, how well it works and how to retrain it.
+One responsibility: say where the shipped models are, by name. Each is a standard diffusers folder inside the
+installed package, so it is found after a non-editable ``pip install .`` too:
+
+- ``"embedded-shapes"`` (the default): a miniature Stable Diffusion (UNet, ``latentlab/embedded/model``);
+- ``"embedded-shapes-flow"``: its flow-matching twin, a small SD3-layout transformer on the same VAE and world
+  (``latentlab/embedded/model-flow``).
+
+``MODEL_CARD.md`` beside this file says what they are, how well they work and how to retrain them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["clip_path", "is_available", "model_path"]
+__all__ = ["DEFAULT", "NAMES", "clip_path", "is_available", "model_path", "resolve"]
 
-_MODEL = Path(__file__).resolve().parent / "model"
+_HERE = Path(__file__).resolve().parent
+_MODEL = _HERE / "model"
+#: The embedded models by name, and their folders.
+_FOLDERS = {"embedded-shapes": _MODEL, "embedded-shapes-flow": _HERE / "model-flow"}
+NAMES: tuple[str, ...] = tuple(_FOLDERS)
+DEFAULT = "embedded-shapes"
+_RECIPES = {"embedded-shapes": "python -m latentlab.embedded.train",
+            "embedded-shapes-flow": "python -m latentlab.embedded.train_flow"}
 
 
-def model_path() -> Path:
-    """The diffusers folder of the embedded model (``StableDiffusionPipeline.from_pretrained`` loads it).
+def resolve(model: object) -> str | None:
+    """The embedded model name ``model`` means ("embedded-shapes", "latentlab/embedded-shapes", ...), else None.
+
+    >>> resolve("latentlab/embedded-shapes-flow"), resolve("./my-model")
+    ('embedded-shapes-flow', None)
+    """
+    if not isinstance(model, str):
+        return None
+    name = model.removeprefix("latentlab/")
+    return name if name in _FOLDERS else None
+
+
+def model_path(name: str = DEFAULT) -> Path:
+    """The diffusers folder of the embedded model ``name`` (``DiffusionPipeline.from_pretrained`` loads it).
 
     Raises
     ------
+    ValueError
+        If ``name`` is not one of :data:`NAMES`.
     FileNotFoundError
         If the model has not been trained and packaged into this installation.
     """
-    if not is_available():
+    key = resolve(name)
+    if key is None:
+        raise ValueError(f"`name` must be one of {', '.join(NAMES)}, got {name!r}")
+    if not is_available(key):
         raise FileNotFoundError(
-            f"the embedded default model is not trained yet: no model_index.json in {_MODEL}. "
-            "Train it with `python -m latentlab.embedded.train` (see latentlab/embedded/MODEL_CARD.md)"
+            f"the embedded model {key} is not trained yet: no model_index.json in {_FOLDERS[key]}. "
+            f"Train it with `{_RECIPES[key]}` (see latentlab/embedded/MODEL_CARD.md)"
         )
-    return _MODEL
+    return _FOLDERS[key]
 
 
 def clip_path() -> Path:
@@ -36,5 +65,6 @@ def clip_path() -> Path:
     return model_path() / "clip"
 
 
-def is_available() -> bool:
-    return (_MODEL / "model_index.json").is_file()
+def is_available(name: str = DEFAULT) -> bool:
+    key = resolve(name)
+    return key is not None and (_FOLDERS[key] / "model_index.json").is_file()

@@ -295,7 +295,8 @@ def generation(pipe, shape_net: ShapeNet, *, n: int = 256, steps: int = 20, guid
     truth = [world.attributes(p) for p in prompts]
     caps = [world.caption(*p) for p in prompts]
     images = []
-    shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer  # UNet model or the flow twin (SD3)
+    shape = (1, denoiser.config.in_channels, denoiser.config.sample_size, denoiser.config.sample_size)
     for i in range(0, n, batch):
         seeds = [seed + j for j in range(i, min(n, i + batch))]
         latents = noise(seeds, (len(seeds), *shape[1:]))  # bit-identical to randn_tensor per item (tested)
@@ -427,16 +428,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {SHAPE_CLASSIFIER} (held-out accuracy {acc:.3f})")
         return
     torch.set_num_threads(args.threads)
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from transformers import CLIPModel, CLIPTokenizer
 
     from latentlab import embedded
 
     path = args.model or embedded.model_path()
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.float32)  # the plain pipeline of either model
     pipe.set_progress_bar_config(disable=True)
-    tok = CLIPTokenizer.from_pretrained(path / "tokenizer")
-    clip = CLIPModel.from_pretrained(path / "clip", dtype=torch.float32)
+    clip_home = path if (path / "clip").is_dir() else embedded.model_path()  # the flow twin shares the CLIP
+    tok = CLIPTokenizer.from_pretrained(clip_home / "tokenizer")
+    clip = CLIPModel.from_pretrained(clip_home / "clip", dtype=torch.float32)
     shape_net, evaluator_acc = train_shape_classifier()
     b = world.sample(512, seed=31_337, prompts=world.held_out_prompts())
     evaluator = score(attributes(b.images, shape_net), b.attributes)
