@@ -120,12 +120,28 @@ class VideoWriter:
         self.n_frames += len(arr)
 
     def close(self) -> Path:
-        """Finish the file and move it into place."""
+        """Finish the file, check that the encoder wrote every frame, and only then move it into place.
+
+        imageio-ffmpeg does not report ffmpeg's exit status, so a failed encode (an impossible frame rate, a disk
+        that filled up) would otherwise look like success; the finished file is decoded and its frames counted.
+        On a failure ``OSError`` is raised, the partial file is removed and an existing target is left untouched.
+        """
+        import imageio_ffmpeg
+
         if self._gen is None:
             self.abort()
             raise ValueError(f"no frames were written to {self.path}; nothing was saved")
         self._gen.close()
         self._gen = None
+        try:
+            written = imageio_ffmpeg.count_frames_and_secs(str(self.tmp))[0] if self.tmp.is_file() else 0
+        except (OSError, RuntimeError, ValueError):
+            written = 0
+        if written != self.n_frames:
+            self.tmp.unlink(missing_ok=True)
+            raise OSError(f"ffmpeg failed to encode {self.path.name}: {written} of {self.n_frames} frames were "
+                          f"written (fps {self.fps:g}; a full disk?); nothing was saved"
+                          + (" and the existing file is untouched" if self.path.exists() else ""))
         os.replace(self.tmp, self.path)
         return self.path
 

@@ -416,3 +416,21 @@ def test_workers_balance_their_batches_when_the_batch_size_is_the_backends(tmp_p
     assert man["backend"]["compute_batch"] == 12 and sum(done) == 48 and all(d % 12 == 0 for d in done)
     out = render_morph(FakeBackend(compute_batch=16), s, tmp_path / "b.gif", progress=False, workers=2, batch_size=16)
     assert json.loads(manifest_path(out).read_text())["backend"]["compute_batch"] == 16
+
+
+def test_a_failed_encode_keeps_the_previous_video_manifest_and_cache(tiny_sd_path, tmp_path, capsys):
+    """--overwrite with an encoder failure (an impossible --fps) ends non-zero and destroys nothing."""
+    from latentlab.cli import main
+
+    out = tmp_path / "m.mp4"
+    args = ["morph", "a red star", "a blue ring", "--model", str(tiny_sd_path), "--frames", "4", "--steps", "2",
+            "--workers", "1", "-o", str(out)]
+    assert main(args) == 0
+    video, man = out.read_bytes(), manifest_path(out).read_text()
+    capsys.readouterr()
+    assert main([*args, "--fps", "1e-6", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "ffmpeg failed to encode m.mp4" in err and "existing file is untouched" in err
+    assert out.read_bytes() == video and manifest_path(out).read_text() == man
+    cache = tmp_path / ".m.mp4.frames"
+    assert cache.is_dir() and any(cache.iterdir())  # the rendered frames are kept: fix the option and resume

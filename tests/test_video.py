@@ -72,3 +72,17 @@ def test_video_errors(tmp_path):
         w.append(torch.rand(1, 3, 16, 16))
         with pytest.raises(ValueError, match=r"every frame must be 16x16, got 32x32"):
             w.append(torch.rand(1, 3, 32, 32))
+
+
+def test_a_failed_encode_raises_and_keeps_the_previous_file(tmp_path):
+    """ffmpeg's failure (here an impossible frame rate) is not success: nothing replaces the existing video."""
+    import torch
+
+    from latentlab.video import write_video
+
+    out = write_video(tmp_path / "v.mp4", torch.rand(4, 3, 16, 16), fps=12)
+    before = out.read_bytes()
+    with pytest.raises(OSError, match=r"ffmpeg failed to encode v.mp4: 0 of 4 frames .* existing file is untouched"):
+        write_video(out, torch.rand(4, 3, 16, 16), fps=1e-6, overwrite=True)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]  # no partial file left behind
