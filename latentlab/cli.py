@@ -132,11 +132,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for name in embedded.NAMES:
         where = embedded.model_path(name) if embedded.is_available(name) else "not trained yet"
         print(f"embedded model {name}{' (default)' if name == embedded.DEFAULT else ''}: {where}")
-    if embedded.is_available():
-        if args.fingerprint:
-            from latentlab.backend import Lab
+    if embedded.is_available() and args.fingerprint:
+        from latentlab.backend import Lab
 
-            print(f"embedded model fingerprint: {Lab.default().provenance()['model_fingerprint']}")
+        print(f"embedded model fingerprint: {Lab.default().provenance()['model_fingerprint']}")
     return 0
 
 

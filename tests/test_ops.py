@@ -363,7 +363,9 @@ def _op_calls():
     tensors. test_every_public_op_is_in_the_nan_table keeps this inventory complete."""
     from latentlab import paths
 
-    z = lambda: torch.randn(2, 4, 8, 8)  # noqa: E731
+    def z():
+        return torch.randn(2, 4, 8, 8)
+
     return {
         "lerp": (lambda a, b: ll.lerp(a, b, 0.3), {"a": z(), "b": z()}),
         "slerp": (lambda a, b: ll.slerp(a, b, 0.3), {"a": z(), "b": z()}),
