@@ -173,7 +173,16 @@ def _settings_from_args(args: argparse.Namespace):
     )
     if args.seconds is not None and args.frames is not None:
         raise ValueError("give --frames or --seconds, not both")
-    if args.seconds is not None:
+    track = None
+    if args.audio is not None:
+        from latentlab.morph.music import analyse
+
+        # With no --seconds/--frames the video lasts as long as the selected audio.
+        track, n_frames = analyse(args.audio, fps=args.fps, offset=args.audio_offset, seconds=args.seconds,
+                                  n_frames=args.frames, pacing=args.audio_pacing)
+    elif args.audio_offset or args.audio_pacing != "envelope":
+        raise ValueError("--audio-offset and --audio-pacing need --audio FILE")
+    elif args.seconds is not None:
         n_frames = frames_for_duration(args.seconds, args.fps)
     else:
         n_frames = args.frames if args.frames is not None else (96 if args.command == "walk" else 48)
@@ -182,6 +191,7 @@ def _settings_from_args(args: argparse.Namespace):
         noise_interpolation=args.noise_interp, noise_easing=args.noise_easing,
         prompt_interpolation=args.prompt_interp, prompt_easing=args.prompt_easing,
         sampling=_sampling_from_args(args), pacing=args.pacing, height=args.height, width=args.width,
+        keyframe_times=None if args.at is None else tuple(args.at), audio=track,
     )
 
 
@@ -354,6 +364,7 @@ def _workers_arg(text: str):
 
 def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
     from latentlab.morph import PACINGS
+    from latentlab.morph.settings import AUDIO_PACINGS
     from latentlab.paths import EASINGS, METHODS
 
     m.add_argument("-o", "--output", default="walk.mp4" if walk else "morph.mp4",
@@ -370,6 +381,15 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
     m.add_argument("--prompt-easing", choices=EASINGS, default="linear")
     m.add_argument("--pacing", choices=PACINGS, default="none",
                    help="'even': re-time from a cheap preview so consecutive frames change by about the same amount")
+    m.add_argument("--at", type=float, nargs="+", metavar="SECONDS",
+                   help="the time of each keyframe in seconds (one per keyframe, increasing, inside the video)")
+    m.add_argument("--audio", metavar="FILE", help="a music track (mp3, wav, flac, m4a/aac, ogg) that paces the "
+                   "morph and is muxed into the mp4 (AAC); without --seconds/--frames the video lasts as long as it")
+    m.add_argument("--audio-offset", type=float, default=0.0, metavar="SECONDS",
+                   help="where in the track to start (default: 0)")
+    m.add_argument("--audio-pacing", choices=AUDIO_PACINGS, default="envelope",
+                   help="'envelope': the path moves faster where the music is loud/percussive; 'beats': keyframes "
+                        "land on beats; 'none': the audio is only added (default: %(default)s)")
     m.add_argument("--pacing-clip", metavar="CLIP", nargs="?", const="embedded",
                    help="measure the pacing change with CLIP image embeddings (the embedded CLIP, or a transformers "
                         "CLIP id/folder) instead of pixels")

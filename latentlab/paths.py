@@ -19,6 +19,7 @@ curves as in Penner, "Robert Penner's Easing Functions" (2001) and Perlin's smoo
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from latentlab import _checks
 from latentlab._tensors import compute_dtype, flat, unit
 from latentlab.ops import lerp, slerp
 
-__all__ = ["EASINGS", "METHODS", "Schedule", "circular_walk", "ease", "keyframe_path", "path_at", "retime", "schedule"]
+__all__ = ["EASINGS", "METHODS", "Schedule", "circular_walk", "ease", "keyframe_path", "path_at", "retime", "schedule",
+           "schedule_at"]
 
 EASINGS: tuple[str, ...] = ("linear", "smoothstep", "smootherstep", "cosine", "ease-in", "ease-out")
 METHODS: tuple[str, ...] = ("slerp", "lerp", "spline")
@@ -124,6 +126,35 @@ def schedule(n_keyframes: int, n_frames: int, *, loop: bool = False, easing: str
         ts.append(float(ease(raw, easing)))
         positions.append(seg + raw)
     return Schedule(tuple(segments), tuple(ts), tuple(positions), n_keyframes, loop, easing)
+
+
+def schedule_at(positions: Sequence[float], n_keyframes: int, *, loop: bool = False,
+                easing: str = "linear") -> Schedule:
+    """A :class:`Schedule` whose frames sit at given ``positions`` along the path, in keyframe units (``1.5``:
+    half-way from keyframe 1 to 2), e.g. paced by music or placed in time. Non-decreasing, from 0 to the number of
+    segments (excluded for a loop). A frame on an interior keyframe is ``t = 0`` of the next segment, the open
+    path's end ``t = 1`` of the last; easing applies within each segment as in :func:`schedule`.
+
+    >>> s = schedule_at([0.0, 0.25, 1.0, 2.0], 3)
+    >>> s.segment, s.t
+    ((0, 0, 1, 1), (0.0, 0.25, 0.0, 1.0))
+    """
+    n_keyframes = _checks.positive_int(n_keyframes, "n_keyframes", minimum=2)
+    _checks.choice(easing, "easing", EASINGS)
+    n_seg = n_keyframes if loop else n_keyframes - 1
+    pos = [float(p) for p in positions]
+    if len(pos) < 2:
+        raise ValueError(f"`positions` must hold at least 2 frames, got {len(pos)}")
+    if any(not math.isfinite(p) for p in pos) or any(b < a for a, b in itertools.pairwise(pos)):
+        raise ValueError("`positions` must be finite and non-decreasing")
+    if pos[0] < 0 or pos[-1] > n_seg or (loop and pos[-1] >= n_seg):
+        raise ValueError(f"`positions` must lie in [0, {n_seg}{')' if loop else ']'}, got [{pos[0]:g}, {pos[-1]:g}]")
+    segments, ts = [], []
+    for p in pos:
+        seg = min(math.floor(p), n_seg - 1)
+        segments.append(seg)
+        ts.append(float(ease(p - seg, easing)))
+    return Schedule(tuple(segments), tuple(ts), tuple(pos), n_keyframes, loop, easing)
 
 
 def _hermite(p0, p1, m0, m1, t):

@@ -8,6 +8,8 @@ and never clobbers an existing file. An existing output is refused unless ``over
 mp4: libx264, yuv420p (plays everywhere; needs even width and height), ``-movflags +faststart`` (playable while
 downloading), ``macro_block_size=1`` (imageio-ffmpeg would otherwise resize to multiples of 16).
 gif: ffmpeg's palettegen/paletteuse (one palette for the whole clip), looping forever.
+Audio (music videos): :func:`decode_audio` reads any file ffmpeg reads (mp3, wav, flac, m4a/aac, ogg) to mono
+samples; :func:`mux_audio` adds an AAC track to a finished mp4 in a separate, atomic step.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import torch
 from latentlab import _checks
 from latentlab._files import atomic_write, check_output, partial_path
 
-__all__ = ["FORMATS", "IMAGE_FORMATS", "VideoWriter", "image_grid", "png_bytes", "read_image", "read_video",
-           "write_image", "write_video"]
+__all__ = ["AUDIO_FORMATS", "FORMATS", "IMAGE_FORMATS", "VideoWriter", "decode_audio", "image_grid", "mux_audio",
+           "png_bytes", "read_image", "read_video", "write_image", "write_video"]
 
 log = logging.getLogger(__name__)
 
 FORMATS = (".mp4", ".gif")
 IMAGE_FORMATS = (".png", ".jpg", ".jpeg", ".webp")
+AUDIO_FORMATS = (".mp3", ".wav", ".flac", ".m4a", ".aac", ".ogg", ".oga", ".opus")
 
 
 def _to_uint8_frames(frames: torch.Tensor | np.ndarray, upscale: int) -> np.ndarray:
@@ -254,3 +257,50 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         raise ValueError(f"{path} is not an RGB(A) or greyscale image (array shape {arr.shape})")
     scale = 65535.0 if arr.dtype == np.uint16 else 255.0
     return torch.from_numpy(arr[..., :3].astype(np.float32) / scale).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def _ffmpeg(args: list[str]) -> tuple[int, bytes, str]:
+    """Run the bundled ffmpeg; (exit code, stdout bytes, the last line of stderr)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    p = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *args],
+                       capture_output=True, check=False)
+    err = p.stderr.decode("utf-8", "replace").strip().splitlines()
+    return p.returncode, p.stdout, (err[-1] if err else "")
+
+
+def decode_audio(path: str | os.PathLike, *, sr: int = 22050, name: str = "audio") -> np.ndarray:
+    """The whole audio track of ``path`` as mono float32 samples at ``sr`` Hz, decoded by the bundled ffmpeg.
+
+    ``FileNotFoundError`` for a missing file, ``ValueError`` (naming ``name``) for one ffmpeg cannot decode or
+    that has no audio stream.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`{name}` does not exist: {path}")
+    code, out, err = _ffmpeg(["-i", str(path), "-vn", "-ac", "1", "-ar", str(int(sr)), "-f", "f32le", "-"])
+    if code != 0 or not out:
+        why = err or "no audio stream"
+        raise ValueError(f"`{name}` could not be decoded as audio: {path.name} ({why})")
+    return np.frombuffer(out, dtype="<f4").astype(np.float32)
+
+
+def mux_audio(video: str | os.PathLike, audio: str | os.PathLike, *, offset: float, duration: float,
+              output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``output``: the mp4 ``video`` (stream-copied, untouched) with ``duration`` seconds of ``audio``
+    from ``offset`` as AAC, starting together and cut to the video's length. Atomic (a temporary file beside
+    ``output``, checked, then renamed); ``OSError`` if ffmpeg fails, with nothing replaced."""
+    output = check_output(output, "output", overwrite=overwrite, suffixes=(".mp4",))
+    tmp = partial_path(output)
+    code, _, err = _ffmpeg(["-y", "-i", str(video), "-ss", f"{float(offset):.6f}", "-t", f"{float(duration):.6f}",
+                            "-i", str(audio), "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac",
+                            "-b:a", "192k", "-t", f"{float(duration):.6f}", "-movflags", "+faststart",
+                            "-f", "mp4", str(tmp)])
+    if code != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"ffmpeg could not add the audio to {output.name}: {err or 'unknown error'}; nothing was "
+                      "replaced")
+    os.replace(tmp, output)
+    return output

@@ -5,6 +5,8 @@ manifest.
 - :mod:`~latentlab.morph.plan`: where every frame lies on the noise and prompt paths; perceptually even pacing.
 - :mod:`~latentlab.morph.render`: frames in compute batches -> streamed video, frame cache, resume, lock.
 - :mod:`~latentlab.morph.manifest`: the JSON record that re-creates any frame (:func:`render_frame`).
+- :mod:`~latentlab.morph.music`: music videos: an audio track's analysis and the frame positions it (and ``--at``
+  keyframe times) give.
 
 All of it talks to the backend only through :class:`latentlab.backend.Backend`.
 """
@@ -12,8 +14,18 @@ All of it talks to the backend only through :class:`latentlab.backend.Backend`.
 from latentlab.morph.manifest import MANIFEST_VERSION, manifest_path, read_manifest, render_frame
 from latentlab.morph.plan import IMAGE_KEYFRAME_MIN_PSNR, Plan, clip_distance, pixel_distance, plan
 from latentlab.morph.render import RenderLocked, cache_dir, check_render, frame_key, render_morph
-from latentlab.morph.settings import MAX_FRAMES, PACINGS, Keyframe, Mix, MorphSettings, frames_for_duration
+from latentlab.morph.settings import (
+                                      AUDIO_PACINGS,
+                                      MAX_FRAMES,
+                                      PACINGS,
+                                      AudioTrack,
+                                      Keyframe,
+                                      Mix,
+                                      MorphSettings,
+                                      frames_for_duration,
+)
 
-__all__ = ["IMAGE_KEYFRAME_MIN_PSNR", "MANIFEST_VERSION", "MAX_FRAMES", "PACINGS", "Keyframe", "Mix", "MorphSettings",
+__all__ = ["AUDIO_PACINGS", "IMAGE_KEYFRAME_MIN_PSNR", "MANIFEST_VERSION", "MAX_FRAMES", "PACINGS", "AudioTrack",
+           "Keyframe", "Mix", "MorphSettings",
            "Plan", "RenderLocked", "cache_dir", "check_render", "clip_distance", "frame_key", "frames_for_duration",
            "manifest_path", "pixel_distance", "plan", "read_manifest", "render_frame", "render_morph"]

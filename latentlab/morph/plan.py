@@ -19,7 +19,7 @@ import torch
 from latentlab.backend import Backend, Conditioning
 from latentlab.morph.settings import MorphSettings
 from latentlab.ops import blend
-from latentlab.paths import ease, path_at, retime, schedule
+from latentlab.paths import ease, path_at, retime, schedule, schedule_at
 from latentlab.seeds import noise
 
 __all__ = ["IMAGE_KEYFRAME_MIN_PSNR", "Plan", "clip_distance", "file_digest", "pixel_distance", "plan"]
@@ -115,9 +115,16 @@ def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[d
         if len(frames) != settings.n_frames:
             raise ValueError(f"`frames` must have {settings.n_frames} records, got {len(frames)}")
         return Plan(settings, keys, conds, [dict(f) for f in frames], images)
+    from latentlab.morph.music import frame_positions
+
     k = len(prompts)
-    ns = schedule(k, settings.n_frames, loop=settings.loop, easing=settings.noise_easing)
-    ps = schedule(k, settings.n_frames, loop=settings.loop, easing=settings.prompt_easing)
+    positions = frame_positions(settings)  # keyframes placed in time (--at), beats or the music's envelope
+    if positions is None:
+        ns = schedule(k, settings.n_frames, loop=settings.loop, easing=settings.noise_easing)
+        ps = schedule(k, settings.n_frames, loop=settings.loop, easing=settings.prompt_easing)
+    else:
+        ns = schedule_at(positions, k, loop=settings.loop, easing=settings.noise_easing)
+        ps = schedule_at(positions, k, loop=settings.loop, easing=settings.prompt_easing)
     records = [
         {"index": i, "noise_segment": ns.segment[i], "noise_t": ns.t[i], "prompt_segment": ps.segment[i],
          "prompt_t": ps.t[i]}

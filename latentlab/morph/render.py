@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from latentlab import _checks
-from latentlab._files import check_output, disk_full_hint
+from latentlab._files import check_output, disk_full_hint, partial_path
 from latentlab.backend import Backend, Conditioning
 from latentlab.distributed import Ranks, ranks
 from latentlab.morph.manifest import MANIFEST_VERSION, manifest_path, write_manifest
@@ -175,6 +175,14 @@ def check_render(settings: MorphSettings, output: str | os.PathLike, *, overwrit
                 read_image(k.image)
             except (OSError, ValueError, SyntaxError) as e:
                 raise ValueError(f"`keyframes[{i}].image` is not a readable image: {k.image} ({e})") from None
+    if settings.audio is not None:
+        if output.suffix.lower() != ".mp4":
+            raise ValueError(f"--audio needs an mp4 output (a gif has no sound), got {output.name}")
+        if not Path(settings.audio.path).is_file():
+            raise FileNotFoundError(f"--audio does not exist: {settings.audio.path}")
+    from latentlab.morph.music import frame_positions
+
+    frame_positions(settings)  # keyframe times and beats fit the video (raises before any model work)
     return output
 
 
@@ -370,7 +378,9 @@ def render_morph(
             by_rank, damaged = _render_share(job, r, chunk=chunk, progress=progress)
             if not r.is_main:
                 return output  # rank 0 assembles the video and the manifest from the cache
-        writer = VideoWriter(output, fps=settings.fps, upscale=upscale, overwrite=overwrite)
+        # With audio the frames go to a silent video first; the sound is muxed in afterwards, atomically.
+        silent = partial_path(output, suffix=".silent.mp4") if settings.audio is not None else None
+        writer = VideoWriter(silent or output, fps=settings.fps, upscale=upscale, overwrite=overwrite or bool(silent))
         reused = rendered = 0
         starts = list(range(0, settings.n_frames, chunk))
 
@@ -408,6 +418,15 @@ def render_morph(
         finally:
             if cache.is_dir() and not any(cache.iterdir()):
                 cache.rmdir()  # nothing to resume from: leave nothing behind
+        if silent is not None:
+            from latentlab.video import mux_audio
+
+            a = settings.audio
+            try:
+                mux_audio(silent, a.path, offset=a.offset, duration=settings.n_frames / settings.fps, output=output,
+                          overwrite=overwrite)
+            finally:
+                silent.unlink(missing_ok=True)
         if damaged:
             warnings.warn(f"{damaged} damaged frame(s) in the cache {cache} were rendered again", RuntimeWarning,
                           stacklevel=2)

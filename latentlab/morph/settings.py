@@ -7,6 +7,7 @@ several seeds is a seed walk.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,9 +16,13 @@ from latentlab import _checks
 from latentlab.paths import EASINGS, METHODS
 from latentlab.sampling import Sampling, check_prompt
 
-__all__ = ["MAX_FRAMES", "PACINGS", "Keyframe", "Mix", "MorphSettings", "frames_for_duration"]
+__all__ = ["AUDIO_PACINGS", "MAX_FRAMES", "PACINGS", "AudioTrack", "Keyframe", "Mix", "MorphSettings",
+           "frames_for_duration"]
 
 PACINGS: tuple[str, ...] = ("none", "even")
+#: How music paces a morph: the path moves faster where the music is loud/percussive ("envelope"), keyframes land
+#: on beats ("beats"), or the audio is only muxed ("none").
+AUDIO_PACINGS: tuple[str, ...] = ("envelope", "beats", "none")
 #: More frames than this is refused up front: a plan holds a small record per frame (~300 bytes) and a video of a
 #: million frames runs 23 hours at 12 fps; a typo (``--frames 100000000``) should not start a 30 GB plan.
 MAX_FRAMES = 1_000_000
@@ -72,6 +77,35 @@ class Keyframe:
 
 
 @dataclass(frozen=True)
+class AudioTrack:
+    """The part of an audio file a morph follows, and what the analysis found in it (recorded in the manifest).
+
+    ``offset``/``duration``: seconds of the file used (the video lasts ``duration``). ``envelope``: the onset
+    strength heard during each video frame, normalised to a maximum of 1 (:func:`latentlab.audio.frame_envelope`).
+    ``beats``: beat times in seconds from ``offset``. ``analysis``: how they were computed (sample rate, STFT
+    window and hop, the beat tracker).
+    """
+
+    path: str
+    sha256: str
+    offset: float
+    duration: float
+    pacing: str = "envelope"
+    envelope: tuple[float, ...] = ()
+    beats: tuple[float, ...] = ()
+    analysis: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        _checks.choice(self.pacing, "audio_pacing", AUDIO_PACINGS)
+        _checks.real(self.offset, "audio_offset", low=0.0)
+        _checks.real(self.duration, "audio duration", low=0.0, low_inclusive=False)
+        for i, v in enumerate(self.envelope):
+            _checks.real(v, f"audio envelope[{i}]", low=0.0, high=1.0)
+        if any(b < 0 for b in self.beats) or any(b2 <= b1 for b1, b2 in zip(self.beats, self.beats[1:])):
+            raise ValueError("audio beats must be non-negative and increasing")
+
+
+@dataclass(frozen=True)
 class MorphSettings:
     """Everything that determines the frames of a morph (serialised into the manifest).
 
@@ -93,6 +127,8 @@ class MorphSettings:
     pacing: str = "none"
     pacing_samples: int = 8
     pacing_steps: int | None = None
+    keyframe_times: tuple[float, ...] | None = None
+    audio: AudioTrack | None = None
 
     def __post_init__(self):
         if not isinstance(self.keyframes, tuple) or len(self.keyframes) < 2:
@@ -132,6 +168,29 @@ class MorphSettings:
         _checks.positive_int(self.pacing_samples, "pacing_samples", minimum=2)
         if self.pacing_steps is not None:
             _checks.positive_int(self.pacing_steps, "pacing_steps")
+        duration = self.n_frames / self.fps
+        if self.keyframe_times is not None:
+            times = self.keyframe_times
+            if not isinstance(times, tuple) or len(times) != len(self.keyframes):
+                raise ValueError(f"`keyframe_times` (--at) must give one time per keyframe: {len(self.keyframes)} "
+                                 f"keyframes, got {len(times) if isinstance(times, tuple) else times!r}")
+            vals = [_checks.real(t, "keyframe_times", low=0.0) for t in times]
+            if any(b <= a for a, b in itertools.pairwise(vals)):
+                raise ValueError(f"`keyframe_times` (--at) must increase, got {list(vals)}")
+            last = (self.n_frames - 1) / self.fps
+            if vals[-1] > last + 1e-9 or (self.loop and vals[-1] >= duration):
+                raise ValueError(f"`keyframe_times` (--at) must lie inside the video (0 to {last:g} s at {self.fps:g} "
+                                 f"fps, {self.n_frames} frames), got {vals[-1]:g}")
+            if self.loop and vals[0] != 0:
+                raise ValueError(f"`keyframe_times` (--at) of a loop must start at 0, got {vals[0]:g}")
+        if self.audio is not None:
+            if not isinstance(self.audio, AudioTrack):
+                raise TypeError(f"`audio` must be an AudioTrack, got {type(self.audio).__name__}")
+            if self.audio.pacing == "envelope" and len(self.audio.envelope) != self.n_frames:
+                raise ValueError(f"`audio.envelope` must have one value per frame ({self.n_frames}), got "
+                                 f"{len(self.audio.envelope)}")
+            if self.audio.pacing == "beats" and self.keyframe_times is not None:
+                raise ValueError("--audio-pacing beats places the keyframes on beats; it cannot be combined with --at")
 
     def resolved(self) -> tuple[list[str], list[int]]:
         """Prompts and seeds of every keyframe after carrying missing values forward."""
@@ -165,6 +224,14 @@ class MorphSettings:
             Keyframe(**{**k, "mix": None if k.get("mix") is None else Mix(**{key: tuple(v) for key, v in k["mix"].items()})})
             for k in d["keyframes"])
         d["sampling"] = Sampling.from_dict(d.get("sampling") or {})
+        if d.get("keyframe_times") is not None:
+            d["keyframe_times"] = tuple(d["keyframe_times"])
+        if d.get("audio") is not None:
+            a = dict(d["audio"])
+            for key in ("envelope", "beats"):
+                a[key] = tuple(a.get(key) or ())
+            a["analysis"] = tuple(tuple(x) for x in a.get("analysis") or ())
+            d["audio"] = AudioTrack(**a)
         return cls(**d)
 
 
