@@ -35,7 +35,7 @@ def _clicks(times, seconds, *, sr=SR, noise=0.003, seed=0):
     t = np.arange(int(0.015 * sr)) / sr
     click = np.sin(2 * np.pi * 1000 * t) * np.exp(-t * 300)
     for c in times:
-        i = int(round(c * sr))
+        i = round(c * sr)
         y[i : i + len(click)] += 0.8 * click[: len(y) - i]
     return y.astype(np.float32)
 
@@ -64,7 +64,7 @@ def test_onsets_of_click_tracks_and_tone_bursts(seed):
     t = np.arange(int(0.4 * SR)) / SR
     for c in times:
         burst = np.sin(2 * np.pi * g.uniform(200, 2000) * t) * np.exp(-t * 12) * np.minimum(1, (0.4 - t) / 0.05)  # decays, then fades out
-        i = int(round(c * SR))
+        i = round(c * SR)
         tones[i : i + len(burst)] += 0.5 * burst[: len(tones) - i]
     assert _f_measure(audio.onsets(audio.onset_strength(tones)), times) >= 0.95
 
@@ -169,7 +169,7 @@ def test_every_audio_format_ffmpeg_writes_is_read(tmp_path):
                             str(out)], capture_output=True, check=False)
         if r.returncode != 0:
             continue  # this ffmpeg build has no such encoder; decoding is what latentlab promises
-        track, n = analyse(out, fps=12.0)
+        _track, n = analyse(out, fps=12.0)
         assert n in (23, 24, 25), ext
         found = audio.onsets(audio.onset_strength(__import__("latentlab.video", fromlist=["x"]).decode_audio(out)))
         assert _f_measure(found, [0.5, 1.0, 1.5], tol=0.06) == 1.0, ext
