@@ -202,3 +202,36 @@ def test_bad_audio_is_refused_before_model_work(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.mp3", "ok.wav", "silent.wav"]
+
+
+def test_cli_renders_an_audio_morph_and_recreates_its_frames(tiny_sd_path, tmp_path, capsys):
+    from latentlab import cli
+    from latentlab.video import decode_audio, read_video
+
+    wav = _write_wav(tmp_path / "t.wav", _clicks([0.3, 0.9, 1.4, 1.8], 3.0))
+    out = tmp_path / "m.mp4"
+    assert cli.main(["morph", "a red star", "a blue ring", "--model", str(tiny_sd_path), "--steps", "2",
+                     "--audio", str(wav), "--audio-offset", "0.5", "--seconds", "2", "--pacing", "even",
+                     "--workers", "1", "-o", str(out)]) == 0
+    frames, _ = read_video(out)
+    assert len(frames) == 24 and abs(len(decode_audio(out)) / SR - 2.0) <= 1 / 12
+    man = json.loads(manifest_path(out).read_text())
+    assert man["settings"]["audio"]["offset"] == 0.5 and man["settings"]["pacing"] == "even"
+    assert cli.main(["frame", str(manifest_path(out)), "7", "-o", str(tmp_path / "f.png")]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["morph", "a", "b", "--audio-pacing", "loud"])
+    assert "invalid choice: 'loud'" in capsys.readouterr().err
+
+
+def test_even_pacing_makes_the_perceptual_change_follow_the_envelope():
+    from latentlab.morph.settings import AudioTrack
+
+    g = np.random.default_rng(0)
+    env = np.where(g.random(60) < 0.2, 1.0, 0.05)
+    env[0] = 0.0
+    track = AudioTrack(path="x.wav", sha256="0" * 64, offset=0.0, duration=5.0, envelope=tuple(env))
+    fake = FakeBackend()
+    s = _settings(track, 60, pacing="even")
+    images = fake.generate(*plan(fake, s).inputs(0, 60))
+    change = (images[1:] - images[:-1]).flatten(1).norm(dim=1).numpy()
+    assert np.corrcoef(change, env[1:])[0, 1] > 0.9

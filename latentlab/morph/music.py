@@ -79,8 +79,9 @@ def analyse(path: str | Path, *, fps: float, offset: float = 0.0, seconds: float
     if pacing != "none" and (sel.size == 0 or float(np.abs(sel).max()) < 1e-4):
         raise ValueError(f"the selected part of {path.name} is silent: nothing to pace the morph by (use "
                          "--audio-pacing none to only add it to the video)")
-    env = _audio.frame_envelope(_audio.onset_strength(sel), n_frames, fps) if pacing == "envelope" else ()
-    beat_times = tuple(round(float(b), 6) for b in _audio.beats(sel)) if pacing == "beats" else ()
+    strength = _audio.onset_strength(sel) if pacing != "none" else None
+    env = _audio.frame_envelope(strength, n_frames, fps) if pacing == "envelope" else ()
+    beat_times = tuple(round(float(b), 6) for b in _audio.beats(sel, envelope=strength)) if pacing == "beats" else ()
     try:
         import librosa  # noqa: F401
         tracker = "librosa.beat.beat_track"
