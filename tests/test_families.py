@@ -250,6 +250,17 @@ def test_cli_renders_flow_models_at_any_size_and_recreates_frames(tiny_flux_path
         assert man["backend"]["family"] in ("flux", "sd3") and "guidance_mode" in man["backend"]
         frame = tmp_path / f"{path.parent.name}-2.png"
         assert main(["frame", str(tmp_path / f"{out.name}.json"), "2", "-o", str(frame)]) == 0
+        export = tmp_path / f"{path.parent.name}-export"
+        assert main(["export", str(tmp_path / f"{out.name}.json"), "-o", str(export)]) == 0
+        from latentlab import exports
+
+        lab = Lab.from_pretrained(path, device="cpu")
+        lat = exports.read_comfyui_latent(next(export.glob("*.latent")), scaling_factor=lab.vae_scaling_factor,
+                                          shift_factor=lab.vae_shift_factor)
+        assert lat.shape == (4, 16, h // lab.vae_scale_factor, w // lab.vae_scale_factor)
+        walk = tmp_path / f"{path.parent.name}-walk.mp4"
+        assert main(["walk", "a red star", "--seeds", "1", "2", "--model", str(path), "--frames", "4", "--steps",
+                     "2", "--height", str(h), "--width", str(w), "--workers", "1", "-o", str(walk)]) == 0
         grid = tmp_path / f"{path.parent.name}-grid.png"
         assert main(["grid", "a red star", "--seeds", "1", "2", "--model", str(path), "--steps", "2",
                      "--height", str(h), "--width", str(w), "-o", str(grid)]) == 0
@@ -289,6 +300,22 @@ def test_atlas_and_widgets_work_on_a_flow_model(tiny_flux_path, tmp_path):
     assert browser.wait()
     interp = Interpolator(lab, ("a red star", 1), ("a blue ring", 2), clip=None, frames=4)
     assert interp.wait()
+    from latentlab.widgets import Arithmetic, AtlasExplorer, DirectionSliders
+
+    sliders = DirectionSliders.from_atlas(lab, atlas, "a red star", 1, n_components=2,
+                                          prompt_pairs=[("a blue ring", "a red star")])
+    assert sliders.wait()
+    base = sliders.image.value
+    sliders.sliders[next(iter(sliders.sliders))].value = 2.0
+    assert sliders.wait() and sliders.image.value != base
+    arith = Arithmetic(lab, ("a red star", 1), ("a red ring", 2), ("a blue ring", 3))
+    assert arith.wait() and arith.result.value and "z-score" in arith.score.value
+    explorer = AtlasExplorer(lab, atlas, space="noise", method="pca", path_frames=4, output_dir=tmp_path)
+    assert explorer.wait()
+    z, cond, _ = explorer.point_inputs((0.0, 0.0))
+    assert z.shape == (1, 16, 8, 8) and cond.pooled_prompt_embeds is not None
+    explorer.render_path([explorer.coords[0].tolist(), explorer.coords[3].tolist()])
+    assert explorer.wait() and (tmp_path / "atlas-path-1.mp4").exists()  # a path on the map became a morph
 
 
 def test_embedded_models_by_name():
