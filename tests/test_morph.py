@@ -434,3 +434,54 @@ def test_a_failed_encode_keeps_the_previous_video_manifest_and_cache(tiny_sd_pat
     assert out.read_bytes() == video and manifest_path(out).read_text() == man
     cache = tmp_path / ".m.mp4.frames"
     assert cache.is_dir() and any(cache.iterdir())  # the rendered frames are kept: fix the option and resume
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_terminated_render_leaves_no_worker_running_and_resumes(tmp_path, how):
+    """kill / timeout / a scheduler's SIGTERM (or SIGKILL) on a render with workers: no worker outlives it, the
+    finished frames stay in the cache, and the same render resumes to the same video."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from latentlab.video import read_video
+
+    psutil = pytest.importorskip("psutil")
+    script = tmp_path / "render.py"
+    script.write_text(
+        "import sys, time\n"
+        "sys.path.insert(0, %r)\n"
+        "from fakes import FakeBackend\n"
+        "from latentlab.morph import Keyframe, MorphSettings, render_morph\n"
+        "class Slow(FakeBackend):\n"
+        "    def generate(self, *a, **k):\n"
+        "        time.sleep(0.3)\n"
+        "        return super().generate(*a, **k)\n"
+        "s = MorphSettings(keyframes=(Keyframe('a red star', 1), Keyframe('a blue ring', 2)), n_frames=400)\n"
+        "render_morph(Slow(), s, sys.argv[1], progress=False, workers=2)\n" % str(Path(__file__).parent))
+    out = tmp_path / "m.gif"
+    proc = subprocess.Popen([sys.executable, str(script), str(out)])
+    parent = psutil.Process(proc.pid)
+    end = time.time() + 60
+    while len(parent.children()) < 2 and time.time() < end:
+        time.sleep(0.05)
+    workers = parent.children()
+    assert len(workers) >= 2
+    time.sleep(1.0)  # some chunks finish
+    proc.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL)
+    assert proc.wait(timeout=30) != 0
+    gone, alive = psutil.wait_procs(workers, timeout=3)  # the rest of the render would take ~15 s
+    assert not alive, f"workers still running after {how}: {[p.pid for p in alive]}"
+    assert not out.exists()
+    from latentlab.morph import Keyframe, MorphSettings
+
+    s = MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe("a blue ring", 2)), n_frames=400)
+    done = render_morph(FakeBackend(), s, out, progress=False)
+    man = json.loads(manifest_path(done).read_text())
+    assert man["frames_reused_from_cache"] > 0 and not list(tmp_path.glob(".*.lock"))
+    assert np.array_equal(read_video(done)[0], read_video(render_morph(FakeBackend(), s, tmp_path / "b.gif",
+                                                                        progress=False))[0])

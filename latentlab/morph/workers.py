@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
 from collections.abc import Callable
 from typing import Self
 
@@ -43,9 +44,24 @@ def auto_workers(*, device: str, n_chunks: int, world_size: int = 1) -> int:
     return max(1, min(available_cores(), n_chunks))
 
 
-def _loop(render_chunk: Callable[[int], tuple[int, int]], tasks, done, threads: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: ask the kernel to send SIGTERM when the parent process dies (even by kill -9), so a worker never
+    outlives its render; then check the parent did not die before that was in place."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM handler and daemon flag still apply
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _loop(render_chunk: Callable[[int], tuple[int, int]], tasks, done, threads: int, parent: int) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (inherited through fork)
     while (start := tasks.get()) is not None:
         try:
             rendered, damaged = render_chunk(start)
@@ -55,11 +71,17 @@ def _loop(render_chunk: Callable[[int], tuple[int, int]], tasks, done, threads: 
         done.put((start, rendered, damaged, None, os.getpid()))
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt("terminated (SIGTERM)")
+
+
 class LocalWorkers:
     """``n`` forked processes of ``threads`` torch threads each, running ``render_chunk(start) -> (rendered,
     damaged)`` for every ``start`` given to :meth:`run`, in any order; :meth:`wait` blocks until one is done.
 
-    Use as a context manager: leaving it (normally, on an error, or on Ctrl-C) stops every worker.
+    Use as a context manager: leaving it (normally, on an error, or on Ctrl-C) stops every worker. While it is
+    open, SIGTERM (``kill``, ``timeout``, a job scheduler) is turned into :class:`KeyboardInterrupt` in the parent so
+    the workers are stopped too; a parent killed outright (SIGKILL) takes its workers with it (Linux).
     """
 
     def __init__(self, n: int, render_chunk: Callable[[int], tuple[int, int]], *, threads: int = 1):
@@ -73,9 +95,12 @@ class LocalWorkers:
 
     def __enter__(self) -> Self:
         self._tasks, self._done = self._ctx.Queue(), self._ctx.Queue()
+        self._old_term = None
+        if threading.current_thread() is threading.main_thread():
+            self._old_term = signal.signal(signal.SIGTERM, _terminated)
         for _ in range(self.n):
-            p = self._ctx.Process(target=_loop, args=(self.render_chunk, self._tasks, self._done, self.threads),
-                                  daemon=True)
+            p = self._ctx.Process(target=_loop, args=(self.render_chunk, self._tasks, self._done, self.threads,
+                                                      os.getpid()), daemon=True)
             p.start()
             self._procs.append(p)
         return self
@@ -106,6 +131,8 @@ class LocalWorkers:
         return self._results[start]
 
     def __exit__(self, *exc) -> None:
+        if self._old_term is not None:
+            signal.signal(signal.SIGTERM, self._old_term)
         for p in self._procs:
             if p.is_alive() and exc[0] is not None:
                 p.terminate()
