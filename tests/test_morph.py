@@ -454,7 +454,7 @@ def test_a_terminated_render_leaves_no_worker_running_and_resumes(tmp_path, how)
     script = tmp_path / "render.py"
     script.write_text(
         "import sys, time\n"
-        "sys.path.insert(0, %r)\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from fakes import FakeBackend\n"
         "from latentlab.morph import Keyframe, MorphSettings, render_morph\n"
         "class Slow(FakeBackend):\n"
@@ -462,7 +462,7 @@ def test_a_terminated_render_leaves_no_worker_running_and_resumes(tmp_path, how)
         "        time.sleep(0.3)\n"
         "        return super().generate(*a, **k)\n"
         "s = MorphSettings(keyframes=(Keyframe('a red star', 1), Keyframe('a blue ring', 2)), n_frames=400)\n"
-        "render_morph(Slow(), s, sys.argv[1], progress=False, workers=2)\n" % str(Path(__file__).parent))
+        "render_morph(Slow(), s, sys.argv[1], progress=False, workers=2)\n")
     out = tmp_path / "m.gif"
     proc = subprocess.Popen([sys.executable, str(script), str(out)])
     parent = psutil.Process(proc.pid)
@@ -474,7 +474,7 @@ def test_a_terminated_render_leaves_no_worker_running_and_resumes(tmp_path, how)
     time.sleep(1.0)  # some chunks finish
     proc.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL)
     assert proc.wait(timeout=30) != 0
-    gone, alive = psutil.wait_procs(workers, timeout=3)  # the rest of the render would take ~15 s
+    _gone, alive = psutil.wait_procs(workers, timeout=3)  # the rest of the render would take ~15 s
     assert not alive, f"workers still running after {how}: {[p.pid for p in alive]}"
     assert not out.exists()
     from latentlab.morph import Keyframe, MorphSettings
