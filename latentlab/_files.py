@@ -20,13 +20,30 @@ def partial_path(path: Path, *, suffix: str | None = None) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.partial{suffix}")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system tells (Linux), else by setting and restoring."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp)`` to write a temporary file beside ``path``, then rename it to ``path``: readers see the
-    old file or the whole new one, never a half-written one, and a failed write leaves nothing behind."""
+    old file or the whole new one, never a half-written one, and a failed write leaves nothing behind. The file
+    gets the permissions a plain ``open(path, "w")`` would give (the user's umask), whatever the writer chose
+    (safetensors writes 0600)."""
     path = Path(path)
     tmp = partial_path(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

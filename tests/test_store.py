@@ -40,3 +40,22 @@ def test_refuses_overwrite_pickles_and_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError):
         store.load(tmp_path / "missing.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "evil.safetensors"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_outputs_get_the_users_umask_permissions(tmp_path, mask):
+    """safetensors writes 0600; latentlab's files get what the user's umask says, like any other program's."""
+    import os
+
+    from latentlab import exports, store
+    from latentlab._files import atomic_write_text
+
+    old = os.umask(mask)
+    try:
+        paths = [store.save(tmp_path / "a.safetensors", {"x": torch.zeros(2)}),
+                 exports.save_direction(torch.zeros(3), tmp_path / "d.npy"),
+                 atomic_write_text(tmp_path / "m.json", "{}")]
+    finally:
+        os.umask(old)
+    for p in paths:
+        assert oct(os.stat(p).st_mode & 0o777) == oct(0o666 & ~mask), p.name
