@@ -218,6 +218,13 @@ def _cmd_morph(args: argparse.Namespace) -> int:
     out = Path(args.output)
     settings = _settings_from_args(args)
     upscale = args.upscale if args.upscale is not None else (4 if _embedded_name(args.model) else 1)
+    if args.pacing_clip is not None:
+        if args.pacing != "even":
+            raise ValueError("--pacing-clip measures the change for --pacing even; add --pacing even")
+        clip = Path(args.pacing_clip).expanduser()
+        looks_local = clip.exists() or args.pacing_clip.startswith((".", "/", "~")) or args.pacing_clip.count("/") > 1
+        if args.pacing_clip != "embedded" and looks_local and not (clip / "config.json").is_file():
+            raise FileNotFoundError(f"--pacing-clip is not a CLIP folder (no config.json): {clip}")
     _embedded_missing(args.model)
     check_render(settings, out, overwrite=args.overwrite, upscale=upscale, batch_size=args.batch_size,
                  frame_size=_frame_size(args))
@@ -280,15 +287,18 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     z = lab.noise([sd for _ in args.prompts for sd in seeds], height=args.height, width=args.width)
     cond = lab.encode_prompt(prompts)
     r = distributed.ranks()  # under a launcher, each process generates its share and rank 0 writes the grid
-    images = r.map_blocks(lambda idx: lab.generate(z[idx], cond[idx], sampling=s, batch_size=args.batch_size),
-                          len(prompts), block=r.block(len(prompts), lab.compute_batch(args.batch_size) or len(prompts)))
+    # A compute batch larger than the grid would only pad every call with copies: bounded by what the work needs.
+    batch = None if args.batch_size is None else min(_checks.positive_int(args.batch_size, "--batch-size"),
+                                                     len(prompts))
+    images = r.map_blocks(lambda idx: lab.generate(z[idx], cond[idx], sampling=s, batch_size=batch),
+                          len(prompts), block=r.block(len(prompts), lab.compute_batch(batch) or len(prompts)))
     if not r.is_main:
         return 0
     write_image(out, image_grid(images, len(seeds)), upscale=upscale, overwrite=args.overwrite)
     write_manifest(man, {
         "image": out.name, "model": lab.model_id, "rows_prompts": list(args.prompts), "columns_seeds": seeds,
         "height": z.shape[2] * lab.vae_scale_factor, "width": z.shape[3] * lab.vae_scale_factor,
-        "sampling": s.to_dict(), "backend": lab.provenance(args.batch_size), "upscale": upscale,
+        "sampling": s.to_dict(), "backend": lab.provenance(batch), "upscale": upscale,
         "versions": versions(),
     })
     print(f"wrote {out} ({len(args.prompts)} prompts x {len(seeds)} seeds) and {man}")

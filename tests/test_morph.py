@@ -485,3 +485,39 @@ def test_a_terminated_render_leaves_no_worker_running_and_resumes(tmp_path, how)
     assert man["frames_reused_from_cache"] > 0 and not list(tmp_path.glob(".*.lock"))
     assert np.array_equal(read_video(done)[0], read_video(render_morph(FakeBackend(), s, tmp_path / "b.gif",
                                                                         progress=False))[0])
+
+
+def test_cli_grid_batch_size_is_bounded_by_the_images(tiny_lab, tmp_path, monkeypatch):
+    """--batch-size 100000 for a 1x2 grid: calls of 2 items, not 100,000 (which padded every call, or crashed)."""
+    items = []
+    handle = tiny_lab.pipe.unet.register_forward_hook(lambda m, a, o: items.append(a[0].shape[0]))
+    monkeypatch.setattr(cli, "_load_lab", lambda model: tiny_lab)
+    try:
+        assert cli.main(["grid", "a red star", "--seeds", "1", "2", "--steps", "2", "--guidance", "1",
+                         "--batch-size", "100000", "--model", "unused", "-o", str(tmp_path / "g.png")]) == 0
+    finally:
+        handle.remove()
+    assert items == [2, 2]
+    assert json.loads(manifest_path(tmp_path / "g.png").read_text())["backend"]["compute_batch"] == 2
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["frames"][3].pop("noise_t"), r"`frames\[3\].noise_t` must be a number in \[0, 1\], got None"),
+    (lambda m: m["frames"][2].update(noise_segment=7), r"`frames\[2\].noise_segment` must be an integer in \[0, 2\)"),
+    (lambda m: m["frames"].__setitem__(1, "x"), r"`frames\[1\]` must be an object, got str"),
+    (lambda m: m.update(backend=[]), r"`backend` must be an object, got list"),
+    (lambda m: m["backend"].update(compute_batch="16"), r"`backend.compute_batch` must be a non-negative integer"),
+    (lambda m: m["frames"][0].update(compute_batch=0), r"`frames\[0\].compute_batch` must be a positive integer"),
+    (lambda m: m.update(image_keyframes=[{"keyframe": "0"}]), r"`image_keyframes` must list objects"),
+])
+def test_a_damaged_manifest_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, edit, message):
+    out = render_morph(FakeBackend(), _settings(), tmp_path / "m.gif", progress=False)
+    man = json.loads(manifest_path(out).read_text())
+    edit(man)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(man))
+    monkeypatch.setattr(cli, "_load_lab", lambda *a: pytest.fail("a model was loaded"))
+    assert cli.main(["frame", str(bad), "0", "-o", str(tmp_path / "f.png")]) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)

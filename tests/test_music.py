@@ -195,6 +195,8 @@ def test_bad_audio_is_refused_before_model_work(tmp_path, capsys, monkeypatch):
         (["--at", "3", "1"], "must increase"),
         (["--at", "0", "1", "2"], "one time per keyframe: 2 keyframes, got 3"),
         (["--audio-offset", "2"], "--audio-offset and --audio-pacing need --audio FILE"),
+        (["--pacing", "even", "--pacing-clip", str(tmp_path / "no-clip")], "--pacing-clip is not a CLIP folder"),
+        (["--pacing-clip"], "--pacing-clip measures the change for --pacing even"),
     ]
     for extra, message in cases:
         args = ["morph", "a red star", "a blue ring", "-o", str(tmp_path / "out.mp4"), *extra]

@@ -100,7 +100,44 @@ def read_manifest(manifest: str | os.PathLike | dict) -> dict:
                          f"{len(data['frames']) if isinstance(data['frames'], list) else type(data['frames']).__name__}")
     if not isinstance(data["model"], str):
         raise ValueError(f"{name} has no model name")
+    _check_nested(data, settings, name)
     return data
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_nested(data: dict, settings: MorphSettings, name: str) -> None:
+    """Every nested field that re-creating a frame reads, checked before any model loads."""
+    backend = data["backend"]
+    if not isinstance(backend, dict):
+        raise ValueError(f"{name}: `backend` must be an object, got {type(backend).__name__}")
+    for key in ("compute_batch",):
+        if key in backend and (not _is_int(backend[key]) or backend[key] < 0):
+            raise ValueError(f"{name}: `backend.{key}` must be a non-negative integer, got {backend[key]!r}")
+    n_seg = len(settings.keyframes) if settings.loop else len(settings.keyframes) - 1
+    for i, f in enumerate(data["frames"]):
+        if not isinstance(f, dict):
+            raise ValueError(f"{name}: `frames[{i}]` must be an object, got {type(f).__name__}")
+        for key in ("noise_segment", "prompt_segment"):
+            v = f.get(key)
+            if not _is_int(v) or not 0 <= v < n_seg:
+                raise ValueError(f"{name}: `frames[{i}].{key}` must be an integer in [0, {n_seg}), got {v!r}")
+        for key in ("noise_t", "prompt_t"):
+            v = f.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{name}: `frames[{i}].{key}` must be a number in [0, 1], got {v!r}")
+        call = f.get("compute_batch")
+        if call is not None and (not _is_int(call) or call < 1):
+            raise ValueError(f"{name}: `frames[{i}].compute_batch` must be a positive integer, got {call!r}")
+    images = data.get("image_keyframes", [])
+    if not isinstance(images, list) or not all(
+            isinstance(d, dict) and _is_int(d.get("keyframe")) and isinstance(d.get("sha256"), str) for d in images):
+        raise ValueError(f"{name}: `image_keyframes` must list objects with an integer keyframe and a sha256")
+    workers = data.get("workers")
+    if workers is not None and not isinstance(workers, dict):
+        raise ValueError(f"{name}: `workers` must be an object, got {type(workers).__name__}")
 
 
 def render_frame(lab: Backend, manifest: str | os.PathLike | dict, index: int) -> torch.Tensor:
