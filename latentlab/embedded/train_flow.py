@@ -124,6 +124,31 @@ def encode(tok, te1, te2, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([clip, pad], 1), torch.cat([o1.text_embeds, o2.text_embeds], -1)
 
 
+def null_t5(folder: Path):
+    """A T5 slot that contributes exactly nothing: a one-layer ``T5EncoderModel`` whose final RMS norm has weight 0
+    (so its output is exactly zero for any prompt: the very tokens StableDiffusion3Pipeline uses without T5), with a
+    character-level tokenizer (514 tokens, ~200 KB instead of the 32k-token T5 vocabulary). Why ship it: diffusers
+    lists ``text_encoder_3`` as a required component, so a folder without one does not load with a plain
+    ``DiffusionPipeline.from_pretrained(folder)``; the model was trained without T5, exactly as with this."""
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    from latentlab.embedded.train import _bytes_to_unicode
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer.from_pretrained(folder, model_max_length=PAD_TOKENS, pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=transformer_config()["joint_attention_dim"], d_kv=8,
+                                 d_ff=16, num_layers=1, num_heads=1, relative_attention_num_buckets=8,
+                                 pad_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1))
+    with torch.no_grad():
+        t5.encoder.final_layer_norm.weight.zero_()
+    return t5.eval(), tok
+
+
 def _vae(default_model: Path = DEFAULT_MODEL):
     from diffusers import AutoencoderKL
 
@@ -194,33 +219,23 @@ def package(args) -> None:
     model = load_weights(make_transformer(), args.out / "flow-ckpt" / "ema.safetensors")
     model.set_attn_processor(JointAttnProcessor2_0())
     print(json.dumps({"collapse_check_max_abs_diff": check_collapse(model, tok, te1, te2)}))
+    t5, t5_tok = null_t5(tmp_tok := args.out / "null-t5-tokenizer")
     pipe = StableDiffusion3Pipeline(transformer=model, vae=vae,
                                     scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config()),
                                     text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    text_encoder_3=t5, tokenizer_3=t5_tok)
+    del tmp_tok
     dest = args.package_to
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.transformer.to(torch.float16)
     pipe.vae.to(torch.float16)
-    # save_pretrained refuses text_encoder_3=None; write the components and the index ourselves.
-    tmp.mkdir(parents=True)
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        getattr(pipe, name).save_pretrained(tmp / name, safe_serialization=True)
-    pipe.scheduler.save_pretrained(tmp / "scheduler")
-    for name in ("tokenizer", "tokenizer_2"):
-        (tmp / name).mkdir()
-        for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):  # OpenAI's vocab.json + merges.txt, as the default model ships them
+        (tmp / name / "tokenizer.json").unlink(missing_ok=True)
+        for f in ("vocab.json", "merges.txt"):
             shutil.copy(DEFAULT_MODEL / "tokenizer" / f, tmp / name / f)
-    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": pipe.config["_diffusers_version"],
-             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-             "tokenizer_2": ["transformers", "CLIPTokenizer"], "text_encoder_3": [None, None],
-             "tokenizer_3": [None, None], "image_encoder": [None, None], "feature_extractor": [None, None]}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
