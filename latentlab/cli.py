@@ -149,7 +149,11 @@ def _sampling_from_args(args: argparse.Namespace):
 def _settings_from_args(args: argparse.Namespace):
     from latentlab.morph import Keyframe, MorphSettings, frames_for_duration
 
+    from latentlab import _checks
+
     prompts, seeds = list(args.prompts), list(args.seeds or [])
+    for sd in seeds:
+        _checks.seed(sd, "--seeds")
     if args.command == "walk":
         if len(prompts) != 1 or len(seeds) < 2:
             raise ValueError(f"a walk needs one prompt and at least two --seeds, got {len(prompts)} prompt(s) and "
@@ -269,6 +273,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         check_prompt(p, f"prompt {i + 1}")
     upscale = args.upscale if args.upscale is not None else (2 if _embedded_name(args.model) else 1)
     _checks.positive_int(upscale, "--upscale")
+    if args.batch_size is not None:
+        _checks.positive_int(args.batch_size, "--batch-size")
     check_output(out, "--output", overwrite=args.overwrite, suffixes=IMAGE_FORMATS)
     man = manifest_path(out)
     if man.exists() and not args.overwrite:
@@ -288,8 +294,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     cond = lab.encode_prompt(prompts)
     r = distributed.ranks()  # under a launcher, each process generates its share and rank 0 writes the grid
     # A compute batch larger than the grid would only pad every call with copies: bounded by what the work needs.
-    batch = None if args.batch_size is None else min(_checks.positive_int(args.batch_size, "--batch-size"),
-                                                     len(prompts))
+    batch = None if args.batch_size is None else min(args.batch_size, len(prompts))
     images = r.map_blocks(lambda idx: lab.generate(z[idx], cond[idx], sampling=s, batch_size=batch),
                           len(prompts), block=r.block(len(prompts), lab.compute_batch(batch) or len(prompts)))
     if not r.is_main:
@@ -429,8 +434,15 @@ def _generation_options(m: argparse.ArgumentParser) -> None:
     m.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2), like every other input error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentlab", description="Explore the latent space of diffusion models.")
+    p = _Parser(prog="latentlab", description="Explore the latent space of diffusion models.")
     p.add_argument("--version", action="version", version=f"latentlab {latentlab.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="what a bug report needs: versions, device, threads, the default model")
