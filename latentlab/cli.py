@@ -147,9 +147,8 @@ def _sampling_from_args(args: argparse.Namespace):
 
 
 def _settings_from_args(args: argparse.Namespace):
-    from latentlab.morph import Keyframe, MorphSettings, frames_for_duration
-
     from latentlab import _checks
+    from latentlab.morph import Keyframe, MorphSettings, frames_for_duration
 
     prompts, seeds = list(args.prompts), list(args.seeds or [])
     for sd in seeds:
