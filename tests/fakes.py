@@ -56,6 +56,9 @@ class FakeBackend:
                 "scheduler_config": {}, "compute_batch": self.compute_batch(batch_size), "batch_invariant": True,
                 "device": "cpu", "dtype": "torch.float32"}
 
+    def schedule(self, *, height, width, sampling=None):
+        return {"mu": 0.5 if self.layout == "flow" else None}
+
     def latent_shape(self, *, height=None, width=None):
         h = (height or self.latent_size * self.factor) // self.factor
         w = (width or self.latent_size * self.factor) // self.factor

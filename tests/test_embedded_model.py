@@ -70,3 +70,28 @@ def test_the_shipped_shape_reader_is_the_evaluators():
     with torch.no_grad():
         acc = (net(masks).argmax(1) == labels).float().mean().item()
     assert acc >= 0.98
+
+
+def test_the_flow_twin_is_a_plain_sd3_folder_that_follows_prompts():
+    """'embedded-shapes-flow': a StableDiffusion3Pipeline folder (<= 40 MB, safetensors only) that a plain
+    DiffusionPipeline.from_pretrained loads and generates from; on the same VAE as the default model."""
+    from diffusers import DiffusionPipeline
+
+    path = embedded.model_path("embedded-shapes-flow")
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 40 * 1000**2
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    pipe = DiffusionPipeline.from_pretrained(path)  # no latentlab code involved
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    prompts = world.held_out_prompts()[::32]  # 8 combinations never seen in training
+    out = pipe([world.caption(*p) for p in prompts], num_inference_steps=20, guidance_scale=4.0, output_type="pt",
+               generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+    assert out.shape == (len(prompts), 3, 64, 64)
+    bgs, _, _ = evaluate.segment(out)
+    assert sum(b == p[3] for b, p in zip(bgs, prompts)) / len(prompts) >= 0.75
+    flow = Lab.default("embedded-shapes-flow")
+    assert flow.family == "sd3" and flow.model_id == "latentlab/embedded-shapes-flow"
+    assert flow.latent_shape() == Lab.default().latent_shape() == (4, 8, 8)
+    assert torch.equal(flow.pipe.vae.state_dict()["decoder.conv_out.weight"],
+                       Lab.default().pipe.vae.state_dict()["decoder.conv_out.weight"])  # the same VAE

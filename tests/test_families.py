@@ -248,6 +248,10 @@ def test_cli_renders_flow_models_at_any_size_and_recreates_frames(tiny_flux_path
         man = json.loads((tmp_path / f"{out.name}.json").read_text())
         assert man["settings"]["height"] == h and man["settings"]["width"] == w
         assert man["backend"]["family"] in ("flux", "sd3") and "guidance_mode" in man["backend"]
+        lab = Lab.from_pretrained(path, device="cpu")
+        assert man["schedule"] == lab.schedule(height=h, width=w, sampling=lab.sampling(num_inference_steps=2))
+        if man["backend"]["family"] == "flux":  # the dynamic shift of this image size is recorded
+            assert man["schedule"]["mu"] == pytest.approx(lab.adapter.mu(lab.pipe, h // 2, w // 2))
         frame = tmp_path / f"{path.parent.name}-2.png"
         assert main(["frame", str(tmp_path / f"{out.name}.json"), "2", "-o", str(frame)]) == 0
         export = tmp_path / f"{path.parent.name}-export"

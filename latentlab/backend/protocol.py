@@ -49,6 +49,10 @@ class Backend(Protocol):
         """JSON-safe facts that determine the pixels besides the inputs: model id and fingerprint, scheduler
         config, compute batch and whether calls are padded to it, device, dtype. Cache keys and manifests use it."""
 
+    def schedule(self, *, height: int, width: int, sampling: Sampling | None = None) -> dict:
+        """The noise schedule a request at this image size runs, as JSON (flow models: the dynamic shift ``mu``
+        from the image's token count, and the sigmas); manifests record it."""
+
     def latent_shape(self, *, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(channels, height // f, width // f) for an image size (default: the model's native size)."""
 

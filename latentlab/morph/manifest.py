@@ -26,7 +26,7 @@ __all__ = ["MANIFEST_VERSION", "manifest_path", "read_manifest", "render_frame",
 MANIFEST_VERSION = 2
 _REQUIRED = ("manifest_version", "video", "model", "sampling", "backend", "settings", "frames")
 _OPTIONAL = ("pacing_distance", "resolved_keyframes", "upscale", "frames_reused_from_cache", "damaged_cache_frames",
-             "image_keyframes", "versions", "distributed", "workers")
+             "image_keyframes", "versions", "distributed", "workers", "schedule")
 
 
 def manifest_path(video: str | os.PathLike) -> Path:

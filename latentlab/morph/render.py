@@ -444,6 +444,7 @@ def render_morph(
             "model": lab.model_id,
             "sampling": s.to_dict(),
             "backend": lab.provenance(batch_size),
+            "schedule": lab.schedule(height=lh * lab.vae_scale_factor, width=lw * lab.vae_scale_factor, sampling=s),
             "settings": settings.to_dict(),
             "pacing_distance": None if settings.pacing == "none"
             else getattr(distance or pixel_distance, "__name__", "?"),
