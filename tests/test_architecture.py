@@ -29,7 +29,7 @@ PKG = Path(__file__).resolve().parents[1] / "latentlab"
 #: of lower layers only (and its own package); layer-0 privates are the only private modules others may import.
 LAYERS = {
     "ops": 0, "_checks": 0, "_files": 0, "_tensors": 0, "_quiet": 0, "_version": 0,
-    "seeds": 1, "paths": 1, "sampling": 1, "embedded": 1, "embedded.world": 1,
+    "seeds": 1, "paths": 1, "sampling": 1, "embedded": 1, "embedded.world": 1, "audio": 1,
     "backend": 2, "clip": 2, "project": 2, "store": 2, "video": 2, "distributed": 2,
     "morph": 3, "atlas": 3,
     "embedded.evaluate": 3,  # the automatic evaluator: a development tool the benchmarks and notebooks use
@@ -54,6 +54,8 @@ def _component(module: str) -> str:
     parts = module.split(".")[1:]
     if not parts:
         return "__init__"
+    if parts[:2] == ["embedded", "train_flow"]:
+        return "embedded.train"  # one development tool in two files: the UNet recipe and the flow twin's
     if parts[0] == "embedded" and len(parts) > 1 and f"embedded.{parts[1]}" in LAYERS:
         return f"embedded.{parts[1]}"
     return parts[0]

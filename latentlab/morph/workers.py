@@ -54,7 +54,7 @@ def _die_with_parent(parent: int) -> None:
     except (OSError, AttributeError):  # not Linux: the parent's SIGTERM handler and daemon flag still apply
         pass
     if os.getppid() != parent:
-        os._exit(1)
+        raise SystemExit(1)
 
 
 def _loop(render_chunk: Callable[[int], tuple[int, int]], tasks, done, threads: int, parent: int) -> None:
