@@ -332,3 +332,20 @@ def test_embedded_models_by_name():
         embedded.model_path("shapes")
     lab = Lab.from_pretrained("embedded-shapes")
     assert lab.model_id == "latentlab/embedded-shapes" and lab.defaults.num_inference_steps == 20
+
+
+def test_sd3_without_t5_runs_its_empty_t5_tokens_as_one(tiny_sd3_path):
+    """The 256 zero 'T5' tokens of a T5-free SD3 are run as one token with a log-256 attention bias: the same
+    images (parity test above, within 2e-3) from 17 context tokens instead of 272; the processors are restored."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    lab = Lab.from_pretrained(tiny_sd3_path, device="cpu", text_encoder_3=None, tokenizer_3=None)
+    seen = []
+    hook = lab.pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        lab.generate(lab.noise([1], height=SIZE, width=SIZE), lab.encode_prompt("a red star"), num_inference_steps=2)
+    finally:
+        hook.remove()
+    assert seen == [17, 17]
+    assert all(type(p) is JointAttnProcessor2_0 for p in lab.pipe.transformer.attn_processors.values())

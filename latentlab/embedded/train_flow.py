@@ -18,7 +18,7 @@ The model:
 Training cost: the pipeline appends ``max_sequence_length`` = 256 zero "T5" tokens when no T5 is loaded. Those
 tokens are identical (no positions, per-token layers) and stay identical through every block, so 256 of them act
 in attention exactly like one token whose logit is raised by ``log 256``. Training uses one such token with that
-attention bias (:class:`CollapsedPadProcessor`, through diffusers' ``set_attn_processor``): 4-5x cheaper per step,
+attention bias (:class:`~latentlab.backend.families.sd3.RepeatedTokenProcessor`, through diffusers' ``set_attn_processor``): 4-5x cheaper per step,
 the same function the plain pipeline computes with 256 tokens (checked by ``check_collapse``).
 
     python -m latentlab.embedded.train_flow train --out runs/flow --minutes 100 --threads 1
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from latentlab.backend.families.sd3 import RepeatedTokenProcessor
 from latentlab.embedded import world
 from latentlab.embedded.train import CAPTION_DROP, _lr, _run, load_weights
 
@@ -54,39 +54,6 @@ def transformer_config() -> dict:
 
 def scheduler_config() -> dict:
     return dict(num_train_timesteps=1000, shift=1.0)
-
-
-class CollapsedPadProcessor:
-    """SD3 joint attention where the last context token stands for ``repeats`` identical tokens: its attention
-    logit is raised by ``log(repeats)`` (exactly what ``repeats`` copies contribute to a softmax)."""
-
-    def __init__(self, repeats: int):
-        self.log_repeats = math.log(repeats)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b, n_img = hidden_states.shape[0], hidden_states.shape[1]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
-        bias[..., -1] = self.log_repeats
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
-        img, ctx = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
-        img = attn.to_out[1](attn.to_out[0](img))
-        return img, ctx
 
 
 def make_transformer():
@@ -116,7 +83,7 @@ def text_encoders(default_model: Path = DEFAULT_MODEL):
 @torch.no_grad()
 def encode(tok, te1, te2, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """What StableDiffusion3Pipeline.encode_prompt computes without T5, but with ONE zero pad token (see
-    :class:`CollapsedPadProcessor`): (prompt_embeds (b, 77 + 1, 80), pooled (b, 80))."""
+    :class:`~latentlab.backend.families.sd3.RepeatedTokenProcessor`): (prompt_embeds (b, 77 + 1, 80), pooled (b, 80))."""
     ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     o1, o2 = te1(ids, output_hidden_states=True), te2(ids, output_hidden_states=True)
     clip = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1)
@@ -162,7 +129,7 @@ def train(args) -> None:
     vae = _vae()
     scaling = float(vae.config.scaling_factor)
     model = make_transformer()
-    model.set_attn_processor(CollapsedPadProcessor(PAD_TOKENS))
+    model.set_attn_processor(RepeatedTokenProcessor(PAD_TOKENS))
     lr = args.lr or 3e-4
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -202,7 +169,7 @@ def check_collapse(transformer, tok, te1, te2) -> float:
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([700.0, 200.0])
     transformer.set_attn_processor(JointAttnProcessor2_0())
     a = transformer(hidden_states=x, timestep=t, encoder_hidden_states=full, pooled_projections=pooled).sample
-    transformer.set_attn_processor(CollapsedPadProcessor(PAD_TOKENS))
+    transformer.set_attn_processor(RepeatedTokenProcessor(PAD_TOKENS))
     b = transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb, pooled_projections=pooled).sample
     transformer.set_attn_processor(JointAttnProcessor2_0())
     return float((a - b).abs().max())

@@ -5,13 +5,23 @@ into joint ``prompt_embeds`` (CLIP tokens padded to the T5 width, then the T5 to
 ``pooled_prompt_embeds`` (both CLIPs' pooled outputs), classifier-free guidance in one batch of [negative, positive],
 and the transformer's velocity at timestep ``sigma * num_train_timesteps``. Latents are the 16-channel VAE layout
 the pipeline itself uses (the transformer patches them internally), with ``(z - shift_factor) * scaling_factor``.
+
+An exact speed-up: without T5 (or with a T5 that outputs zeros) the pipeline appends 256 all-zero context tokens.
+Identical tokens stay identical through every joint block (no positions, per-token layers), so in attention they
+act exactly like one token whose logit is raised by ``log 256``. Requests whose conditioning ends in such tokens
+run with one of them and that bias (:class:`RepeatedTokenProcessor`, set through diffusers' public
+``set_attn_processor`` for the call and restored after, only over diffusers' default processors): the same images
+to float rounding (tests: within 2e-3 of the plain pipeline), far fewer tokens when the image is small.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from latentlab.backend.engine import import_diffusers
 from latentlab.backend.families.flow import FlowFamily
@@ -25,6 +35,68 @@ __all__ = ["SD3Family"]
 
 #: The T5 length StableDiffusion3Pipeline uses when called without ``max_sequence_length``.
 SD3_MAX_SEQUENCE_LENGTH = 256
+
+
+class RepeatedTokenProcessor:
+    """SD3 joint attention where the last context token stands for ``repeats`` identical tokens: its attention
+    logit is raised by ``log(repeats)``, exactly what ``repeats`` copies contribute to each softmax. Image-only
+    attention (SD3.5's second attention) is computed as usual."""
+
+    def __init__(self, repeats: int):
+        self.repeats = int(repeats)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b, n_img = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        bias = None
+        if encoder_hidden_states is not None:
+            cq = heads(attn.add_q_proj(encoder_hidden_states))
+            ck = heads(attn.add_k_proj(encoder_hidden_states))
+            cv = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+            bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
+            bias[..., -1] = math.log(self.repeats)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        img, ctx = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return attn.to_out[1](attn.to_out[0](img)), ctx
+
+
+def trailing_zero_tokens(*conds: Conditioning) -> int:
+    """How many context tokens at the end are exactly zero in every item of every conditioning."""
+    n = min(c.prompt_embeds.shape[1] for c in conds)
+    for c in conds:
+        nonzero = c.prompt_embeds.detach().abs().amax(dim=(0, 2)) != 0  # (tokens,)
+        idx = torch.nonzero(nonzero).flatten()
+        n = min(n, c.prompt_embeds.shape[1] - (int(idx[-1]) + 1 if len(idx) else 0))
+    return n
+
+
+@contextlib.contextmanager
+def repeated_last_token(transformer, repeats: int):
+    """Run ``transformer`` with :class:`RepeatedTokenProcessor` (restoring its processors after)."""
+    old = transformer.attn_processors
+    transformer.set_attn_processor(RepeatedTokenProcessor(repeats))
+    try:
+        yield
+    finally:
+        transformer.set_attn_processor(old)
 
 
 class SD3Family(FlowFamily):
@@ -79,7 +151,35 @@ class SD3Family(FlowFamily):
             kw["negative_pooled_prompt_embeds"] = neg.pooled_prompt_embeds
         return kw
 
+    def _collapsible(self, pipe, cond: Conditioning, negative: Conditioning, sampling) -> int:
+        """Trailing all-zero tokens to collapse into one (0: none, or the transformer runs non-default processors)."""
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        if not all(type(p) is JointAttnProcessor2_0 for p in pipe.transformer.attn_processors.values()):
+            return 0
+        n = trailing_zero_tokens(cond, negative) if sampling.guidance_scale > 1.0 else trailing_zero_tokens(cond)
+        return n if n >= 2 else 0
+
+    @staticmethod
+    def _drop(c: Conditioning, n: int) -> Conditioning:
+        return Conditioning(c.prompt_embeds[:, : c.prompt_embeds.shape[1] - n + 1], c.pooled_prompt_embeds)
+
+    def generate(self, engine, z, cond, negative, sampling):
+        n = self._collapsible(engine.pipe, cond, negative, sampling) if sampling.scheduler == \
+            "FlowMatchEulerDiscreteScheduler" else 0
+        if not n:
+            return super().generate(engine, z, cond, negative, sampling)
+        with repeated_last_token(engine.pipe.transformer, n):
+            return super().generate(engine, z, self._drop(cond, n), self._drop(negative, n), sampling)
+
     def velocity(self, engine, x, sigma, cond, negative, sampling):
+        n = self._collapsible(engine.pipe, cond, negative, sampling)
+        if n:
+            with repeated_last_token(engine.pipe.transformer, n):
+                return self._velocity(engine, x, sigma, self._drop(cond, n), self._drop(negative, n), sampling)
+        return self._velocity(engine, x, sigma, cond, negative, sampling)
+
+    def _velocity(self, engine, x, sigma, cond, negative, sampling):
         pipe, b = engine.pipe, len(x)
         guided = sampling.guidance_scale > 1.0
         both = Conditioning.cat([negative.map(lambda t: t.expand(b, *t.shape[1:])), cond]) if guided else cond
