@@ -209,9 +209,31 @@ def package(args) -> None:
     print(f"packaged to {dest}")
 
 
+def unpack(args) -> None:
+    """The shipped transformer back into a resumable checkpoint in ``--out`` (fresh optimizer, step 0), to continue
+    training from the shipped model when the original ``runs/`` folder is gone."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    src = args.package_to
+    if not (src / "model_index.json").is_file():
+        raise FileNotFoundError(f"no packaged flow model in {src}")
+    ckpt = args.out / "flow-ckpt"
+    if ckpt.exists():
+        raise FileExistsError(f"{ckpt} exists; unpack into an empty folder")
+    model = SD3Transformer2DModel.from_pretrained(src / "transformer", dtype=torch.float32)
+    ckpt.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, ckpt / "model.safetensors")
+    save_file(state, ckpt / "ema.safetensors")
+    save_file({}, ckpt / "optimizer.safetensors")
+    (ckpt / "meta.json").write_text(json.dumps({"step": 0, "elapsed": 0.0, "log": [], "unpacked_from": str(src)}))
+    print(f"unpacked {src} into {ckpt}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m latentlab.embedded.train_flow", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["train", "package", "check"])
+    p.add_argument("stage", choices=["train", "package", "unpack", "check"])
     p.add_argument("--out", type=Path, default=Path("runs/flow"))
     p.add_argument("--minutes", type=float)
     p.add_argument("--steps", type=int)
@@ -232,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.stage == "train" and args.minutes is None and args.steps is None:
         p.error("give --minutes or --steps")
-    {"train": train, "package": package}[args.stage](args)
+    {"train": train, "package": package, "unpack": unpack}[args.stage](args)
 
 
 if __name__ == "__main__":
