@@ -32,8 +32,12 @@ class Family:
     latent_patch: ClassVar[int] = 1
     #: The pipeline's weight-holding components (the model fingerprint samples them; absent ones are skipped).
     weight_components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2")
-    #: diffusers pipeline class names this adapter serves.
+    #: diffusers pipeline class names this adapter serves: text-to-image first, then img2img.
     pipelines: ClassVar[tuple[str, ...]] = ()
+    #: Whether the conditioning must carry ``pooled_prompt_embeds`` (SDXL, SD3, Flux).
+    needs_pooled: ClassVar[bool] = False
+    #: The family's name in messages.
+    display_name: ClassVar[str] = ""
 
     # --- facts ----------------------------------------------------------------------------------------------------
 
@@ -90,6 +94,9 @@ class Family:
         if conditioning.prompt_embeds.ndim != 3:
             raise ValueError("`conditioning.prompt_embeds` must have shape (batch, tokens, dim), got "
                              f"{tuple(conditioning.prompt_embeds.shape)}")
+        if self.needs_pooled and conditioning.pooled_prompt_embeds is None:
+            raise ValueError(f"`conditioning` must carry pooled_prompt_embeds for {self.display_name} model (use "
+                             "lab.encode_prompt of this model)")
 
     # --- latents and the VAE ------------------------------------------------------------------------------------
 
@@ -113,7 +120,9 @@ class Family:
 
     def pipeline_class(self, pipe: Any, kind: str):
         """The diffusers pipeline class for ``kind`` ("text2image" or "img2img") over this model's components."""
-        raise NotImplementedError
+        from latentlab.backend.engine import import_diffusers
+
+        return getattr(import_diffusers(), self.pipelines[1 if kind == "img2img" else 0])
 
     def call_kwargs(self, engine: Engine, cond: Conditioning, negative: Conditioning, sampling: Sampling) -> dict:
         """The embeddings and guidance keyword arguments of a pipeline call."""

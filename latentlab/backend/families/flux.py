@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from latentlab.backend.engine import import_diffusers
 from latentlab.backend.families.flow import FlowFamily
 from latentlab.backend.records import Conditioning
 from latentlab.sampling import Sampling
@@ -66,6 +65,7 @@ class FluxFamily(FlowFamily):
     family = "flux"
     latent_patch = 2
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
+    needs_pooled, display_name = True, "a Flux"
 
     def facts_from_configs(self, folder, vae_factor: int) -> dict:
         s = 128 * vae_factor  # FluxPipeline.default_sample_size
@@ -106,11 +106,6 @@ class FluxFamily(FlowFamily):
         emb, pooled, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=device, num_images_per_prompt=1)
         return Conditioning(emb, pooled)
 
-    def check_conditioning(self, pipe: Any, conditioning: Conditioning) -> None:
-        super().check_conditioning(pipe, conditioning)
-        if conditioning.pooled_prompt_embeds is None:
-            raise ValueError("`conditioning` must carry pooled_prompt_embeds for a Flux model (use "
-                             "lab.encode_prompt of this model)")
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         return pack(latents)
@@ -118,9 +113,6 @@ class FluxFamily(FlowFamily):
     def unpack(self, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return unpack(latents, h, w)
 
-    def pipeline_class(self, pipe: Any, kind: str):
-        diffusers = import_diffusers()
-        return diffusers.FluxImg2ImgPipeline if kind == "img2img" else diffusers.FluxPipeline
 
     def call_kwargs(self, engine: Engine, cond: Conditioning, negative: Conditioning, sampling: Sampling) -> dict:
         b, dev = len(cond), engine.device

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from latentlab.backend.engine import import_diffusers
 from latentlab.backend.families.flow import FlowFamily
 from latentlab.backend.records import Conditioning
 
@@ -102,6 +101,7 @@ def repeated_last_token(transformer, repeats: int):
 class SD3Family(FlowFamily):
     family = "sd3"
     pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+    needs_pooled, display_name = True, "an SD3"
     default_steps, default_guidance = 28, 7.0
 
     def size_patch(self, pipe: Any) -> int:
@@ -129,16 +129,7 @@ class SD3Family(FlowFamily):
                                                num_images_per_prompt=1, do_classifier_free_guidance=False)
         return Conditioning(emb, pooled)
 
-    def check_conditioning(self, pipe: Any, conditioning: Conditioning) -> None:
-        super().check_conditioning(pipe, conditioning)
-        if conditioning.pooled_prompt_embeds is None:
-            raise ValueError("`conditioning` must carry pooled_prompt_embeds for an SD3 model (use "
-                             "lab.encode_prompt of this model)")
 
-    def pipeline_class(self, pipe: Any, kind: str):
-        diffusers = import_diffusers()
-        return (diffusers.StableDiffusion3Img2ImgPipeline if kind == "img2img"
-                else diffusers.StableDiffusion3Pipeline)
 
     def call_kwargs(self, engine: Engine, cond: Conditioning, negative: Conditioning, sampling: Sampling) -> dict:
         b, dev = len(cond), engine.device

@@ -109,9 +109,6 @@ class UNetFamily(Family):
 
     # --- denoising --------------------------------------------------------------------------------------------
 
-    def pipeline_class(self, pipe: Any, kind: str):
-        diffusers = import_diffusers()
-        return diffusers.StableDiffusionImg2ImgPipeline if kind == "img2img" else diffusers.StableDiffusionPipeline
 
     def call_kwargs(self, engine: Engine, cond: Conditioning, negative: Conditioning, sampling: Sampling) -> dict:
         b, dev = len(cond), engine.device
@@ -211,6 +208,7 @@ class SDXLFamily(UNetFamily):
 
     family = "sdxl"
     pipelines = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    needs_pooled, display_name = True, "an SDXL"
 
     def encode_prompt(self, pipe: Any, prompt: str, device: torch.device) -> Conditioning:
         emb, _, pooled, _ = pipe.encode_prompt([prompt], device=device, num_images_per_prompt=1,
@@ -222,15 +220,7 @@ class SDXLFamily(UNetFamily):
             return encoded.map(torch.zeros_like)
         return encoded
 
-    def check_conditioning(self, pipe: Any, conditioning: Conditioning) -> None:
-        super().check_conditioning(pipe, conditioning)
-        if conditioning.pooled_prompt_embeds is None:
-            raise ValueError("`conditioning` must carry pooled_prompt_embeds for an SDXL model (use "
-                             "lab.encode_prompt of this model)")
 
-    def pipeline_class(self, pipe: Any, kind: str):
-        diffusers = import_diffusers()
-        return diffusers.StableDiffusionXLImg2ImgPipeline if kind == "img2img" else diffusers.StableDiffusionXLPipeline
 
     def unet_inputs(self, engine, cond, negative, cfg, latents):
         guided, emb, _ = super().unet_inputs(engine, cond, negative, cfg, latents)
