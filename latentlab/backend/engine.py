@@ -289,11 +289,16 @@ class Engine:
                 pipe_log = logging.getLogger(type(self.pipe).__module__)
                 level = pipe_log.level
                 pipe_log.setLevel(logging.ERROR)  # diffusers logs the whole dropped text; we warned above
+                from transformers.utils import logging as transformers_logging
+
+                verbosity = transformers_logging.get_verbosity()
+                transformers_logging.set_verbosity_error()  # its tokenizers' length notice repeats ours
                 try:
                     with torch.no_grad():
                         cond = self.adapter.encode_prompt(self.pipe, p, self.device)
                 finally:
                     pipe_log.setLevel(level)
+                    transformers_logging.set_verbosity(verbosity)
                 if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:
                     self._prompt_cache.pop(next(iter(self._prompt_cache)))
                 self._prompt_cache[p] = cond
