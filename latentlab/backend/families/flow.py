@@ -100,9 +100,6 @@ class FlowFamily(Family):
     #: Guidance and steps of the family's pipelines when a model says nothing else.
     default_steps, default_guidance = 28, 3.5
 
-    def latent_channels(self, pipe: Any) -> int:
-        return int(pipe.vae.config.latent_channels)
-
     def default_sampling(self, pipe: Any) -> Sampling:
         name = type(pipe.scheduler).__name__
         name = name if name in FLOW_SCHEDULERS else FLOW_SCHEDULERS[0]

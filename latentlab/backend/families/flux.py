@@ -86,16 +86,6 @@ class FluxFamily(FlowFamily):
     def image_seq_len(self, pipe: Any, h: int, w: int) -> int:
         return (h // 2) * (w // 2)
 
-    def mu(self, pipe: Any, h: int, w: int) -> float | None:
-        # FluxPipeline always computes mu (its scheduler uses it when dynamic shifting is on).
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        cfg = pipe.scheduler.config
-        mu = calculate_shift(self.image_seq_len(pipe, h, w), cfg.get("base_image_seq_len", 256),
-                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                             cfg.get("max_shift", 1.15))
-        return mu if cfg.get("use_dynamic_shifting", False) else None
-
     def pipeline_sigmas(self, steps: int):
         return np.linspace(1.0, 1 / steps, steps)
 
