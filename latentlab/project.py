@@ -175,8 +175,10 @@ class UMAP:
             import umap
         except ImportError as e:  # pragma: no cover - umap-learn is a dependency
             raise ImportError("UMAP needs umap-learn: pip install umap-learn") from e
+        # a seed makes umap-learn single-threaded; n_jobs=1 says so (else it warns on every fit)
         self.umap_ = umap.UMAP(n_components=self.n_components, n_neighbors=self.n_neighbors, min_dist=self.min_dist,
-                               metric=self.metric, random_state=self.random_state)
+                               metric=self.metric, random_state=self.random_state,
+                               n_jobs=1 if self.random_state is not None else -1)
         self.embedding_ = torch.as_tensor(self.umap_.fit_transform(self._pre(x, True).float().numpy()))
         self.n_features_in_ = x.shape[1]
         return self

@@ -28,7 +28,7 @@ import torch
 
 from latentlab import _checks
 from latentlab._quiet import quiet_transformers_image_processor_warning
-from latentlab.backend.records import Conditioning
+from latentlab.backend.records import Conditioning, Tokens
 from latentlab.sampling import Sampling, check_prompt
 from latentlab.seeds import noise as _noise
 
@@ -303,6 +303,27 @@ class Engine:
                     self._prompt_cache.pop(next(iter(self._prompt_cache)))
                 self._prompt_cache[p] = cond
             return Conditioning.cat([self._prompt_cache[p] for p in prompts])
+
+    def tokens(self, prompt: str) -> Tokens:
+        """How ``prompt`` reaches the model: its tokens, the encoder's limit, which tokens are kept, and their rows
+        of the conditioning (see :class:`~latentlab.backend.records.Tokens`).
+
+        Examples
+        --------
+        >>> import latentlab as ll
+        >>> t = ll.Lab.default().tokens("a red star")
+        >>> t.tokens, t.limit
+        (('<|startoftext|>', 'a</w>', 'red</w>', 'star</w>', '<|endoftext|>'), 77)
+        """
+        check_prompt(prompt, "prompt")
+        tok, limit = self.adapter.display_tokenizer(self.pipe)
+        ids = tok(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the view shows the cut itself
+            embeds = self.encode_prompt(prompt).prompt_embeds[0]
+        kept = min(len(ids), limit, embeds.shape[0])
+        return Tokens(tuple(tok.convert_ids_to_tokens(ids)), tuple(int(i) for i in ids), int(limit), kept,
+                      embeds[:kept].float().cpu(), type(tok).__name__)
 
     def _truncation_warning(self, prompt: str) -> None:
         tok, limit = self.adapter.token_limit(self.pipe)

@@ -57,6 +57,24 @@ class Trajectory:
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """How a prompt reaches the model: the text encoder's ``tokens`` (strings, start and end tokens included) and
+    their ``ids``, the encoder's ``limit`` (77 for CLIP), how many of the tokens are ``kept`` (the rest are cut off),
+    and ``embeds``, the conditioning rows of the kept tokens ``(kept, dim)`` -- what the denoiser attends to."""
+
+    tokens: tuple[str, ...]
+    ids: tuple[int, ...]
+    limit: int
+    kept: int
+    embeds: torch.Tensor
+    encoder: str
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.tokens) > self.limit
+
+
+@dataclass(frozen=True)
 class Inversion:
     """DDIM inversion of clean latents: ``noise`` (the latents at the last timestep), the ``reconstruction``
     denoised from it again, its decoded ``images``, and per item the ``latent_rmse`` and the ``psnr`` (dB) of those

@@ -22,14 +22,10 @@ def data_url(image: torch.Tensor, *, upscale: int = 1) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image, upscale=upscale)).decode()
 
 
-class Panel(widgets.VBox):
-    """A VBox with a backend, a worker, a busy indicator and an error line."""
+class WorkerPanel(widgets.VBox):
+    """A VBox with a latest-request worker, a busy indicator and an error line (no model: the toy lessons)."""
 
-    def __init__(self, lab: Backend, *, sampling: Sampling | None = None, upscale: int = 4, **kw):
-        if not isinstance(lab, Backend):
-            raise TypeError(f"`lab` must be a latentlab backend (e.g. latentlab.Lab.default()), got {type(lab).__name__}")
-        self.lab = lab
-        self.sampling = lab.sampling(sampling)  # validated and complete before anything is drawn
+    def __init__(self, *, upscale: int = 4, **kw):
         self.upscale = upscale
         self.busy = widgets.HTML("", layout=widgets.Layout(min_height="20px"))
         self.busy.add_class("ll-busy")
@@ -63,6 +59,17 @@ class Panel(widgets.VBox):
 
     def png(self, image: torch.Tensor) -> bytes:
         return png_bytes(image, upscale=self.upscale)
+
+
+class Panel(WorkerPanel):
+    """A :class:`WorkerPanel` over a backend and its resolved sampling."""
+
+    def __init__(self, lab: Backend, *, sampling: Sampling | None = None, upscale: int = 4, **kw):
+        if not isinstance(lab, Backend):
+            raise TypeError(f"`lab` must be a latentlab backend (e.g. latentlab.Lab.default()), got {type(lab).__name__}")
+        self.lab = lab
+        self.sampling = lab.sampling(sampling)  # validated and complete before anything is drawn
+        super().__init__(upscale=upscale, **kw)
 
     def one(self, latents: torch.Tensor, conditioning, sampling: Sampling | None = None) -> torch.Tensor:
         """Generate interactively: compute batch 1, so a single image pays for one item."""

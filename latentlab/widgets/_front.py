@@ -1,5 +1,5 @@
-"""The two small anywidget front ends latentlab needs (widgets layer, private): a clickable thumbnail grid and a
-2-D map on a canvas. Neither jupyter-scatter, plotly's FigureWidget nor bqplot reports "a click on an empty spot
+"""The small anywidget front ends latentlab needs (widgets layer, private): a clickable thumbnail grid, a 2-D map on
+a canvas, and a plain 2-D plot canvas (points, arrows, paths) that can also be drawn on. Neither jupyter-scatter, plotly's FigureWidget nor bqplot reports "a click on an empty spot
 at (x, y)" to Python (checked in their sources), which the atlas explorer is built around."""
 
 from __future__ import annotations
@@ -154,6 +154,75 @@ export default { render };
 """
 
 
+PLOT_JS = r"""
+function render({ model, el }) {
+  const W = model.get("width"), H = model.get("height");
+  const wrap = document.createElement("div");
+  wrap.style.cssText = "display:inline-block;margin:2px;font:12px sans-serif;text-align:center";
+  const title = document.createElement("div"); title.className = "ll-plot-title";
+  const canvas = document.createElement("canvas");
+  canvas.width = W; canvas.height = H; canvas.className = "ll-plot";
+  canvas.dataset.draws = "0";
+  canvas.style.cssText = "border:1px solid #ccc;background:#fff";
+  wrap.appendChild(title); wrap.appendChild(canvas); el.appendChild(wrap);
+  const ctx = canvas.getContext("2d");
+  const toPx = (x, y) => { const b = model.get("bounds");
+    return [(x - b[0]) / (b[1] - b[0]) * W, H - (y - b[2]) / (b[3] - b[2]) * H]; };
+  const toData = (px, py) => { const b = model.get("bounds");
+    return [b[0] + px / W * (b[1] - b[0]), b[2] + (H - py) / H * (b[3] - b[2])]; };
+  let stroke = [];
+  const draw = () => {
+    title.textContent = model.get("title");
+    canvas.style.cursor = model.get("drawable") ? "crosshair" : "default";
+    ctx.clearRect(0, 0, W, H);
+    let points = 0;
+    for (const L of model.get("layers")) {
+      ctx.globalAlpha = L.alpha ?? 1; ctx.fillStyle = ctx.strokeStyle = L.color ?? "#333";
+      ctx.lineWidth = L.width ?? 1;
+      const xy = L.xy ?? [];
+      if (L.kind === "points") {
+        const r = L.size ?? 1.5;
+        for (let i = 0; i + 1 < xy.length; i += 2) { const [px, py] = toPx(xy[i], xy[i+1]);
+          ctx.fillRect(px - r, py - r, 2 * r, 2 * r); points++; }
+      } else if (L.kind === "arrows") {
+        const d = L.dxy ?? [];
+        for (let i = 0; i + 1 < xy.length; i += 2) {
+          const [ax, ay] = toPx(xy[i], xy[i+1]); const [bx, by] = toPx(xy[i] + d[i], xy[i+1] + d[i+1]);
+          ctx.beginPath(); ctx.moveTo(ax, ay); ctx.lineTo(bx, by); ctx.stroke();
+          const ang = Math.atan2(by - ay, bx - ax), h = Math.min(5, Math.hypot(bx - ax, by - ay) / 2);
+          ctx.beginPath(); ctx.moveTo(bx, by);
+          ctx.lineTo(bx - h * Math.cos(ang - 0.5), by - h * Math.sin(ang - 0.5));
+          ctx.lineTo(bx - h * Math.cos(ang + 0.5), by - h * Math.sin(ang + 0.5)); ctx.closePath(); ctx.fill(); }
+      } else if (L.kind === "lines") {
+        for (const p of L.paths ?? []) { ctx.beginPath();
+          for (let i = 0; i + 1 < p.length; i += 2) { const [px, py] = toPx(p[i], p[i+1]);
+            i ? ctx.lineTo(px, py) : ctx.moveTo(px, py); }
+          ctx.stroke(); }
+      } else if (L.kind === "text") {
+        ctx.font = "12px sans-serif"; const [px, py] = toPx(xy[0], xy[1]); ctx.fillText(L.text ?? "", px, py);
+      }
+    }
+    ctx.globalAlpha = 1;
+    if (stroke.length) { ctx.fillStyle = "#e8590c";
+      for (const [px, py] of stroke) ctx.fillRect(px - 2, py - 2, 4, 4); }
+    canvas.dataset.points = String(points);
+    canvas.dataset.draws = String(Number(canvas.dataset.draws) + 1);
+  };
+  const pos = (e) => { const r = canvas.getBoundingClientRect(); return [e.clientX - r.left, e.clientY - r.top]; };
+  let down = false;
+  canvas.addEventListener("mousedown", (e) => { if (!model.get("drawable")) return; down = true; stroke = [pos(e)]; draw(); });
+  canvas.addEventListener("mousemove", (e) => { if (!down) return; stroke.push(pos(e)); draw(); });
+  const finish = () => { if (!down) return; down = false;
+    const pts = stroke.map(([px, py]) => toData(px, py)); stroke = [];
+    model.set("drawn", [...model.get("drawn"), ...pts]); model.save_changes(); draw(); };
+  canvas.addEventListener("mouseup", finish); canvas.addEventListener("mouseleave", finish);
+  for (const k of ["layers", "bounds", "title", "drawable"]) model.on("change:" + k, draw);
+  draw();
+}
+export default { render };
+"""
+
+
 class ThumbGrid(anywidget.AnyWidget):
     """Thumbnails (data URLs) in a grid; a click toggles an item in ``selected`` (synced both ways)."""
 
@@ -189,3 +258,26 @@ class MapView(anywidget.AnyWidget):
     axes = traitlets.List(traitlets.Unicode()).tag(sync=True)
     width = traitlets.Int(480).tag(sync=True)
     height = traitlets.Int(480).tag(sync=True)
+
+
+class PlotCanvas(anywidget.AnyWidget):
+    """A 2-D plot on a canvas: ``layers`` of points, arrows, polylines and text in data coordinates (``bounds`` =
+    ``[x0, x1, y0, y1]``); with ``drawable`` on, dragging on it appends data-coordinate points to ``drawn``. The
+    canvas carries ``data-points`` (points drawn in the last render) and ``data-draws`` (renders so far) for tests."""
+
+    _esm = PLOT_JS
+    layers = traitlets.List(traitlets.Dict()).tag(sync=True)
+    bounds = traitlets.List(traitlets.Float(), default_value=[-3.0, 3.0, -3.0, 3.0]).tag(sync=True)
+    title = traitlets.Unicode("").tag(sync=True)
+    drawable = traitlets.Bool(False).tag(sync=True)
+    drawn = traitlets.List(traitlets.List(traitlets.Float())).tag(sync=True)
+    width = traitlets.Int(260).tag(sync=True)
+    height = traitlets.Int(260).tag(sync=True)
+
+
+def flat(points) -> list[float]:
+    """An ``(n, 2)`` tensor or array as the flat, rounded list the plot canvas takes."""
+    import torch
+
+    t = torch.as_tensor(points, dtype=torch.float32).reshape(-1)
+    return [round(v, 3) for v in t.tolist()]

@@ -82,6 +82,10 @@ class Family:
         """(tokenizer, token limit) of the text encoder whose limit truncates the prompt."""
         return pipe.tokenizer, pipe.tokenizer.model_max_length
 
+    def display_tokenizer(self, pipe: Any) -> tuple[Any, int]:
+        """(tokenizer, token limit) whose tokens are the first rows of ``prompt_embeds`` (the tokens view)."""
+        return pipe.tokenizer, pipe.tokenizer.model_max_length
+
     def encode_prompt(self, pipe: Any, prompt: str, device: torch.device) -> Conditioning:
         raise NotImplementedError
 

@@ -92,6 +92,9 @@ class FluxFamily(FlowFamily):
     def token_limit(self, pipe: Any):
         return pipe.tokenizer_2, FLUX_MAX_SEQUENCE_LENGTH
 
+    def display_tokenizer(self, pipe: Any):
+        return self.token_limit(pipe)  # Flux's prompt_embeds are the T5 tokens
+
     def encode_prompt(self, pipe: Any, prompt: str, device: torch.device) -> Conditioning:
         emb, pooled, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=device, num_images_per_prompt=1)
         return Conditioning(emb, pooled)
