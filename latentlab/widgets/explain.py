@@ -382,9 +382,12 @@ class TrajectoryMap(WorkerPanel):
                 pts = torch.cat([getattr(ra, self.space.value), getattr(rb, self.space.value)]).flatten(1)
                 coords = self._project(pts)
                 dist = (ra.xt - rb.xt).flatten(1).norm(dim=1)
-                split = int(torch.nonzero(dist >= 0.5 * dist.max().clamp_min(1e-12))[0, 0])
+                # the first step at which the paths are half as far apart as they end up (None: they never part)
+                split = (int(torch.nonzero(dist >= 0.5 * dist.max())[0, 0])
+                         if float(dist.max()) > 1e-6 * float(ra.xt[0].norm()) else None)
                 runs.append((ra, rb, coords))
-                summary.append({"model": name, "steps": ra.n, "split": split, "timestep": ra.timesteps[split],
+                summary.append({"model": name, "steps": ra.n, "split": split,
+                                "timestep": None if split is None else ra.timesteps[split],
                                 "straightness": (ra.chord_ratio(), rb.chord_ratio()),
                                 "final_distance": float(dist[-1])})
             self._runs, self.summary = runs, summary
@@ -412,22 +415,27 @@ class TrajectoryMap(WorkerPanel):
             split = info["split"]
             canvas.bounds = [float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1])]
             canvas.title = f"{_short(info['model'])}"
-            canvas.layers = [
+            layers = [
                 {"kind": "lines", "paths": [flat(ca)], "color": _PATH_COLORS[0], "width": 2},
                 {"kind": "lines", "paths": [flat(cb)], "color": _PATH_COLORS[1], "width": 2},
                 {"kind": "points", "xy": flat(ca), "color": _PATH_COLORS[0], "size": 2},
                 {"kind": "points", "xy": flat(cb), "color": _PATH_COLORS[1], "size": 2},
-                {"kind": "points", "xy": flat(torch.stack([ca[split], cb[split]])), "color": "#2b8a3e", "size": 5},
                 {"kind": "points", "xy": flat(torch.stack([ca[k], cb[k]])), "color": "#000", "size": 4},
                 {"kind": "text", "xy": flat(ca[0]), "text": " noise", "color": "#000"},
-                {"kind": "text", "xy": flat(ca[split]), "text": f" split (step {split})", "color": "#2b8a3e"},
             ]
+            if split is not None:
+                layers += [{"kind": "points", "xy": flat(torch.stack([ca[split], cb[split]])), "color": "#2b8a3e",
+                            "size": 5},
+                           {"kind": "text", "xy": flat(ca[split]), "text": f" split (step {split})", "color": "#2b8a3e"}]
+            canvas.layers = layers
             for run, img in ((ra, ta), (rb, tb)):
                 if ("x0", k) not in run.png:
                     run.png[("x0", k)] = self.png(run.lab.decode(run.x0[k : k + 1], batch_size=1)[0])
                 img.value = run.png[("x0", k)]
             sa, sb = info["straightness"]
+            where = ("never split (the same image)" if split is None else
+                     f"split at step {split} of {info['steps']} (timestep {info['timestep']:.0f})")
             cap.value = (f"<span style='font-size:12px'><b style='color:{_PATH_COLORS[0]}'>A</b> and "
-                         f"<b style='color:{_PATH_COLORS[1]}'>B</b> split at step {split} of {info['steps']} "
-                         f"(timestep {info['timestep']:.0f}) · path length / chord A {sa:.3f}, B {sb:.3f} · "
+                         f"<b style='color:{_PATH_COLORS[1]}'>B</b> {where} · "
+                         f"path length / chord A {sa:.3f}, B {sb:.3f} · "
                          f"predicted x<sub>0</sub> at step {k} below the map</span>")

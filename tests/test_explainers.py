@@ -1,0 +1,153 @@
+"""The explainer widgets and the ToyLab, driven from Python (the browser tests drive them by mouse): what they show
+must be what the model computes, for one model or several side by side."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fakes import FakeBackend
+
+pytest.importorskip("anywidget")
+
+PROMPT = "a large red star on a blue background"
+
+
+@pytest.fixture(scope="module")
+def unet():
+    import latentlab as ll
+
+    return ll.Lab.default()
+
+
+@pytest.fixture(scope="module")
+def flow():
+    import latentlab as ll
+
+    return ll.Lab.default("embedded-shapes-flow")
+
+
+def _same_image(png, lab, latent) -> bool:
+    """The widget's PNG shows ``lab``'s decode of ``latent`` (to the 8-bit rounding: decodes at different compute
+    batches differ in the last float bits)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from latentlab.video import png_bytes
+
+    def pixels(data):
+        return np.array(Image.open(io.BytesIO(bytes(data))).convert("RGB")).astype(int)
+
+    shown, want = pixels(png), pixels(png_bytes(lab.decode(latent[None], batch_size=1)[0], upscale=3))
+    return shown.shape == want.shape and np.abs(shown - want).max() <= 2
+
+
+def test_scrubber_shows_the_models_own_trajectory_step_by_step(unet, flow):
+    from latentlab.sampling import Sampling
+    from latentlab.widgets import TimestepScrubber
+
+    s = Sampling(num_inference_steps=8)
+    w = TimestepScrubber({"unet": unet, "flow": flow}, PROMPT, 5, sampling=s)
+    assert w.wait()
+    assert w.error.value == "" and w.ready_seconds is not None
+    assert w.decoded() == 2 * 2 * 9  # everything decoded in the background, x_t and x0 at 9 positions
+    for lab, run in zip((unet, flow), w.runs):
+        traj = lab.trajectory(lab.noise(5), lab.encode_prompt(PROMPT), sampling=lab.sampling(s), batch_size=1)
+        torch.testing.assert_close(run.xt[1:], traj.latents[:, 0])
+        torch.testing.assert_close(run.x0[:-1], traj.x0[:, 0])
+        torch.testing.assert_close(run.xt[0], lab.noise(5)[0])
+    for k in (0, 3, 8):
+        w.step.value = k
+        assert w.wait()
+        for lab, run, row in zip((unet, flow), w.runs, w.rows):
+            assert _same_image(row["x0"].value, lab, run.x0[k]) and _same_image(row["xt"].value, lab, run.xt[k])
+            assert f"step {k}/8" in row["info"].value
+    assert all(f"path length / chord {run.chord_ratio():.3f}" in row["info"].value for run, row in zip(w.runs, w.rows))
+    before = w.runs
+    w.guidance.value = 1.0
+    assert w.wait() and w.runs is not before and w.error.value == ""
+    w.n_steps.value = 4
+    assert w.wait() and w.step.max == 4 and w.runs[0].n == 4
+
+
+def test_scrubber_errors_are_clear_and_shown_in_the_widget(unet):
+    from latentlab.widgets import TimestepScrubber
+
+    with pytest.raises(TypeError, match="latentlab.Lab"):
+        TimestepScrubber(FakeBackend(), PROMPT)  # no trajectories
+    with pytest.raises(ValueError, match="empty"):
+        TimestepScrubber({}, PROMPT)
+    with pytest.raises(ValueError, match="prompt"):
+        TimestepScrubber(unet, "   ")
+    w = TimestepScrubber(unet, PROMPT, 1)
+    assert w.wait()
+    w.prompt.value = ""
+    assert w.wait() and "empty" in w.error.value
+
+
+def test_token_view_shows_tokens_limit_cut_and_rows(unet, flow):
+    from latentlab.widgets import TokenView
+
+    w = TokenView({"unet": unet, "flow": flow}, "a small red star")
+    assert w.wait() and w.error.value == ""
+    t = w.result
+    assert t.tokens == ("<|startoftext|>", "a</w>", "small</w>", "red</w>", "star</w>", "<|endoftext|>")
+    assert t.limit == 77 and t.kept == 6 and not t.truncated
+    torch.testing.assert_close(t.embeds, unet.encode_prompt("a small red star").prompt_embeds[0, :6])
+    assert w.views[0].value.count("class='ll-token'") == 6 and len(w.heatmaps[1].value) > 0
+    w.prompt.value = "red " * 100
+    assert w.wait()
+    assert w.result.truncated and w.result.kept == 77 and len(w.result.tokens) == 102
+    assert w.views[0].value.count("ll-token-cut") == 102 - 77 and "cut off" in w.views[0].value
+
+
+def test_trajectory_map_finds_where_two_prompts_split(unet, flow):
+    from latentlab.sampling import Sampling
+    from latentlab.widgets import TrajectoryMap
+
+    w = TrajectoryMap({"unet": unet, "flow": flow}, PROMPT, "a small green ring on a black background", 2,
+                      sampling=Sampling(num_inference_steps=10))
+    assert w.wait() and w.error.value == ""
+    for info, canvas in zip(w.summary, w.maps):
+        assert info["steps"] == 10 and 1 <= info["split"] <= 10
+        kinds = [layer["kind"] for layer in canvas.layers]
+        assert kinds.count("lines") == 2 and len(canvas.layers[0]["paths"][0]) == 2 * 11
+    w.step.value = 7
+    assert w.wait() and "step 7" in w.captions[0].value
+    w.prompt_b.value = PROMPT  # the same prompt: the paths never part
+    assert w.wait() and all(info["split"] is None for info in w.summary) and "never split" in w.captions[0].value
+
+
+def test_toylab_trains_draws_and_reflows():
+    from latentlab.widgets import ToyLab
+
+    w = ToyLab("moons", chunk=40, points=256)
+    assert w.wait() and w.error.value == ""
+    before = [list(c.layers) for c in w.canvases.values()]
+    w.step_button.click()
+    assert w.wait()
+    assert all(m.steps_done == 40 for m in w.models.values())
+    assert [list(c.layers) for c in w.canvases.values()] != before
+    w.train(600)
+    assert w.models["flow"].steps_done == 640 and "<td>640</td>" in w.info.value
+    snap = w.snapshot("flow")
+    assert snap["particles"].shape == (256, 2) and snap["arrows"].shape == (225, 2)
+    w.t.value = 0.5
+    w.view.value = "noising"
+    assert w.wait()
+    assert w.snapshot("diffusion")["particles"].shape == (256, 2)
+    w.slow.value = True
+    w.step_button.click()
+    assert w.wait() and w.models["diffusion"].steps_done == 660  # slow motion: 20 single steps, each drawn
+    w.reflow(300)
+    assert "reflow" in w.models and w.canvases["reflow"].layout.display is None
+    # draw your own: three strokes' worth of points become the data
+    w.preset.value = "draw your own"
+    assert w.data_canvas.drawable
+    w.data_canvas.drawn = [[x / 10, (x % 7) / 5] for x in range(30)]
+    assert w.wait() and w.models["flow"].steps_done == 0 and w.data.shape == (4096, 2)
+    w.player.value = 50
+    assert w.t.value == 0.5
+    with pytest.raises(ValueError, match="data"):
+        ToyLab("squares")
