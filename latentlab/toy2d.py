@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -362,8 +362,14 @@ def field_grid(lo: float = -3.0, hi: float = 3.0, n: int = 15) -> torch.Tensor:
     return torch.stack([gx.flatten(), gy.flatten()], 1)
 
 
-def few_step_table(models: Sequence[ToyModel], data: torch.Tensor, steps: Sequence[int] = (1, 2, 4, 8, 32), *,
-                   n: int = 2048, seed: int = 1) -> dict[str, dict[int, float]]:
-    """Sliced Wasserstein distance to ``data`` of each model's samples at each number of steps (same noise)."""
+def few_step_table(models: Mapping[str, ToyModel] | Sequence[ToyModel], data: torch.Tensor,
+                   steps: Sequence[int] = (1, 2, 4, 8, 32), *, n: int = 2048, seed: int = 1) -> dict[str, dict[int, float]]:
+    """Sliced Wasserstein distance to ``data`` of each model's samples at each number of steps (the same noise for
+    all), keyed by the given names (a sequence of models is keyed by kind)."""
+    if not isinstance(models, Mapping):
+        kinds = [m.kind for m in models]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"two models of one kind ({kinds}): pass a dict {{name: model}}")
+        models = dict(zip(kinds, models))
     z = noise(n, seed=seed)
-    return {m.kind: {k: sliced_wasserstein(m.sample(z, k), data) for k in steps} for m in models}
+    return {name: {k: sliced_wasserstein(m.sample(z, k), data) for k in steps} for name, m in models.items()}

@@ -54,6 +54,17 @@ explorer = AtlasExplorer(lab, atlas, space="image_embeds", method="pca", path_fr
                          sampling=fast, output_dir=os.environ.get("LL_OUT", "."))
 W.VBox([explorer, probe("selected", explorer.map, "selected", lambda v: f"selected={len(v)}"),
         probe("video", explorer.video, "value", lambda v: f"video_bytes={len(v)}")])""",
+    """from latentlab.widgets import TimestepScrubber, TokenView, ToyLab, TrajectoryMap
+flow = ll.Lab.default("embedded-shapes-flow")
+scrub = TimestepScrubber({"UNet": lab, "flow twin": flow}, "a large red star on a blue background", 3, sampling=fast)
+W.VBox([scrub, probe("step", scrub.step, "value", lambda v: f"step={v}")])""",
+    """tokens = TokenView(lab, "a small red star")
+tokens""",
+    """trajmap = TrajectoryMap({"UNet": lab, "flow twin": flow}, "a large red star on a blue background",
+                        "a small green ring on a black background", 2, sampling=fast)
+trajmap""",
+    """toy = ToyLab("moons", chunk=50, points=384)
+W.VBox([toy, probe("drawn", toy.data_canvas, "drawn", lambda v: f"drawn={len(v)}")])""",
 ]
 
 
@@ -123,8 +134,8 @@ def lab_page(tmp_path_factory):
                 timeout=180_000)
             page.click("text=Run", timeout=30_000)
             page.click("text=Run All Cells", timeout=30_000)
-            # the last cell's widgets: the atlas map is drawn
-            page.wait_for_selector(".ll-atlas-map canvas", timeout=600_000)
+            # the last cell's widgets: the toy lab is drawn
+            page.wait_for_selector(".ll-toy-flow canvas", timeout=600_000)
             page.wait_for_function(
                 "() => document.querySelector('#jp-main-statusbar')?.innerText.includes('Idle')", timeout=600_000)
             _dismiss_news(page)
@@ -295,3 +306,111 @@ def test_atlas_explorer_hover_lasso_click_and_path(lab_page):
     explorer.screenshot(path=str(shots / "atlas-explorer.png"))
     page.screenshot(path=str(shots / "jupyterlab.png"), full_page=False)
     assert json.dumps(_probe(page, "video"))
+
+
+def _canvas_draws(locator) -> int:
+    return int(locator.get_attribute("data-draws") or 0)
+
+
+def _wait_redraw(locator, old: int, timeout=120):
+    """Wait until the plot canvas has rendered again after ``old`` renders, with points on it."""
+    handle = locator.element_handle(timeout=timeout * 1000)
+    locator.page.wait_for_function(
+        "([el, old]) => Number(el.dataset.draws) > old && Number(el.dataset.points) > 0", arg=[handle, old],
+        timeout=timeout * 1000)
+
+
+def test_timestep_scrubber_drag_shows_each_steps_images_for_both_models(lab_page):
+    page, shots = lab_page
+    status = page.locator(".ll-scrub-status").first
+    status.scroll_into_view_if_needed()
+    page.wait_for_function("() => document.querySelector('.ll-scrub-status')?.innerText.includes('ready in')",
+                           timeout=120_000)
+    x0s = page.locator(".ll-scrub-x0 img, img.ll-scrub-x0")
+    assert x0s.count() == 2  # UNet and flow twin side by side
+    befores = [_src(x0s.nth(i)) for i in range(2)]
+    slider = page.locator(".ll-scrub-step").first
+    _drag_slider(page, slider, 0.6)
+    v = int(_wait_probe(page, "step", "v !== 'step=0'").split("=")[1])
+    assert 1 <= v <= 8
+    for i in range(2):
+        _wait_change(x0s.nth(i), befores[i])
+    infos = page.locator(".ll-scrub-info")
+    page.wait_for_function(f"() => [...document.querySelectorAll('.ll-scrub-info')].every(e => "
+                           f"e.innerText.includes('step {v}/8'))", timeout=60_000)
+    assert infos.count() == 2
+    _dismiss_news(page)
+    status.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][1]").screenshot(
+        path=str(shots / "timestep-scrubber.png"))
+
+
+def test_token_view_follows_the_typed_prompt(lab_page):
+    page, _ = lab_page
+    view = page.locator(".ll-tokens").first
+    view.scroll_into_view_if_needed()
+    page.wait_for_function("() => document.querySelectorAll('.ll-tokens .ll-token').length === 6", timeout=60_000)
+    box = view.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][2]").locator("textarea").first
+    box.fill("red " * 90)
+    box.press("Tab")  # continuous_update=False: the value is sent on blur
+    page.wait_for_function("() => document.querySelectorAll('.ll-tokens .ll-token-cut').length === 92 - 77",
+                           timeout=60_000)
+    assert "cut off" in view.inner_text()
+
+
+def test_trajectory_map_draws_both_paths_and_follows_the_step(lab_page):
+    page, shots = lab_page
+    canvas = page.locator(".ll-trajmap canvas").first
+    canvas.scroll_into_view_if_needed()
+    page.wait_for_function("() => Number(document.querySelector('.ll-trajmap canvas')?.dataset.points) >= 18",
+                           timeout=120_000)
+    caption = page.locator(".ll-trajmap-caption").first
+    page.wait_for_function("() => document.querySelector('.ll-trajmap-caption')?.innerText.includes('split')",
+                           timeout=60_000)
+    draws = _canvas_draws(canvas)
+    slider = page.locator(".ll-trajmap-step").first
+    _drag_slider(page, slider, 0.7)
+    _wait_redraw(canvas, draws)
+    k = int(slider.locator(".widget-readout").inner_text())
+    assert k > 0
+    # every map's caption (drawn last) reaches the slider's step
+    page.wait_for_function(f"() => [...document.querySelectorAll('.ll-trajmap-caption')].every(e => "
+                           f"e.innerText.includes('at step {k} below'))", timeout=60_000)
+    assert "path length / chord" in caption.inner_text()
+    _dismiss_news(page)
+    canvas.locator("xpath=ancestor::div[contains(@class,'widget-hbox')][1]").screenshot(
+        path=str(shots / "trajectory-map.png"))
+
+
+def test_toylab_trains_live_and_learns_a_drawn_distribution(lab_page):
+    page, shots = lab_page
+    flow = page.locator(".ll-toy-flow canvas").first
+    flow.scroll_into_view_if_needed()
+    page.wait_for_function("() => Number(document.querySelector('.ll-toy-flow canvas')?.dataset.points) > 0",
+                           timeout=120_000)
+    draws = _canvas_draws(flow)
+    page.get_by_role("button", name="▶ train").click()
+    # the table reports training steps while the fields redraw live
+    page.wait_for_function("() => { const r = document.querySelector('.ll-toy-row-flow'); "
+                           "return r && Number(r.children[1].innerText) >= 300; }", timeout=180_000)
+    assert _canvas_draws(flow) > draws + 3
+    page.get_by_role("button", name="⏸ pause").click()
+    loss = float(page.locator(".ll-toy-row-flow .ll-loss").inner_text())
+    assert loss < 1.9  # an untrained flow model's loss is about 2 + the data's variance
+    _dismiss_news(page)
+    flow.locator("xpath=ancestor::div[contains(@class,'widget-hbox')][1]").screenshot(path=str(shots / "toylab.png"))
+    # draw your own distribution: pick it, drag on the data canvas
+    page.locator(".ll-toy-data").first.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][1]") \
+        .locator("select").first.select_option("draw your own")
+    data = page.locator(".ll-toy-data canvas").first
+    data.scroll_into_view_if_needed()
+    b = data.bounding_box()
+    page.mouse.move(b["x"] + 40, b["y"] + 60)
+    page.mouse.down()
+    for x, y in [(120, 40), (200, 90), (160, 200), (60, 180)]:
+        page.mouse.move(b["x"] + x, b["y"] + y, steps=6)
+    page.mouse.up()
+    n = int(_wait_probe(page, "drawn", "Number(v.split('=')[1]) > 10").split("=")[1])
+    assert n > 10
+    # a new distribution: the models restart from zero training steps
+    page.wait_for_function("() => { const r = document.querySelector('.ll-toy-row-flow'); "
+                           "return r && Number(r.children[1].innerText) === 0; }", timeout=60_000)

@@ -18,6 +18,7 @@ from latentlab.widgets._base import WorkerPanel, check_text
 from latentlab.widgets._front import PlotCanvas, flat
 
 _PATH_COLORS = ("#1c7ed6", "#e8590c")
+PREFILL_CHUNK = 4  # images decoded per background turn of the scrubber's worker
 
 
 def _labs(lab, names) -> dict[str, object]:
@@ -69,7 +70,7 @@ class TimestepScrubber(WorkerPanel):
     predicts from it, for one model or several side by side.
 
     One trajectory call per model (at compute batch 1) and then lookups: the images at the shown step are decoded
-    first, the rest in the background, so scrubbing is instant once they are in. Seed, guidance and steps sliders
+    first, the rest in the background (a few per turn), so scrubbing is a lookup once they are in. Seed, guidance and steps sliders
     start a new trajectory. With a UNet model and a flow model side by side, "path length / chord" shows which
     path is straighter (1.0 = a straight line from noise to image).
 
@@ -203,17 +204,14 @@ class TimestepScrubber(WorkerPanel):
         for run in self.runs:
             missing = [(kind, k) for k in order for kind in ("xt", "x0") if (kind, k) not in run.png]
             if missing:
-                self._decode(run, missing[:8])
+                self._decode(run, missing[:PREFILL_CHUNK])
                 self.submit(lambda: self._prefill(generation))
                 return
 
     def show(self) -> None:
-        """Show the current step (a lookup when decoded, else one decode)."""
+        """Show the current step: a lookup once decoded (else one decode), on the widget's worker so that one thread
+        writes the images; a background decode chunk is at most a few images, so a lookup waits little."""
         if not self.runs:
-            return
-        k = self.step.value
-        if all(("xt", min(k, r.n)) in r.png and ("x0", min(k, r.n)) in r.png for r in self.runs):
-            self._draw(k)  # a lookup: no model work, no waiting for the worker
             return
         generation = self._generation
 
