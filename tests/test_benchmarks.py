@@ -97,3 +97,15 @@ def test_families_benchmark_smoke(capsys):
     for r in rows[:2]:
         assert r["invert_fireflow_7_steps"]["relative_rmse"] <= r["invert_euler_24_steps"]["relative_rmse"]
         assert r["latents"] == [16, 8, 8]
+
+
+def test_explainers_benchmark_runs_and_writes_its_table(tmp_path, capsys):
+    from latentlab.benchmarks import explainers
+
+    md = tmp_path / "bench.md"
+    explainers.main(["--threads", "1", "--repeats", "1", "--steps", "3", "--toy-steps", "20",
+                     "--models", "embedded-shapes", "--markdown", str(md)])
+    out = capsys.readouterr().out
+    assert "scrubber on embedded-shapes (3 steps, 1 threads): ready in" in out and "toy lab" in out
+    rows = [r for r in md.read_text().splitlines() if r.startswith("| embedded-shapes |")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 8
