@@ -151,3 +151,27 @@ def test_toylab_trains_draws_and_reflows():
     assert w.t.value == 0.5
     with pytest.raises(ValueError, match="data"):
         ToyLab("squares")
+
+
+def test_explainers_work_on_any_family(flow_lab, tiny_lab, tiny_sdxl_path):
+    """Any diffusers model a user loads: tiny SD3 (with and without T5), Flux dev/schnell, SD and SDXL pipelines,
+    side by side in one widget; the tokens view's rows are the conditioning rows of the kept tokens."""
+    from latentlab.backend import Lab
+    from latentlab.widgets import TimestepScrubber, TokenView, TrajectoryMap
+
+    sdxl = Lab.from_pretrained(tiny_sdxl_path, device="cpu")
+    sdxl.defaults = sdxl.defaults.replace(num_inference_steps=3)
+    labs = {"flow": flow_lab, "sd": tiny_lab, "sdxl": sdxl}
+    w = TimestepScrubber(labs, "a red star", 1)
+    assert w.wait() and w.error.value == "", w.error.value
+    assert [r.n for r in w.runs] == [3, 3, 3] and w.decoded() == 3 * 2 * 4
+    for lab, run in zip(labs.values(), w.runs):
+        assert run.xt.shape[1:] == lab.latent_shape()  # (C, h, w): 16 channels for SD3/Flux, unpacked
+    t = TokenView(labs, "a red star")
+    assert t.wait() and t.error.value == "", t.error.value
+    for lab, res in zip(labs.values(), t.results):
+        assert res.kept == len(res.tokens) and res.tokens[-1] in ("<|endoftext|>", "</s>")
+        torch.testing.assert_close(res.embeds, lab.encode_prompt("a red star").prompt_embeds[0, : res.kept].float())
+    m = TrajectoryMap(labs, "a red star", "a blue ring", 1)
+    assert m.wait() and m.error.value == "", m.error.value
+    assert all(info["steps"] == 3 for info in m.summary)
