@@ -12,9 +12,9 @@ from numbers import Real
 import torch
 
 
-def tensor(x: object, name: str, *, min_ndim: int = 1, floating: bool = True) -> torch.Tensor:
-    """Return ``x`` if it is a tensor of at least ``min_ndim`` dims (floating point unless told) with only finite
-    values, else raise.
+def tensor(x: object, name: str, *, min_ndim: int = 1, floating: bool = True, empty: bool = False) -> torch.Tensor:
+    """Return ``x`` if it is a tensor of at least ``min_ndim`` dims (floating point unless told), not empty (unless
+    ``empty``), with only finite values, else raise.
 
     This is latentlab's NaN policy, in one place: every public function that takes a tensor refuses NaN and
     infinity at its boundary with a ``ValueError`` naming the argument (it never propagates them silently).
@@ -25,6 +25,8 @@ def tensor(x: object, name: str, *, min_ndim: int = 1, floating: bool = True) ->
         raise ValueError(f"`{name}` must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
         raise TypeError(f"`{name}` must have a floating-point dtype, got {x.dtype}")
+    if not empty and x.numel() == 0:
+        raise ValueError(f"`{name}` is empty (shape {tuple(x.shape)}): give at least one item")
     return finite(x, name)
 
 

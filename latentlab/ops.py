@@ -200,7 +200,7 @@ def _spherical_mean(u: torch.Tensor, w: torch.Tensor, *, max_iter: int = 200, to
         vn = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
         step = torch.where(vn > 0, v / vn.clamp(min=1e-300), torch.zeros_like(v))
         q, _ = unit(torch.cos(vn) * q + torch.sin(vn) * step)
-        if float(vn.max()) < tol:  # converged to well below float32 resolution (float64 work)
+        if float(vn.detach().max()) < tol:  # converged to well below float32 resolution (float64 work)
             break
     return q
 

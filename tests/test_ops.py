@@ -405,3 +405,54 @@ def test_every_op_refuses_nonfinite_tensors_naming_the_argument(op, bad):
         args[name].view(-1)[3] = bad
         with pytest.raises(ValueError, match=rf"`{re.escape(name)}` must be finite, got 1 NaN/infinite value"):
             call(*args.values())
+
+
+# --- every other kind of bad tensor, generated over the same inventory --------------------------------------------
+
+def _bad_tensor(kind: str, good: torch.Tensor):
+    """A bad (or merely unusual) version of ``good``: what a user passes by mistake."""
+    return {
+        "int": lambda: good.round().to(torch.int64),
+        "bool": lambda: good > 0,
+        "complex": lambda: good.to(torch.complex64),
+        "numpy": lambda: good.numpy(),
+        "list": lambda: good.tolist(),
+        "zero-size": lambda: good[:0],
+        "scalar": lambda: good.flatten()[0],
+        "float16": lambda: good.half(),
+        "bfloat16": lambda: good.bfloat16(),
+        "non-contiguous": lambda: good.transpose(-1, -2).contiguous().transpose(-1, -2),
+        "requires-grad": lambda: good.clone().requires_grad_(True),
+    }[kind]()
+
+
+#: Unusual but valid: the result equals the plain float32 call's.
+BENIGN = ("non-contiguous", "requires-grad")
+#: Wrong: a ValueError/TypeError naming the argument (float16/bfloat16 may instead compute the right answer).
+HARMFUL = ("int", "bool", "complex", "numpy", "list", "zero-size", "scalar")
+
+
+@pytest.mark.parametrize("kind", BENIGN + HARMFUL + ("float16", "bfloat16"))
+@pytest.mark.parametrize("op", sorted(_op_calls()))
+def test_every_op_handles_every_kind_of_bad_tensor(op, kind):
+    """Each tensor argument of each public op, given each kind of bad tensor, ends in the right result or in a
+    ValueError/TypeError that names the argument -- never a deep traceback, a silent wrong result or NaN."""
+    call, tensors = _op_calls()[op]
+    torch.manual_seed(0)  # some calls draw their other tensors
+    clean = call(*[v.clone() for v in tensors.values()])
+    for name in tensors:
+        args = {k: v.clone() for k, v in tensors.items()}
+        args[name] = _bad_tensor(kind, args[name])
+        torch.manual_seed(0)
+        try:
+            out = call(*args.values())
+        except (ValueError, TypeError) as e:
+            assert kind not in BENIGN, f"{op}({name}={kind}) refused a valid input: {e}"
+            assert f"`{name.split('[')[0]}" in str(e) or f"`{name}`" in str(e), f"{op}({name}={kind}): {e}"
+            continue
+        assert kind in BENIGN or kind in ("float16", "bfloat16"), f"{op}({name}={kind}) was accepted"
+        out_t = out if isinstance(out, torch.Tensor) else getattr(out, "latents", out)
+        assert torch.isfinite(out_t.float()).all()
+        tol = 1e-5 if kind in BENIGN else 2e-2
+        torch.testing.assert_close(out_t.detach().float(), clean.float() if isinstance(clean, torch.Tensor)
+                                   else getattr(clean, "latents", clean).float(), atol=tol, rtol=tol)

@@ -68,6 +68,10 @@ W.VBox([toy, probe("drawn", toy.data_canvas, "drawn", lambda v: f"drawn={len(v)}
 ]
 
 
+#: The running JupyterLab of the module's fixture: its base URL and root folder.
+SERVER: dict = {}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,6 +143,7 @@ def lab_page(tmp_path_factory):
             page.wait_for_function(
                 "() => document.querySelector('#jp-main-statusbar')?.innerText.includes('Idle')", timeout=600_000)
             _dismiss_news(page)
+            SERVER.update(base=base, root=root)
             yield page, shots
             browser.close()
     finally:
@@ -414,3 +419,38 @@ def test_toylab_trains_live_and_learns_a_drawn_distribution(lab_page):
     # a new distribution: the models restart from zero training steps
     page.wait_for_function("() => { const r = document.querySelector('.ll-toy-row-flow'); "
                            "return r && Number(r.children[1].innerText) === 0; }", timeout=60_000)
+
+
+def test_course_notebook_05_runs_in_the_browser(lab_page):
+    """The train-it-yourself lesson as a learner runs it: opened in JupyterLab, Run All, no error output, the toy
+    lab drawn and trained (its table reads 1,500 steps), then ▶ train continues in the page."""
+    page, shots = lab_page
+    src = Path(__file__).parent.parent / "notebooks" / "05-train-it-yourself.ipynb"
+    shutil.copy(src, SERVER["root"] / src.name)
+    tab = page.context.new_page()
+    try:
+        tab.goto(f"{SERVER['base']}/lab/tree/{src.name}", timeout=120_000)
+        tab.wait_for_function("() => document.querySelector('#jp-main-statusbar')?.innerText.includes('Idle')",
+                              timeout=180_000)
+        tab.click("text=Run", timeout=30_000)
+        tab.click("text=Run All Cells", timeout=30_000)
+        tab.wait_for_selector(".ll-toy-flow canvas", timeout=600_000)
+        tab.wait_for_function("() => { const r = document.querySelector('.ll-toy-row-flow'); "
+                              "return r && Number(r.children[1].innerText) >= 1500; }", timeout=600_000)
+        tab.wait_for_function("() => document.querySelector('#jp-main-statusbar')?.innerText.includes('Idle')",
+                              timeout=600_000)
+        errors = tab.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+        assert not [t for t in errors.all_inner_texts() if "Error" in t or "Traceback" in t]
+        assert tab.locator(".jp-OutputArea-output img").count() >= 6  # the lesson's figures are drawn
+        flow = tab.locator(".ll-toy-flow canvas").first
+        flow.scroll_into_view_if_needed()
+        draws = _canvas_draws(flow)
+        tab.get_by_role("button", name="▶ train").click()
+        tab.wait_for_function("() => { const r = document.querySelector('.ll-toy-row-flow'); "
+                              "return r && Number(r.children[1].innerText) >= 1700; }", timeout=180_000)
+        tab.get_by_role("button", name="⏸ pause").click()
+        assert _canvas_draws(flow) > draws
+        flow.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][1]").screenshot(
+            path=str(shots / "course-05-toylab.png"))
+    finally:
+        tab.close()
