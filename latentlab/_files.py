@@ -11,7 +11,7 @@ import errno
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "check_output", "disk_full_hint", "partial_path"]
+__all__ = ["atomic_write", "atomic_write_text", "check_input", "check_output", "disk_full_hint", "partial_path"]
 
 
 def partial_path(path: Path, *, suffix: str | None = None) -> Path:
@@ -40,6 +40,10 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     gets the permissions a plain ``open(path, "w")`` would give (the user's umask), whatever the writer chose
     (safetensors writes 0600)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder to write {path.name} into does not exist: {path.parent}")
     tmp = partial_path(path)
     try:
         write(tmp)
@@ -71,6 +75,18 @@ def check_output(path: str | os.PathLike, name: str, *, overwrite: bool, suffixe
         raise FileNotFoundError(f"the folder of `{name}` does not exist: {parent}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"the folder of `{name}` is not writable: {parent}")
+    return path
+
+
+def check_input(path: str | os.PathLike, what: str = "file") -> Path:
+    """An existing, non-empty regular file (else FileNotFoundError / IsADirectoryError / ValueError naming it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a {what}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such {what}: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a {what}")
     return path
 
 

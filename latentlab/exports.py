@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from latentlab import _checks
-from latentlab._files import atomic_write, atomic_write_text, check_output
+from latentlab._files import atomic_write, atomic_write_text, check_input, check_output
 from latentlab.backend import Conditioning
 from latentlab.morph import Keyframe, MorphSettings
 from latentlab.sampling import Sampling
@@ -80,9 +80,7 @@ def write_comfyui_latent(latents: torch.Tensor, path: str | os.PathLike, *, scal
 def read_comfyui_latent(path: str | os.PathLike, *, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
     """A ComfyUI ``.latent`` file as diffusers-scaled latents (ComfyUI's own ``LoadLatent`` arithmetic, then
     ``(x - shift_factor) * scaling_factor``)."""
-    from safetensors.torch import load_file
-
-    data = load_file(str(path))
+    data = _load_safetensors(path, "ComfyUI latent")
     if "latent_tensor" not in data:
         raise ValueError(f"{path} is not a ComfyUI latent (no latent_tensor)")
     multiplier = 1.0 if "latent_format_version_0" in data else 1.0 / 0.18215  # ComfyUI's LoadLatent
@@ -103,14 +101,22 @@ def write_comfyui_conditioning(conditioning: Conditioning, path: str | os.PathLi
 
 def read_comfyui_conditioning(path: str | os.PathLike) -> list:
     """ComfyUI's CONDITIONING structure: ``[[cond (1, 77, D), {"pooled_output": (1, D)}], ...]``, one per item."""
-    from safetensors.torch import load_file
-
-    data = load_file(str(path))
+    data = _load_safetensors(path, "conditioning file")
     if "cond" not in data:
         raise ValueError(f"{path} is not a conditioning file (no cond tensor)")
     pooled = data.get("pooled_output")
     return [[data["cond"][i : i + 1], {} if pooled is None else {"pooled_output": pooled[i : i + 1]}]
             for i in range(len(data["cond"]))]
+
+
+def _load_safetensors(path, what: str) -> dict:
+    """Every tensor of a safetensors file, with damaged files reported as ValueError naming the path."""
+    from latentlab import store
+
+    try:
+        return store.load(path)[0]
+    except ValueError as e:
+        raise ValueError(f"{e} (expected a {what})") from None
 
 
 def _keyframe_frames(settings: MorphSettings) -> list[int]:
@@ -191,7 +197,11 @@ def _parse_schedule(text: str, name: str) -> list[tuple[int, str]]:
 def read_deforum_schedule(path: str | os.PathLike) -> MorphSettings:
     """A Deforum-style schedule as :class:`~latentlab.morph.MorphSettings`: one keyframe per prompt frame (seeds
     from ``seed_schedule`` at the same frames), ``max_frames``, ``fps``, and constant steps/guidance/sampler."""
-    d = json.loads(Path(path).read_text())
+    path = check_input(path, "Deforum schedule")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a Deforum schedule (not JSON: {e})") from None
     if not isinstance(d, dict) or not isinstance(d.get("prompts"), dict) or "max_frames" not in d:
         raise ValueError(f"{path} is not a Deforum schedule (needs prompts and max_frames)")
     prompt_at = sorted((int(f), p) for f, p in d["prompts"].items())
@@ -232,9 +242,10 @@ def save_direction(direction, path: str | os.PathLike, *, overwrite: bool = Fals
 
 def load_direction(path: str | os.PathLike) -> torch.Tensor:
     """A direction saved by :func:`save_direction` (or any numeric ``.npy``; pickles are refused)."""
+    path = check_input(path, ".npy direction")
     try:
         arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
+    except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"{path} is not a plain numeric .npy array ({e})") from None
     if not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{path} holds {arr.dtype}, not numbers")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from latentlab import _checks
-from latentlab._files import atomic_write
+from latentlab._files import atomic_write, check_input
 
 __all__ = ["PROVENANCE_KEY", "load", "save", "versions"]
 
@@ -90,9 +90,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", keys=No
     """
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    path = check_input(path, "safetensors file")
     if rows is not None and not isinstance(rows, slice):
         raise TypeError(f"`rows` must be a slice, got {type(rows).__name__}")
     try:

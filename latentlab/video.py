@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from latentlab import _checks
-from latentlab._files import atomic_write, check_output, partial_path
+from latentlab._files import atomic_write, check_input, check_output, partial_path
 
 __all__ = ["AUDIO_FORMATS", "FORMATS", "IMAGE_FORMATS", "VideoWriter", "decode_audio", "image_grid", "mux_audio",
            "png_bytes", "read_image", "read_video", "write_image", "write_video"]
@@ -181,13 +181,17 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     """Decode a video to (N, H, W, 3) uint8 and report codec, pixel format, fps and size (for round-trip tests)."""
     import imageio_ffmpeg
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such video: {path}")
-    gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-    meta = gen.__next__()
-    w, h = meta["size"]
-    frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen]
+    path = check_input(path, "video")
+    try:
+        gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        meta = gen.__next__()
+        w, h = meta["size"]
+        frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen]
+    except (OSError, RuntimeError, ValueError, StopIteration) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"{path} is not a readable video (truncated or another format?): {first}") from None
+    if not frames:
+        raise ValueError(f"{path} is not a readable video: no frames")
     codec = (meta.get("codec") or "").split()[0].rstrip(",")
     info = {"fps": meta.get("fps"), "size": (w, h), "codec": codec, "pix_fmt": meta.get("pix_fmt")}
     return np.stack(frames), info
@@ -244,9 +248,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     """Read an image file to (1, 3, H, W) float32 in [0, 1] (alpha dropped, greyscale expanded)."""
     import imageio.v3 as iio
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such image: {path}")
+    path = check_input(path, "image")
     try:
         arr = np.asarray(iio.imread(path))
     except Exception as e:  # noqa: BLE001 - imageio raises many types for files that are not images
@@ -278,6 +280,8 @@ def decode_audio(path: str | os.PathLike, *, sr: int = 22050, name: str = "audio
     that has no audio stream.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"`{name}` is a folder, not an audio file: {path}")
     if not path.is_file():
         raise FileNotFoundError(f"`{name}` does not exist: {path}")
     code, out, err = _ffmpeg(["-i", str(path), "-vn", "-ac", "1", "-ar", str(int(sr)), "-f", "f32le", "-"])

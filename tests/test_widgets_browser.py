@@ -427,7 +427,7 @@ def test_course_notebook_05_runs_in_the_browser(lab_page):
     page, shots = lab_page
     src = Path(__file__).parent.parent / "notebooks" / "05-train-it-yourself.ipynb"
     shutil.copy(src, SERVER["root"] / src.name)
-    tab = page.context.new_page()
+    tab = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         tab.goto(f"{SERVER['base']}/lab/tree/{src.name}", timeout=120_000)
         tab.wait_for_function("() => document.querySelector('#jp-main-statusbar')?.innerText.includes('Idle')",
