@@ -109,6 +109,11 @@ def lab_page(tmp_path_factory):
         d = root / var.lower()
         d.mkdir()
         env[var] = str(d)
+    # render every cell (JupyterLab 4 attaches only the cells near the viewport by default): a course notebook's
+    # last widgets must exist in the page to be checked
+    tracker = root / "jupyterlab_settings_dir" / "@jupyterlab" / "notebook-extension"
+    tracker.mkdir(parents=True)
+    (tracker / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
     env["LL_OUT"] = str(root)
     env["MPLBACKEND"] = "Agg"
     port = _free_port()

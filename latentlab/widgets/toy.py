@@ -66,9 +66,10 @@ class ToyLab(WorkerPanel):
         self.reset_button = widgets.Button(description="reset", layout=widgets.Layout(width="70px"))
         self.reflow_button = widgets.Button(description="reflow", tooltip="train a rectified flow from the flow model",
                                             layout=widgets.Layout(width="80px"))
-        self.t = widgets.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.01, description="t", readout_format=".2f",
+        self.t = widgets.FloatSlider(value=0.0, min=0.0, max=1.0, step=0.01, description="t", readout_format=".2f",
                                      continuous_update=True, layout=widgets.Layout(width="360px"))
-        self.player = widgets.Play(value=0, min=0, max=100, step=4, interval=120, description="play sampling")
+        # the samples (t = 0) first; ▶ replays the sampling run from the noise (t = 1)
+        self.player = widgets.Play(value=100, min=0, max=100, step=4, interval=120, description="play sampling")
         self.player.observe(self._from_player, "value")
         self.steps = widgets.IntSlider(value=16, min=1, max=64, description="steps", continuous_update=False,
                                        layout=widgets.Layout(width="300px"))
