@@ -112,6 +112,7 @@ class ToyLab(WorkerPanel):
         return toy2d.from_points(data, 4096, seed=self.seed)
 
     def _on_preset(self) -> None:
+        self.play_button.value = False  # new data: training stops, the models start again
         drawing = self.preset.value == _DRAW
         self.data_canvas.drawable = drawing
         if not drawing:
@@ -130,6 +131,7 @@ class ToyLab(WorkerPanel):
         drawn = self.data_canvas.drawn
         if len(drawn) < 3:
             return
+        self.play_button.value = False
         self.data = toy2d.from_points(drawn, 4096, seed=self.seed)
         self.submit(self._reset)
 
