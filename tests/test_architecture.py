@@ -30,11 +30,13 @@ PKG = Path(__file__).resolve().parents[1] / "latentlab"
 LAYERS = {
     "ops": 0, "_checks": 0, "_files": 0, "_tensors": 0, "_quiet": 0, "_version": 0,
     "seeds": 1, "paths": 1, "sampling": 1, "embedded": 1, "embedded.world": 1, "audio": 1,
+    "toy2d": 1,  # the 2-D teaching models: pure torch
     "backend": 2, "clip": 2, "project": 2, "store": 2, "video": 2, "distributed": 2,
     "morph": 3, "atlas": 3,
     "embedded.evaluate": 3,  # the automatic evaluator: a development tool the benchmarks and notebooks use
-    "widgets": 4, "benchmarks": 4, "embedded.train": 4, "exports": 4,
+    "widgets": 4, "embedded.train": 4, "exports": 4,
     "cli": 5,  # the leaf over everything, exports (formats of other tools, built on morph) included
+    "benchmarks": 5,  # measure everything, the widgets included; nothing imports them
     "__main__": 6,  # `python -m latentlab`: the cli
     "__init__": 3,  # the package face re-exports layers 0-2
 }
