@@ -44,7 +44,7 @@ class Atlas:
             raise TypeError("`items` must be a list of dicts (one per item)")
         for name in ("noise", "latents", "image_embeds", "prompt_embeds", "thumbnails"):
             t = getattr(self, name)
-            _checks.tensor(t, name, min_ndim=2, floating=name != "thumbnails")
+            _checks.tensor(t, name, min_ndim=2, floating=name != "thumbnails", empty=name == "thumbnails")
             if len(t) != n:
                 raise ValueError(f"`{name}` has {len(t)} rows but there are {n} items: the atlas is inconsistent")
         if self.thumbnails.dtype != torch.uint8 or self.thumbnails.ndim != 4 or self.thumbnails.shape[1] != 3:
