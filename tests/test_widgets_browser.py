@@ -434,7 +434,8 @@ def test_course_notebook_05_runs_in_the_browser(lab_page):
     shutil.copy(src, SERVER["root"] / src.name)
     tab = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        tab.goto(f"{SERVER['base']}/lab/tree/{src.name}", timeout=120_000)
+        # ?reset: a fresh workspace with only this notebook (else the restored layout can make the other one active)
+        tab.goto(f"{SERVER['base']}/lab/tree/{src.name}?reset", timeout=120_000)
         tab.wait_for_function("() => document.querySelector('#jp-main-statusbar')?.innerText.includes('Idle')",
                               timeout=180_000)
         tab.click("text=Run", timeout=30_000)
