@@ -57,12 +57,13 @@ class _Run:
         self.timesteps = tuple(float(t) for t in traj.timesteps) + (0.0,)
         self.lab = lab
         self.png: dict[tuple[str, int], bytes] = {}
+        steps = self.xt[1:] - self.xt[:-1]
+        chord = (self.xt[-1] - self.xt[0]).flatten().norm().clamp_min(1e-12)
+        self._chord_ratio = float(steps.flatten(1).norm(dim=1).sum() / chord)  # a property of the run: once
 
     def chord_ratio(self) -> float:
-        steps = self.xt[1:] - self.xt[:-1]
-        length = steps.flatten(1).norm(dim=1).sum()
-        chord = (self.xt[-1] - self.xt[0]).flatten().norm().clamp_min(1e-12)
-        return float(length / chord)
+        """Path length / straight distance from noise to the final latent (1 = straight)."""
+        return self._chord_ratio
 
 
 class TimestepScrubber(WorkerPanel):
