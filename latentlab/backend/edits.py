@@ -113,8 +113,9 @@ def _run_img2img(lab: Lab, latents, conditioning, *, strength, seed, mask, sampl
 
             kw = {"callback_on_step_end": blend, "callback_on_step_end_tensor_inputs": ["latents"]}
         size = {"height": h * f, "width": w * f} if sized else {}
-        out = pipe(image=z0, strength=strength, num_inference_steps=s.num_inference_steps, generator=gens,
-                   output_type="latent", **size, **adapter.call_kwargs(lab, cond, negative, s), **kw).images
+        with adapter.denoising(lab):
+            out = pipe(image=z0, strength=strength, num_inference_steps=s.num_inference_steps, generator=gens,
+                       output_type="latent", **size, **adapter.call_kwargs(lab, cond, negative, s), **kw).images
         return adapter.unpack(out, h, w)
 
     args = (latents, conditioning, torch.arange(len(latents))) + (() if m is None else (m,))
@@ -221,11 +222,13 @@ def invert(lab: Lab, latents: torch.Tensor, conditioning: Conditioning, *, solve
 
     @torch.no_grad()
     def run(z0, cond):
-        return adapter.invert(lab, z0.to(lab.device, lab.dtype), cond, negative, s, solver)
+        with adapter.denoising(lab):
+            return adapter.invert(lab, z0.to(lab.device, lab.dtype), cond, negative, s, solver)
 
     @torch.no_grad()
     def back(noise, cond):
-        return adapter.reconstruct(lab, noise.to(lab.device, lab.dtype), cond, negative, s, solver)
+        with adapter.denoising(lab):
+            return adapter.reconstruct(lab, noise.to(lab.device, lab.dtype), cond, negative, s, solver)
 
     noise = lab.run_batched(run, latents, conditioning, batch_size=batch_size).float()
     rec = lab.run_batched(back, noise, conditioning, batch_size=batch_size).float()

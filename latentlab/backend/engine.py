@@ -419,7 +419,8 @@ class Engine:
 
         @torch.no_grad()
         def run(z, cond):
-            return self.adapter.generate(self, z.to(self.device, self.dtype), cond, negative, s)
+            with self.adapter.denoising(self):
+                return self.adapter.generate(self, z.to(self.device, self.dtype), cond, negative, s)
 
         out = self.run_batched(run, latents, conditioning, batch_size=batch_size)
         if output_type == "latent":

@@ -39,7 +39,8 @@ def trajectory(
     ts: list[tuple[float, ...]] = []
 
     def run(z, cond):
-        steps, lats, x0s, final = lab.adapter.trajectory(lab, z.to(lab.device, lab.dtype), cond, negative, s)
+        with lab.adapter.denoising(lab):
+            steps, lats, x0s, final = lab.adapter.trajectory(lab, z.to(lab.device, lab.dtype), cond, negative, s)
         ts[:] = [steps]
         # batch-first (b, 2 * steps + 1, C, h, w) so chunks concatenate
         return torch.cat([lats, x0s, final.unsqueeze(1)], dim=1)

@@ -11,6 +11,7 @@ from pathlib import Path
 import ipywidgets as widgets
 import torch
 
+from latentlab import _tensors
 from latentlab.backend import Backend
 from latentlab.sampling import Sampling
 from latentlab.video import png_bytes
@@ -24,6 +25,11 @@ def data_url(image: torch.Tensor, *, upscale: int = 1) -> str:
 
 class WorkerPanel(widgets.VBox):
     """A VBox with a latest-request worker, a busy indicator and an error line (no model: the toy lessons)."""
+
+    #: Torch threads the worker's jobs run with (None: the process's setting). Widgets whose work is one image at
+    #: a time set 1: latency-bound work gains nothing from a second thread and loses a lot when the other core is
+    #: busy (see :func:`latentlab._tensors.threads`).
+    torch_threads: int | None = None
 
     def __init__(self, *, upscale: int = 4, **kw):
         self.upscale = upscale
@@ -49,7 +55,11 @@ class WorkerPanel(widgets.VBox):
         """Run ``fn`` on this widget's worker (only the latest request waits), clearing the last error first."""
         def run():
             self.clear_error()
-            fn()
+            if self.torch_threads is None:
+                fn()
+            else:
+                with _tensors.threads(self.torch_threads):
+                    fn()
 
         self._worker.submit(run)
 

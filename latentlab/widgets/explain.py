@@ -97,6 +97,8 @@ class TimestepScrubber(WorkerPanel):
     True
     """
 
+    torch_threads = 1  # one image at a time (see WorkerPanel.torch_threads)
+
     def __init__(self, lab, prompt: str, seed: int = 0, *, sampling: Sampling | None = None, upscale: int = 3,
                  names: Sequence[str] | None = None):
         super().__init__(upscale=upscale)
@@ -243,6 +245,8 @@ class TokenView(WorkerPanel):
     ('a</w>', 'small</w>', 'red</w>', 'star</w>')
     """
 
+    torch_threads = 1  # one image at a time (see WorkerPanel.torch_threads)
+
     def __init__(self, lab, prompt: str, *, names: Sequence[str] | None = None, upscale: int = 6):
         super().__init__(upscale=upscale)
         self.labs = _labs(lab, names)
@@ -326,6 +330,8 @@ class TrajectoryMap(WorkerPanel):
     >>> 0 < w.summary[0]["split"] <= w.summary[0]["steps"]
     True
     """
+
+    torch_threads = 1  # one image at a time (see WorkerPanel.torch_threads)
 
     def __init__(self, lab, prompt_a: str, prompt_b: str, seed: int = 0, *, method: str = "pca",
                  sampling: Sampling | None = None, names: Sequence[str] | None = None, upscale: int = 2,

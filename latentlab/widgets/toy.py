@@ -42,6 +42,8 @@ class ToyLab(WorkerPanel):
     100
     """
 
+    torch_threads = 1  # one image at a time (see WorkerPanel.torch_threads)
+
     def __init__(self, data: str | object = "moons", *, chunk: int = 100, points: int = 768, seed: int = 0,
                  size: int = 250):
         from latentlab import _checks

@@ -7,6 +7,7 @@ is one new module with a subclass of :class:`Family` and its tiny parity test ag
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -127,6 +128,11 @@ class Family:
         from latentlab.backend.engine import import_diffusers
 
         return getattr(import_diffusers(), self.pipelines[1 if kind == "img2img" else 0])
+
+    def denoising(self, engine: Engine) -> contextlib.AbstractContextManager:
+        """Exact speed-ups around one request's denoising loop (the UNet family caches cross-attention keys and
+        values); nothing by default."""
+        return contextlib.nullcontext()
 
     def call_kwargs(self, engine: Engine, cond: Conditioning, negative: Conditioning, sampling: Sampling) -> dict:
         """The embeddings and guidance keyword arguments of a pipeline call."""

@@ -11,6 +11,8 @@ sample prediction). References: Song et al., "Denoising Diffusion Implicit Model
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +25,99 @@ from latentlab.sampling import Sampling
 if TYPE_CHECKING:
     from latentlab.backend.engine import Engine
 
-__all__ = ["SDXLFamily", "UNetFamily", "alphas_cumprod_at"]
+__all__ = ["CachedCrossAttention", "SDXLFamily", "UNetFamily", "alphas_cumprod_at", "cached_cross_attention"]
+
+
+def _processor_base():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return AttnProcessor2_0
+
+
+class CachedCrossAttention:
+    """diffusers' ``AttnProcessor2_0`` with the cross-attention keys and values computed once per request.
+
+    A pipeline concatenates the text embeddings once, before its denoising loop, and hands the same tensor to the
+    UNet at every step; each cross-attention layer then projects it to keys and values again, every step. This
+    processor keeps, per attention layer, the keys and values of the last embeddings tensor it saw (held by a weak
+    reference and its in-place version counter, so a new or modified tensor is never mistaken for it) and reuses
+    them. Everything else is ``AttnProcessor2_0``'s code path, operator for operator, so the outputs are bit for bit
+    the same (tested). Only without autograd (training needs the projections' gradients) and only for cross
+    attention; self attention and the query always run.
+    """
+
+    def __init__(self):
+        self._base = _processor_base()()
+        self._cache: dict[int, tuple] = {}
+        self.hits = 0
+
+    def _kv(self, attn, ehs: torch.Tensor, batch_size: int):
+        entry = self._cache.get(id(attn))
+        if entry is not None and entry[0]() is ehs and entry[1] == ehs._version:
+            self.hits += 1
+            return entry[2], entry[3]
+        x = attn.norm_encoder_hidden_states(ehs) if attn.norm_cross else ehs
+        key, value = attn.to_k(x), attn.to_v(x)
+        head_dim = key.shape[-1] // attn.heads
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        self._cache[id(attn)] = (weakref.ref(ehs), ehs._version, key, value)
+        return key, value
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if (encoder_hidden_states is None or torch.is_grad_enabled() or attention_mask is not None or args
+                or kwargs.get("scale") is not None):
+            return self._base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        import torch.nn.functional as F
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size = encoder_hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        key, value = self._kv(attn, encoder_hidden_states, batch_size)
+        head_dim = key.shape[-1]
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                                       is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def cached_cross_attention(unet):
+    """Run ``unet`` with :class:`CachedCrossAttention` for the block, restoring its processors after. Does nothing
+    when the UNet runs processors other than diffusers' default (a user's LoRA/IP-Adapter/custom processor is left
+    alone)."""
+    old = unet.attn_processors
+    base = _processor_base()
+    if not old or not all(type(p) is base for p in old.values()):
+        yield None
+        return
+    proc = CachedCrossAttention()
+    unet.set_attn_processor(proc)
+    try:
+        yield proc
+    finally:
+        unet.set_attn_processor(old)
 
 
 def _latents_mean_std(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -82,6 +176,10 @@ class UNetFamily(Family):
         if name.startswith("FlowMatch"):
             raise ValueError(f"`scheduler` {name!r} is a flow-matching scheduler; this {self.family} model is a "
                              "diffusion (noise-prediction) model: use e.g. 'DDIMScheduler' or 'EulerDiscreteScheduler'")
+
+    def denoising(self, engine: Engine):
+        """Cross-attention keys and values computed once per request (:class:`CachedCrossAttention`; bit-identical)."""
+        return cached_cross_attention(engine.pipe.unet)
 
     def guided(self, pipe: Any, sampling: Sampling) -> bool:
         """Whether the pipeline runs the unconditional branch (LCM-style guidance-embedded UNets never do)."""

@@ -1,0 +1,273 @@
+"""Train the embedded few-step model ("embedded-shapes-fast") by distilling the default model.
+
+One responsibility: the committed, seeded recipe that produces ``latentlab/embedded/model-fast`` -- a plain
+diffusers ``StableDiffusionPipeline`` folder that generates in 1-4 deterministic DDIM steps without classifier-free
+guidance (guidance 4 is baked in). A development tool (like :mod:`latentlab.embedded.train`, whose checkpoint and
+loop helpers it uses), not part of the library's import graph.
+
+The method ("coupled-line" distillation, measured against the alternatives in MODEL_CARD.md):
+
+1. ``data``: the teacher (the shipped default model, its own DDIM 20 steps at guidance 4, training prompts only --
+   the held-out prompts of the evaluation are never shown to the student) maps noise ``n`` to a latent ``x0``.
+2. ``student``: a UNet initialised from the teacher's weights learns, as a v-prediction model, the deterministic
+   line through each pair: ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) e`` with ``e = (n - sqrt(a_T) x0) / sqrt(1 - a_T)``,
+   so that the line passes through the noise itself at the first timestep ``T = 999`` (what the pipeline feeds the
+   model). A DDIM step from a perfect prediction lands exactly on the line again, so 1, 2, 3 or 4 "trailing" DDIM
+   steps all end on the teacher's image, and no fresh noise is ever added (nothing flickers along a morph path).
+   It is reflow (Liu et al. 2022) in the variance-preserving parametrisation, with the teacher's guidance distilled in.
+3. ``tiny``: an ``AutoencoderTiny`` (TAESD layout, 24 channels) distilled from the default VAE: its decoder
+   reproduces the default decoder's image from the same latent (8x cheaper at batch 1), its encoder the posterior
+   mean, so the pipeline's img2img works too.
+4. ``package``: the diffusers folder.
+
+::
+
+    python -m latentlab.embedded.train_fast data    --out runs/fast --minutes 35 --threads 2
+    python -m latentlab.embedded.train_fast student --out runs/fast --minutes 80 --threads 1
+    python -m latentlab.embedded.train_fast tiny    --out runs/fast --minutes 12 --threads 1
+    python -m latentlab.embedded.train_fast package --out runs/fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from latentlab.embedded import world
+from latentlab.embedded.train import _lr, _run
+
+DEFAULT_MODEL = Path(__file__).parent / "model"
+#: The teacher's sampler for the distillation targets (the default model's documented settings).
+TEACHER_STEPS, TEACHER_GUIDANCE = 20, 4.0
+#: The "trailing" DDIM timesteps the student is used at (1 to 4 steps), sampled more often in training.
+GRID = (999, 749, 666, 499, 333, 249)
+FIRST_T = 999
+
+
+def teacher(default_model: Path = DEFAULT_MODEL):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(default_model / "tokenizer")
+    text = CLIPTextModel.from_pretrained(default_model / "text_encoder", dtype=torch.float32).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(default_model / "unet", dtype=torch.float32).eval().requires_grad_(False)
+    sched = DDIMScheduler.from_pretrained(default_model / "scheduler")
+    return tok, text, unet, sched
+
+
+def embed(tok, text, captions: list[str]) -> torch.Tensor:
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text(ids)[0]
+
+
+@torch.no_grad()
+def teacher_latents(unet, sched, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What ``StableDiffusionPipeline`` computes before decoding (DDIM, ``TEACHER_STEPS``, ``TEACHER_GUIDANCE``)."""
+    sched.set_timesteps(TEACHER_STEPS)
+    z = noise * sched.init_noise_sigma
+    both = torch.cat([uncond.expand(len(z), -1, -1), cond])
+    for t in sched.timesteps:
+        eps_u, eps_c = unet(torch.cat([z, z]), t, encoder_hidden_states=both).sample.chunk(2)
+        z = sched.step(eps_u + TEACHER_GUIDANCE * (eps_c - eps_u), t, z).prev_sample
+    return z
+
+
+def make_data(args) -> None:
+    """Shards of 256 (noise, teacher latent, caption) triples in OUT/data, until --minutes (resumes by shard)."""
+    from safetensors.torch import save_file
+
+    tok, text, unet, sched = teacher()
+    uncond = embed(tok, text, [""])
+    out = args.out / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    k = len(list(out.glob("shard-*.safetensors")))
+    while time.monotonic() - t0 < args.minutes * 60:
+        b = world.sample(256, seed=args.seed * 1_000_003 + 7_000_000 + k, prompts=world.training_prompts(),
+                         drop_size=0.15, drop_background=0.10)
+        noise = torch.randn(256, 4, 8, 8, generator=torch.Generator().manual_seed(90_000_000 + k))
+        z = torch.cat([teacher_latents(unet, sched, embed(tok, text, b.captions[i:i + 64]), uncond, noise[i:i + 64])
+                       for i in range(0, 256, 64)])
+        tmp = out / f".shard-{k:05d}.tmp"
+        save_file({"noise": noise, "x0": z.contiguous()}, tmp, metadata={"captions": json.dumps(b.captions)})
+        os.replace(tmp, out / f"shard-{k:05d}.safetensors")
+        k += 1
+        print(json.dumps({"stage": "data", "shards": k, "elapsed": round(time.monotonic() - t0, 1)}), flush=True)
+
+
+def load_data(out: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from safetensors import safe_open
+
+    noise, x0, captions = [], [], []
+    for f in sorted((out / "data").glob("shard-*.safetensors")):
+        with safe_open(f, "pt") as s:
+            noise.append(s.get_tensor("noise"))
+            x0.append(s.get_tensor("x0"))
+            captions += json.loads(s.metadata()["captions"])
+    if not noise:
+        raise FileNotFoundError(f"no teacher data in {out / 'data'}: run the data stage first")
+    return torch.cat(noise), torch.cat(x0), captions
+
+
+def line(noise: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas: torch.Tensor):
+    """The point at ``t`` of the line through (noise at FIRST_T, x0 at 0), and the v-prediction target there."""
+    a_T = alphas[FIRST_T]
+    e = (noise - a_T.sqrt() * x0) / (1 - a_T).sqrt()
+    a = alphas[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * e, a.sqrt() * e - (1 - a).sqrt() * x0
+
+
+def train_student(args) -> None:
+    torch.manual_seed(args.seed)
+    tok, text, unet, sched = teacher()
+    noise, x0, captions = load_data(args.out)
+    print(json.dumps({"stage": "student", "pairs": len(noise)}), flush=True)
+    unique = sorted(set(captions))
+    table = torch.cat([embed(tok, text, unique[i:i + 128]) for i in range(0, len(unique), 128)])
+    index = torch.tensor([unique.index(c) for c in captions])
+    alphas = sched.alphas_cumprod
+    student = unet.requires_grad_(True).train()
+    lr = args.lr or 1e-4
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    ema = copy.deepcopy(student).requires_grad_(False)
+    grid = torch.tensor(GRID)
+
+    def step_fn(step, scale):
+        g = torch.Generator().manual_seed(20_000_000 + step)
+        bsz = args.batch or 64
+        idx = torch.randint(len(noise), (bsz,), generator=g)
+        on_grid = torch.rand(bsz, generator=g) < 0.5
+        t = torch.where(on_grid, grid[torch.randint(len(grid), (bsz,), generator=g)],
+                        torch.randint(0, 1000, (bsz,), generator=g))
+        xt, v = line(noise[idx], x0[idx], t, alphas)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, lr, warmup=100) * scale
+        pred = student(xt, t, encoder_hidden_states=table[index[idx]]).sample
+        loss = F.mse_loss(pred, v)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    _run("student", args, {"model": student}, opt, step_fn, ema=ema, ema_decay=args.ema or 0.998)
+
+
+def tiny_config(scaling_factor: float) -> dict:
+    return dict(in_channels=3, out_channels=3, latent_channels=4, encoder_block_out_channels=(32, 32, 32, 32),
+                decoder_block_out_channels=(24, 24, 24, 24), num_encoder_blocks=(1, 1, 1, 1),
+                num_decoder_blocks=(1, 1, 1, 0), scaling_factor=scaling_factor, force_upcast=False)
+
+
+def train_tiny(args) -> None:
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL.from_pretrained(DEFAULT_MODEL / "vae", dtype=torch.float32).eval().requires_grad_(False)
+    scaling = float(vae.config.scaling_factor)
+    tiny = AutoencoderTiny(**tiny_config(scaling)).train()
+    try:
+        _, teacher_x0, _ = load_data(args.out)
+    except FileNotFoundError:
+        teacher_x0 = None
+    lr = args.lr or 1e-3
+    opt = torch.optim.AdamW(tiny.parameters(), lr=lr, weight_decay=0.0)
+    ema = copy.deepcopy(tiny).requires_grad_(False)
+
+    def step_fn(step, scale):
+        g = torch.Generator().manual_seed(30_000_000 + step)
+        b = world.sample(32, seed=args.seed * 1_000_003 + 40_000_000 + step, jitter=0.06)
+        x = b.images * 2 - 1
+        with torch.no_grad():
+            mean = vae.encode(x).latent_dist.mean  # unscaled, what the pipeline hands the decoder
+            lat = mean
+            if teacher_x0 is not None:  # half the decoder's inputs are what the student generates (teacher latents)
+                idx = torch.randint(len(teacher_x0), (16,), generator=g)
+                lat = torch.cat([mean[:16], teacher_x0[idx] / scaling])
+            target = vae.decode(lat).sample
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, lr, warmup=100) * scale
+        rec = tiny.decode(lat).sample
+        enc = tiny.encode(x).latents
+        loss = F.l1_loss(rec, target) + F.mse_loss(rec, target) + 0.1 * F.mse_loss(enc, mean)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    _run("tiny", args, {"model": tiny}, opt, step_fn, ema=ema, ema_decay=0.999)
+
+
+def scheduler_config() -> dict:
+    """DDIM, trailing timesteps (the first step at t = 999, where the student was trained), v-prediction, and the
+    last step returns the prediction itself (``set_alpha_to_one``)."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
+                timestep_spacing="trailing")
+
+
+def package(args) -> None:
+    from diffusers import AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(DEFAULT_MODEL / "tokenizer")
+    text = CLIPTextModel.from_pretrained(DEFAULT_MODEL / "text_encoder", dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(DEFAULT_MODEL / "unet", dtype=torch.float32)
+    unet.load_state_dict(load_file(args.out / "student-ckpt" / "ema.safetensors"))
+    scaling = json.loads((DEFAULT_MODEL / "vae" / "config.json").read_text())["scaling_factor"]
+    tiny = AutoencoderTiny(**tiny_config(scaling))
+    tiny.load_state_dict(load_file(args.out / "tiny-ckpt" / "ema.safetensors"))
+    pipe = StableDiffusionPipeline(
+        vae=tiny, text_encoder=text, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**scheduler_config()),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    dest = args.package_to
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.unet.to(torch.float16)  # diffusers upcasts on load; as for the default model
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(DEFAULT_MODEL / "tokenizer" / name, tmp / "tokenizer" / name)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    print(f"packaged to {dest}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m latentlab.embedded.train_fast", description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=["data", "student", "tiny", "package"])
+    p.add_argument("--out", type=Path, default=Path("runs/fast"), help="checkpoint folder (resumed if present)")
+    p.add_argument("--minutes", type=float, help="stop after this much time (cumulative over resumes)")
+    p.add_argument("--steps", type=int, help="stop at this step (cumulative over resumes)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--cooldown", type=float, default=0.0,
+                   help="decay the learning rate linearly to 0 over this last fraction of --minutes")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--ema", type=float, help="EMA decay (student: 0.998)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
+    p.add_argument("--package-to", type=Path, default=Path(__file__).parent / "model-fast")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("data", "student", "tiny") and args.minutes is None and args.steps is None:
+        p.error("give --minutes or --steps")
+    {"data": make_data, "student": train_student, "tiny": train_tiny, "package": package}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()

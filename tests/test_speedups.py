@@ -1,0 +1,132 @@
+"""Exact speed-ups: what they change must be nothing (bit for bit), and they must actually run."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from latentlab.backend.families import unet as unet_family
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def unet_lab(request):
+    from latentlab.backend import Lab
+
+    path = request.getfixturevalue("tiny_sd_path" if request.param == "sd" else "tiny_sdxl_path")
+    lab = Lab.from_pretrained(path, device="cpu")
+    lab.defaults = lab.defaults.replace(num_inference_steps=4, guidance_scale=3.0)
+    return lab
+
+
+def _without_cache(monkeypatch):
+    monkeypatch.setattr(unet_family.UNetFamily, "denoising", lambda self, engine: contextlib.nullcontext())
+
+
+def _every_request(lab):
+    cond = lab.encode_prompt(["a red star", "a blue ring", "a green cross"])
+    z = lab.noise([3, 4, 5])
+    gen = lab.generate(z, cond, batch_size=2, output_type="latent")
+    traj = lab.trajectory(z, cond, batch_size=3)
+    i2i = lab.img2img(gen, cond, strength=0.7, seed=[1, 2, 3], output_type="latent", batch_size=3)
+    inv = lab.invert(gen, cond, batch_size=3)
+    return [gen, traj.latents, traj.x0, i2i, inv.noise]
+
+
+def test_cached_cross_attention_changes_no_bit(unet_lab, monkeypatch):
+    cached = _every_request(unet_lab)
+    _without_cache(monkeypatch)
+    plain = _every_request(unet_lab)
+    for a, b in zip(cached, plain):
+        assert torch.equal(a, b)
+
+
+def test_cache_is_used_and_processors_are_restored(unet_lab):
+    unet = unet_lab.pipe.unet
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    with unet_family.cached_cross_attention(unet) as proc:
+        assert proc is not None
+        cond = unet_lab.encode_prompt("a red star")
+        unet_lab.adapter.generate(unet_lab, unet_lab.noise(0), cond, unet_lab.negative_conditioning(""),
+                                  unet_lab.sampling())
+        # 4 steps: the first computes the keys and values of every cross-attention layer, the other 3 reuse them
+        layers = sum(1 for name in unet.attn_processors if name.endswith("attn2.processor"))
+        assert layers > 0 and proc.hits == 3 * layers
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+
+def test_a_new_or_modified_embedding_tensor_is_never_served_from_the_cache(tiny_lab):
+    unet_lab = tiny_lab
+    unet = unet_lab.pipe.unet
+    x = torch.randn(2, 4, 8, 8)
+    emb = unet_lab.encode_prompt(["a red star", "a blue ring"]).prompt_embeds
+    ref = unet(x, 10, encoder_hidden_states=emb).sample
+    with torch.no_grad(), unet_family.cached_cross_attention(unet) as proc:
+        first = unet(x, 10, encoder_hidden_states=emb.clone()).sample
+        same = emb.clone()
+        unet(x, 10, encoder_hidden_states=same)
+        same.mul_(2.0)  # modified in place: its version counter moves, so it is recomputed
+        changed = unet(x, 10, encoder_hidden_states=same).sample
+        assert proc.hits == 0
+    assert torch.equal(first, ref.detach())
+    assert torch.equal(changed, unet(x, 10, encoder_hidden_states=same).sample.detach())
+
+
+def test_no_cache_with_autograd_or_custom_processors(tiny_lab):
+    unet_lab = tiny_lab
+    unet = unet_lab.pipe.unet
+    x = torch.randn(1, 4, 8, 8)
+    emb = unet_lab.encode_prompt("a red star").prompt_embeds
+    with unet_family.cached_cross_attention(unet) as proc:
+        for _ in range(2):
+            out = unet(x, 10, encoder_hidden_states=emb).sample
+        assert proc.hits == 0 and out.requires_grad is any(p.requires_grad for p in unet.parameters())
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet.set_attn_processor(AttnProcessor())  # a user's own processors are left alone
+    try:
+        with unet_family.cached_cross_attention(unet) as proc:
+            assert proc is None
+            assert all(type(p) is AttnProcessor for p in unet.attn_processors.values())
+    finally:
+        unet.set_default_attn_processor()
+
+
+def test_threads_limits_and_restores():
+    from latentlab import _tensors
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _tensors.threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), _tensors.threads(1):
+            raise RuntimeError("restored even on errors")
+        assert torch.get_num_threads() == 2
+        with _tensors.threads(4):  # never raises the count
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_one_image_widgets_run_their_jobs_on_one_thread():
+    from latentlab.widgets import TimestepScrubber, ToyLab
+    from latentlab.widgets._base import WorkerPanel
+
+    assert TimestepScrubber.torch_threads == 1 and ToyLab.torch_threads == 1
+    seen = []
+
+    class Probe(WorkerPanel):
+        torch_threads = 1
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = Probe()
+        w.submit(lambda: seen.append(torch.get_num_threads()))
+        assert w.wait()
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
