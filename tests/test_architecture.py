@@ -56,8 +56,8 @@ def _component(module: str) -> str:
     parts = module.split(".")[1:]
     if not parts:
         return "__init__"
-    if parts[:2] == ["embedded", "train_flow"]:
-        return "embedded.train"  # one development tool in two files: the UNet recipe and the flow twin's
+    if parts[:2] in (["embedded", "train_flow"], ["embedded", "train_fast"]):
+        return "embedded.train"  # one development tool in three files: the UNet recipe, the flow twin's, the fast one's
     if parts[0] == "embedded" and len(parts) > 1 and f"embedded.{parts[1]}" in LAYERS:
         return f"embedded.{parts[1]}"
     return parts[0]

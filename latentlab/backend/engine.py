@@ -518,8 +518,14 @@ class Engine:
 
     def _encode_batch(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        z = vae.encode(images.to(self.device, vae.dtype) * 2 - 1).latent_dist.mean
-        return self.adapter.scale(vae, z).to(self.dtype)
+        return self.adapter.scale(vae, posterior_mean(vae, images.to(self.device, vae.dtype) * 2 - 1)).to(self.dtype)
+
+
+def posterior_mean(vae: Any, x: torch.Tensor) -> torch.Tensor:
+    """The unscaled latents of images ``x`` in [-1, 1]: the posterior mean of a KL autoencoder, or what a
+    deterministic one (``AutoencoderTiny``) returns."""
+    out = vae.encode(x)
+    return out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
 
 
 def check_size(height: object, width: object, multiple: int, factor: str | None = None) -> None:

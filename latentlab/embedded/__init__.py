@@ -5,7 +5,10 @@ installed package, so it is found after a non-editable ``pip install .`` too:
 
 - ``"embedded-shapes"`` (the default): a miniature Stable Diffusion (UNet, ``latentlab/embedded/model``);
 - ``"embedded-shapes-flow"``: its flow-matching twin, a small SD3-layout transformer on the same VAE and world
-  (``latentlab/embedded/model-flow``).
+  (``latentlab/embedded/model-flow``);
+- ``"embedded-shapes-fast"``: a few-step model distilled from the default one (1-4 deterministic DDIM steps, no
+  classifier-free guidance: guidance 4 is distilled in) with a tiny decoder, for live previews
+  (``latentlab/embedded/model-fast``).
 
 ``MODEL_CARD.md`` beside this file says what they are, how well they work and how to retrain them.
 """
@@ -14,16 +17,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEFAULT", "NAMES", "clip_path", "is_available", "model_path", "resolve"]
+__all__ = ["DEFAULT", "NAMES", "SAMPLING", "clip_path", "is_available", "model_path", "resolve"]
 
 _HERE = Path(__file__).resolve().parent
 _MODEL = _HERE / "model"
 #: The embedded models by name, and their folders.
-_FOLDERS = {"embedded-shapes": _MODEL, "embedded-shapes-flow": _HERE / "model-flow"}
+_FOLDERS = {"embedded-shapes": _MODEL, "embedded-shapes-flow": _HERE / "model-flow",
+            "embedded-shapes-fast": _HERE / "model-fast"}
 NAMES: tuple[str, ...] = tuple(_FOLDERS)
 DEFAULT = "embedded-shapes"
+#: Each model's documented sampling: (num_inference_steps, guidance_scale). The fast model needs no unconditional
+#: branch (guidance 1 turns it off): its teacher's guidance 4 is distilled into it.
+SAMPLING: dict[str, tuple[int, float]] = {"embedded-shapes": (20, 4.0), "embedded-shapes-flow": (20, 4.0),
+                                          "embedded-shapes-fast": (4, 1.0)}
 _RECIPES = {"embedded-shapes": "python -m latentlab.embedded.train",
-            "embedded-shapes-flow": "python -m latentlab.embedded.train_flow"}
+            "embedded-shapes-flow": "python -m latentlab.embedded.train_flow",
+            "embedded-shapes-fast": "python -m latentlab.embedded.train_fast"}
 
 
 def resolve(model: object) -> str | None:

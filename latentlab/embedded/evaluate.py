@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from latentlab.backend.engine import posterior_mean
 from latentlab.embedded import world
 
 _PALETTE = torch.tensor([world.COLOURS[c] for c in world.COLOUR_NAMES])
@@ -238,7 +239,7 @@ def vae_psnr(vae, n: int = 256, seed: int = 123_456) -> float:
     psnrs = []
     for i in range(0, n, 32):
         x = imgs[i : i + 32]
-        z = vae.encode((x * 2 - 1).to(dtype)).latent_dist.mean
+        z = posterior_mean(vae, (x * 2 - 1).to(dtype))
         rec = ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
         mse = ((rec - x) ** 2).mean(dim=(1, 2, 3))
         psnrs.append(10 * torch.log10(1.0 / mse.clamp(min=1e-10)))
@@ -253,7 +254,7 @@ def vae_reconstruction_score(vae, shape_net: ShapeNet, n: int = 512, seed: int =
     b = world.sample(n, seed=seed, prompts=world.held_out_prompts())
     recs = []
     for i in range(0, n, 64):
-        z = vae.encode(b.images[i : i + 64] * 2 - 1).latent_dist.mean
+        z = posterior_mean(vae, b.images[i : i + 64] * 2 - 1)
         recs.append(((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1))
     pred = attributes(torch.cat(recs), shape_net)
     out = score(pred, b.attributes)
@@ -314,7 +315,7 @@ def decoder_locality(vae, n: int = 64, seed: int = 123, seam: int = 1) -> float:
     """RMS change (images in [0, 1]) of the left part of a decoded image when the right half of its latent is
     replaced by another image's, outside a ``seam`` latent pixels wide: 0 for a perfectly local decoder."""
     x = world.sample(2 * n, seed=seed).images * 2 - 1
-    z = vae.encode(x).latent_dist.mean
+    z = posterior_mean(vae, x)
     za, zb = z[:n], z[n:]
     half = z.shape[-1] // 2
     mix = za.clone()
@@ -405,6 +406,67 @@ def clean_inbetweens(lab, shape_net: ShapeNet, *, pairs: int = 50, frames: int =
             "frames": total}
 
 
+def _morph_inputs(lab, a, b, k: int, ts: torch.Tensor):
+    from latentlab.backend import Conditioning
+    from latentlab.ops import lerp, slerp
+
+    za, zb = lab.noise(2 * k), lab.noise(2 * k + 1)
+    ca, cb = lab.encode_prompt(world.caption(*a)), lab.encode_prompt(world.caption(*b))
+    cond = Conditioning(lerp(ca.prompt_embeds, cb.prompt_embeds, ts)[:, 0],
+                        None if ca.pooled_prompt_embeds is None
+                        else lerp(ca.pooled_prompt_embeds, cb.pooled_prompt_embeds, ts)[:, 0])
+    return slerp(za, zb, ts)[:, 0], cond
+
+
+@torch.no_grad()
+def fast_model(fast, full, shape_net: ShapeNet, *, n: int = 256, steps=(1, 2, 4), seed: int = 0, pairs: int = 16,
+               frames: int = 48) -> dict:
+    """The few-step model against its teacher (both latentlab Labs, each with its documented sampling):
+
+    - ``attributes``: per step count, the held-out attribute scores (as :func:`generation`, seeds ``seed + i``);
+    - ``fidelity``: per step count, the share of images whose four attributes read the same as the full model's
+      image for the same seed and prompt (what a preview promises: the final image will look like this);
+    - ``path_coherence``: along ``pairs`` morphs of ``frames`` frames between held-out prompts (slerp noise, lerp
+      prompt), the largest frame-to-frame RMS change (pixels in [0, 1]) of the fast model divided by the full
+      model's on the same path: median, worst, and the share of paths at or under 2.
+    """
+    prompts = world.held_out_prompts()
+    prompts = (prompts * math.ceil(n / len(prompts)))[:n]
+    truth = [world.attributes(p) for p in prompts]
+    from latentlab.backend import Conditioning
+
+    def images(lab, k=None):
+        out = []
+        s = lab.sampling() if k is None else lab.sampling(num_inference_steps=k)
+        for i in range(0, n, 64):
+            c = Conditioning.cat([lab.encode_prompt(world.caption(*p)) for p in prompts[i:i + 64]])
+            out.append(lab.generate(lab.noise(list(range(seed + i, seed + min(n, i + 64)))), c, sampling=s))
+        return torch.cat(out)
+
+    ref = attributes(images(full), shape_net)
+    result: dict = {"full": score(ref, truth), "attributes": {}, "fidelity": {}}
+    for k in steps:
+        pred = attributes(images(fast, k), shape_net)
+        result["attributes"][k] = score(pred, truth) | {"shape_by_size": shape_by_size(pred, truth)}
+        result["fidelity"][k] = sum(p == r for p, r in zip(pred, ref)) / n
+    g = torch.Generator().manual_seed(seed + 4242)
+    idx = torch.randint(len(world.held_out_prompts()), (pairs, 2), generator=g).tolist()
+    ts = torch.linspace(0, 1, frames)
+    ratios = []
+    for k, (i, j) in enumerate(idx):
+        a, b = world.held_out_prompts()[i], world.held_out_prompts()[j]
+        jumps = []
+        for lab in (fast, full):
+            z, c = _morph_inputs(lab, a, b, k, ts)
+            im = lab.generate(z, c)
+            jumps.append(float((im[1:] - im[:-1]).pow(2).flatten(1).mean(1).sqrt().max()))
+        ratios.append(jumps[0] / max(jumps[1], 1e-8))
+    r = torch.tensor(ratios)
+    result["path_coherence"] = {"median_ratio": float(r.median()), "worst_ratio": float(r.max()),
+                                "share_at_most_2": float((r <= 2).float().mean()), "pairs": pairs, "frames": frames}
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m latentlab.embedded.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="diffusers folder (default: the embedded model)")
@@ -415,6 +477,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--v2", action="store_true", help="also measure the v2 targets: decoder and inpainting locality, "
                    "graded img2img, clean in-betweens (a few more minutes)")
+    p.add_argument("--fast", action="store_true",
+                   help="evaluate the few-step model (--model, default embedded-shapes-fast) against the default "
+                        "model: attributes and preview fidelity at 1, 2 and 4 steps, and morph-path coherence")
     p.add_argument("--write-shape-classifier", action="store_true",
                    help=f"train the shape reader and write it to {SHAPE_CLASSIFIER.name} (shipped with latentlab)")
     args = p.parse_args(argv)
@@ -428,6 +493,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {SHAPE_CLASSIFIER} (held-out accuracy {acc:.3f})")
         return
     torch.set_num_threads(args.threads)
+    if args.fast:
+        from latentlab.backend import Lab
+
+        fast = Lab.default("embedded-shapes-fast") if args.model is None else Lab.from_pretrained(args.model)
+        if args.model is not None:
+            fast.defaults = fast.defaults.replace(num_inference_steps=4, guidance_scale=1.0)
+        results = fast_model(fast, Lab.default(), shape_classifier(), n=args.n)
+        results["settings"] = {"n": args.n, "threads": args.threads, "full": "embedded-shapes, 20 DDIM steps, "
+                               "guidance 4", "fast": "DDIM trailing, guidance 1 (distilled)"}
+        text = json.dumps(results, indent=2)
+        print(text)
+        if args.json:
+            args.json.write_text(text + "\n")
+        return
     from diffusers import DiffusionPipeline
     from transformers import CLIPModel, CLIPTokenizer
 

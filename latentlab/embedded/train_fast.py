@@ -23,7 +23,8 @@ The method ("coupled-line" distillation, measured against the alternatives in MO
 ::
 
     python -m latentlab.embedded.train_fast data    --out runs/fast --minutes 35 --threads 2
-    python -m latentlab.embedded.train_fast student --out runs/fast --minutes 80 --threads 1
+    python -m latentlab.embedded.train_fast student --out runs/fast --minutes 80 --threads 1   # may run beside
+                                                                                  # more data (reloads new shards)
     python -m latentlab.embedded.train_fast tiny    --out runs/fast --minutes 12 --threads 1
     python -m latentlab.embedded.train_fast package --out runs/fast
 """
@@ -129,12 +130,23 @@ def line(noise: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas: torch.T
 def train_student(args) -> None:
     torch.manual_seed(args.seed)
     tok, text, unet, sched = teacher()
-    noise, x0, captions = load_data(args.out)
-    print(json.dumps({"stage": "student", "pairs": len(noise)}), flush=True)
-    unique = sorted(set(captions))
-    table = torch.cat([embed(tok, text, unique[i:i + 128]) for i in range(0, len(unique), 128)])
-    index = torch.tensor([unique.index(c) for c in captions])
     alphas = sched.alphas_cumprod
+    data: dict = {"shards": -1, "table": {}}
+
+    def refresh():
+        """(Re)load the teacher pairs when the data stage has written more shards (it may run alongside)."""
+        shards = len(list((args.out / "data").glob("shard-*.safetensors")))
+        if shards == data["shards"]:
+            return
+        noise, x0, captions = load_data(args.out)
+        new = sorted(set(captions) - set(data["table"]))
+        for i in range(0, len(new), 128):
+            for c, e in zip(new[i:i + 128], embed(tok, text, new[i:i + 128])):
+                data["table"][c] = e
+        data.update(shards=shards, noise=noise, x0=x0, cond=torch.stack([data["table"][c] for c in captions]))
+        print(json.dumps({"stage": "student", "pairs": len(noise)}), flush=True)
+
+    refresh()
     student = unet.requires_grad_(True).train()
     lr = args.lr or 1e-4
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
@@ -142,16 +154,18 @@ def train_student(args) -> None:
     grid = torch.tensor(GRID)
 
     def step_fn(step, scale):
+        if step % 100 == 0:
+            refresh()
         g = torch.Generator().manual_seed(20_000_000 + step)
         bsz = args.batch or 64
-        idx = torch.randint(len(noise), (bsz,), generator=g)
+        idx = torch.randint(len(data["noise"]), (bsz,), generator=g)
         on_grid = torch.rand(bsz, generator=g) < 0.5
         t = torch.where(on_grid, grid[torch.randint(len(grid), (bsz,), generator=g)],
                         torch.randint(0, 1000, (bsz,), generator=g))
-        xt, v = line(noise[idx], x0[idx], t, alphas)
+        xt, v = line(data["noise"][idx], data["x0"][idx], t, alphas)
         for group in opt.param_groups:
             group["lr"] = _lr(step, lr, warmup=100) * scale
-        pred = student(xt, t, encoder_hidden_states=table[index[idx]]).sample
+        pred = student(xt, t, encoder_hidden_states=data["cond"][idx]).sample
         loss = F.mse_loss(pred, v)
         opt.zero_grad(set_to_none=True)
         loss.backward()

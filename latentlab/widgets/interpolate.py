@@ -168,7 +168,9 @@ class Interpolator(Panel):
     def _clip_model(self):
         if self._clip is None and self._clip_arg is not None:
             if self._clip_arg == "auto":
-                if self.lab.model_id not in ("latentlab/embedded-shapes", "latentlab/embedded-shapes-flow"):
+                from latentlab import embedded
+
+                if embedded.resolve(self.lab.model_id) is None:  # the embedded CLIP reads the embedded world only
                     self._clip_arg = None
                     return None
                 from latentlab.clip import CLIP
