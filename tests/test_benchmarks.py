@@ -40,6 +40,13 @@ def test_latency_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     assert "compute batch 1 (widgets)" in capsys.readouterr().out
     rows = [r for r in md.read_text().splitlines() if r.startswith("| compute batch 1")]
     assert len(rows) == 1 and len(rows[0].split("|")) == 7
+    from latentlab import embedded
+
+    previews = [r.split("|") for r in md.read_text().splitlines() if r.startswith("| embedded-shapes")]
+    # the full model, and the fast model at 1, 2 and 4 steps when it ships; every row a positive rate
+    assert [r[1].strip() for r in previews] == ["embedded-shapes"] + ["embedded-shapes-fast"] * (
+        3 * embedded.is_available("embedded-shapes-fast"))
+    assert all(float(r[4]) > 0 and float(r[5]) <= float(r[6]) for r in previews)
 
 
 def test_gpu_benchmark_smoke_on_cpu_counts_flops_that_add_up(tmp_path, capsys):

@@ -4,6 +4,7 @@ and assert what the kernel does. The real-browser tests are in test_widgets_brow
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -241,3 +242,54 @@ def test_atlas_explorer_handles_100k_points():
     assert len(w.map.coords) == 800_000 and len(w.map.colors) == 300_000
     _front(w.map, {"type": "lasso", "indices": list(range(0, 100_000, 2))})
     assert len(w.map.selected) == 50_000 and len(w.grid.images) == 48
+
+
+def test_live_widgets_draw_a_preview_while_moving_and_the_full_image_when_the_control_rests():
+    import time
+
+    from latentlab.widgets import Interpolator
+
+    full, fast = FakeBackend(), FakeBackend(weight=2.0)
+    w = Interpolator(full, ("a red star", 1), ("a blue ring", 2), clip=None, preview=fast)
+    w.settle = 0.4
+    assert w.wait()
+    assert w.drawn == {"preview": 1, "final": 1} and "final" in w.frame_state.value
+    z, cond = w._at(torch.tensor([0.5]), full.noise(1), full.noise(2), full.encode_prompt("a red star"),
+                    full.encode_prompt("a blue ring"))
+    assert w.frame.value == w.png(full.generate(z, cond, batch_size=1))  # what rests on screen is the full model's
+    # a drag: a new position every 50 ms (< settle) -> previews only, then one full image after the last
+    for k in range(8):
+        w.t.value = 0.1 + 0.1 * k
+        time.sleep(0.05)
+    assert w.wait()
+    assert w.drawn["final"] == 2 and w.drawn["preview"] >= 3
+    assert w.frame.value != w.png(fast.generate(*w._at(torch.tensor([0.8]), full.noise(1), full.noise(2),
+                                                         full.encode_prompt("a red star"),
+                                                         full.encode_prompt("a blue ring")), batch_size=1))
+    assert fast.generated and all(n == 1 for n in fast.generated)  # previews at compute batch 1
+
+
+def test_preview_model_must_share_the_latent_space_and_auto_is_off_for_other_models():
+    from latentlab.widgets import DirectionSliders, Interpolator
+    from latentlab.widgets._base import preview_lab
+
+    full = FakeBackend()
+    assert preview_lab(full, "auto") is None and preview_lab(full, None) is None
+    with pytest.raises(ValueError, match="`preview` makes latents of shape"):
+        Interpolator(full, ("a", 1), ("b", 2), clip=None, preview=FakeBackend(layout="flow"))
+    with pytest.raises(ValueError, match="`preview` must be None, 'auto'"):
+        DirectionSliders(full, "a red star", 1, preview="fast")
+    with pytest.raises(TypeError, match="`preview` must be None"):
+        DirectionSliders(full, "a red star", 1, preview=3)
+
+
+def test_latest_worker_quiet_is_interrupted_by_a_new_request():
+    from latentlab.widgets._worker import LatestWorker
+
+    out = []
+    w = LatestWorker(lambda busy: None, out.append)
+    w.submit(lambda: out.append(w.quiet(5.0)))
+    time.sleep(0.1)
+    w.submit(lambda: out.append(w.quiet(0.05)))
+    assert w.wait(10)
+    assert out == [False, True]

@@ -1,11 +1,15 @@
 """Interactive latency: the time from a slider move to a new image, as the widgets generate it.
 
-One image on the embedded model with the model's default sampling (20 DDIM steps, guidance 4), warm (model loaded,
-prompt encoded, first call done), measured two ways in the same process: at compute batch 1 (what the widgets do)
-and at the CPU default compute batch (16, padded: what a single image cost before the backend contract). Prints
-the median of ``--repeats`` and the ratio; threads are pinned and reported.
+Two measurements in the same process, threads pinned and reported:
 
-    python -m latentlab.benchmarks.latency --threads 2 --repeats 15
+- **previews**: one image end to end (prompt encoded -- a new prompt every time, so the text encoder runs --,
+  denoised, decoded) at compute batch 1, for the full model (``embedded-shapes``, its 20 DDIM steps at guidance 4)
+  and the few-step model (``embedded-shapes-fast`` at 1, 2 and 4 steps, no guidance branch, tiny decoder):
+  previews per second, p50 and p95, and the speed-up over the full model;
+- **compute batch**: the full model's image at compute batch 1 against the CPU default compute batch (16, padded:
+  what a single image cost before the backend contract).
+
+    python -m latentlab.benchmarks.latency --threads 2 --repeats 40
 """
 
 from __future__ import annotations
@@ -16,42 +20,84 @@ import statistics
 import time
 
 
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def _previews(lab, sampling, prompts, repeats: int) -> list[float]:
+    lab.generate(lab.noise(0), lab.encode_prompt(prompts[0]), sampling=sampling, batch_size=1)  # warm
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        lab.generate(lab.noise(i + 1), lab.encode_prompt(prompts[1 + i % (len(prompts) - 1)]), sampling=sampling,
+                     batch_size=1)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m latentlab.benchmarks.latency", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--markdown", help="append a Markdown table to this file")
+    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--steps", type=int, help="the full model's denoising steps (default: its 20; smoke tests: fewer)")
+    p.add_argument("--markdown", help="append Markdown tables to this file")
     args = p.parse_args(argv)
     import torch
 
     import latentlab as ll
+    from latentlab import embedded
+    from latentlab.embedded import world
 
     torch.set_num_threads(args.threads)
-    lab = ll.Lab.default()
-    s = lab.sampling(num_inference_steps=args.steps)
-    cond = lab.encode_prompt("a large red star on a blue background")
-    rows = []
+    # distinct prompts, so every preview runs the text encoder (the Lab caches a prompt's conditioning)
+    prompts = [world.caption(*q) for q in world.all_prompts()][: args.repeats + 1]
+    full = ll.Lab.default()
+    s = full.sampling(num_inference_steps=args.steps)
+    rows = [("embedded-shapes", s, _previews(full, s, prompts, args.repeats))]
+    if embedded.is_available("embedded-shapes-fast"):
+        fast = ll.Lab.default("embedded-shapes-fast")
+        for k in (1, 2, 4):
+            s = fast.sampling(num_inference_steps=k)
+            rows.append(("embedded-shapes-fast", s, _previews(fast, s, prompts, args.repeats)))
+    base = statistics.median(rows[0][2])
+    print(f"previews: one image end to end (new prompt, denoise, decode) at compute batch 1, {args.threads} threads, "
+          f"{args.repeats} repeats:")
+    table = []
+    for name, s, times in rows:
+        med, p95 = statistics.median(times), _percentile(times, 0.95)
+        table.append((name, s.num_inference_steps, s.guidance_scale, 1 / med, med, p95, base / med))
+        print(f"  {name}, {s.num_inference_steps} steps, guidance {s.guidance_scale:g}: {1 / med:.1f} images/s, "
+              f"p50 {med * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, {base / med:.1f}x the full model")
+
+    s = full.sampling(num_inference_steps=args.steps)
+    cond = full.encode_prompt(prompts[0])
+    batch_rows = []
     for name, batch in (("padded to the CPU compute batch (16)", None), ("compute batch 1 (widgets)", 1)):
-        lab.generate(lab.noise(0), cond, sampling=s, batch_size=batch)  # warm
+        full.generate(full.noise(0), cond, sampling=s, batch_size=batch)  # warm
         times = []
-        for seed in range(1, args.repeats + 1):
+        for seed in range(1, min(args.repeats, 15) + 1):
             t0 = time.perf_counter()
-            lab.generate(lab.noise(seed), cond, sampling=s, batch_size=batch)
+            full.generate(full.noise(seed), cond, sampling=s, batch_size=batch)
             times.append(time.perf_counter() - t0)
-        rows.append((name, statistics.median(times), min(times), max(times)))
-    base = rows[0][1]
-    print(f"one image, {s.num_inference_steps} steps, guidance {s.guidance_scale:g}, {args.threads} threads:")
-    for name, med, lo, hi in rows:
+        batch_rows.append((name, statistics.median(times), min(times), max(times)))
+    padded = batch_rows[0][1]
+    print(f"compute batch: one image, full model, {args.threads} threads:")
+    for name, med, lo, hi in batch_rows:
         print(f"  {name}: median {med * 1000:.0f} ms (min {lo * 1000:.0f}, max {hi * 1000:.0f}), "
-              f"{base / med:.2f}x faster than padded")
+              f"{padded / med:.2f}x faster than padded")
     if args.markdown:
-        lines = [(f"\n### Interactive latency: one image, embedded model, {s.num_inference_steps} DDIM steps, "
-                  f"guidance {s.guidance_scale:g}, {args.threads} CPU threads ({platform.machine()}, torch "
-                  f"{torch.__version__}), median of {args.repeats}\n"),
-                 "| how | median (ms) | min (ms) | max (ms) | speed-up vs padded |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {n} | {m * 1000:.0f} | {lo * 1000:.0f} | {hi * 1000:.0f} | {base / m:.2f}x |"
-                  for n, m, lo, hi in rows]
+        env = f"{args.threads} CPU threads ({platform.machine()}, torch {torch.__version__})"
+        lines = [f"\n### Previews: one image end to end at compute batch 1, {env}, {args.repeats} repeats\n",
+                 "| model | steps | guidance | images/s | p50 (ms) | p95 (ms) | speed-up vs full |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {n} | {k} | {g:g} | {r:.1f} | {m * 1000:.1f} | {q * 1000:.1f} | {x:.1f}x |"
+                  for n, k, g, r, m, q, x in table]
+        lines += [f"\n### Interactive latency: one image, embedded model, {s.num_inference_steps} DDIM steps, "
+                  f"guidance {s.guidance_scale:g}, {env}\n",
+                  "| how | median (ms) | min (ms) | max (ms) | speed-up vs padded |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {n} | {m * 1000:.0f} | {lo * 1000:.0f} | {hi * 1000:.0f} | {padded / m:.2f}x |"
+                  for n, m, lo, hi in batch_rows]
         with open(args.markdown, "a") as f:
             f.write("\n".join(lines) + "\n")
 

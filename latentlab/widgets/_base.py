@@ -71,15 +71,86 @@ class WorkerPanel(widgets.VBox):
         return png_bytes(image, upscale=self.upscale)
 
 
-class Panel(WorkerPanel):
-    """A :class:`WorkerPanel` over a backend and its resolved sampling."""
+_FAST: dict[str, Backend] = {}
 
-    def __init__(self, lab: Backend, *, sampling: Sampling | None = None, upscale: int = 4, **kw):
+
+def preview_lab(lab: Backend, preview: object) -> Backend | None:
+    """The model that draws previews while a control moves: ``None`` (off), a backend whose latents and
+    conditioning fit ``lab``'s (e.g. a few-step distillation of it), or ``"auto"``: the embedded few-step model
+    when ``lab`` is the embedded default model (they share the text encoder and the latent space), else off."""
+    if preview is None:
+        return None
+    if isinstance(preview, str):
+        if preview != "auto":
+            raise ValueError(f"`preview` must be None, 'auto' or a latentlab backend, got {preview!r}")
+        from latentlab import embedded
+
+        if embedded.resolve(getattr(lab, "model_id", None)) != "embedded-shapes" or not embedded.is_available(
+                "embedded-shapes-fast") or lab.device.type != "cpu":
+            return None
+        if "fast" not in _FAST:
+            from latentlab.backend import Lab
+
+            _FAST["fast"] = Lab.default("embedded-shapes-fast")
+        return _FAST["fast"]
+    if not isinstance(preview, Backend):
+        raise TypeError(f"`preview` must be None, 'auto' or a latentlab backend, got {type(preview).__name__}")
+    if tuple(preview.latent_shape()) != tuple(lab.latent_shape()):
+        raise ValueError(f"`preview` makes latents of shape {tuple(preview.latent_shape())}, but `lab` makes "
+                         f"{tuple(lab.latent_shape())}: a preview model must share the latent space")
+    a, b = preview.encode_prompt(""), lab.encode_prompt("")
+    if a.prompt_embeds.shape[1:] != b.prompt_embeds.shape[1:]:
+        raise ValueError(f"`preview` conditioning has shape {tuple(a.prompt_embeds.shape[1:])}, `lab`'s "
+                         f"{tuple(b.prompt_embeds.shape[1:])}: a preview model must share the text encoder")
+    return preview
+
+
+class Panel(WorkerPanel):
+    """A :class:`WorkerPanel` over a backend and its resolved sampling.
+
+    With a ``preview`` model (the live widgets pass ``"auto"``: the embedded few-step model for the embedded default
+    model; see :func:`preview_lab`),
+    :meth:`live` draws its image first while a control is moving, and the full model's image once the control has
+    rested for :attr:`settle` seconds; :attr:`frame_state` says which is on screen.
+    """
+
+    #: Seconds without a new request before the full model's image replaces the preview.
+    settle: float = 0.25
+    #: Denoising steps of a preview.
+    preview_steps: int = 2
+
+    def __init__(self, lab: Backend, *, sampling: Sampling | None = None, upscale: int = 4, preview: object = None,
+                 **kw):
         if not isinstance(lab, Backend):
             raise TypeError(f"`lab` must be a latentlab backend (e.g. latentlab.Lab.default()), got {type(lab).__name__}")
         self.lab = lab
         self.sampling = lab.sampling(sampling)  # validated and complete before anything is drawn
+        self.preview = preview_lab(lab, preview)
+        self.frame_state = widgets.HTML("")
+        self.frame_state.add_class("ll-frame-state")
+        self.drawn = {"preview": 0, "final": 0}
         super().__init__(upscale=upscale, **kw)
+
+    def live(self, latents: torch.Tensor, conditioning, draw, sampling: Sampling | None = None) -> None:
+        """From inside a worker job: ``draw(image)`` the preview model's image now (if there is one), then the full
+        model's once no newer request has come for :attr:`settle` seconds (a newer request drops it)."""
+        if self.preview is not None:
+            s = self.preview.sampling(num_inference_steps=self.preview_steps)
+            with _tensors.threads(1):  # one image: latency-bound (see WorkerPanel.torch_threads)
+                image = self.preview.generate(latents, conditioning, sampling=s, batch_size=1)
+            draw(image)
+            self._state("preview", f"preview · {html.escape(str(self.preview.model_id))} · {s.num_inference_steps} "
+                        "steps (the full image follows when you stop)")
+            if not self._worker.quiet(self.settle):
+                return
+        draw(self.one(latents, conditioning, sampling))
+        s = sampling or self.sampling
+        self._state("final", f"final · {s.num_inference_steps} steps")
+
+    def _state(self, state: str, text: str) -> None:
+        self.drawn[state] += 1
+        colour = "#e8590c" if state == "preview" else "#2f9e44"
+        self.frame_state.value = f"<span class='ll-{state}' style='color:{colour}'>{text}</span>"
 
     def one(self, latents: torch.Tensor, conditioning, sampling: Sampling | None = None) -> torch.Tensor:
         """Generate interactively: compute batch 1, so a single image pays for one item."""

@@ -47,6 +47,12 @@ class LatestWorker:
                 if idle:
                     self._on_busy(False)
 
+    def quiet(self, seconds: float) -> bool:
+        """From inside a job: wait up to ``seconds`` for a new request; True if none came (the user has stopped
+        moving the control), False as soon as one does."""
+        with self._cond:
+            return not self._cond.wait_for(lambda: self._pending is not None, seconds)
+
     def wait(self, timeout: float = 60.0) -> bool:
         """Block until nothing is pending or running (tests and scripts); False on timeout."""
         with self._cond:

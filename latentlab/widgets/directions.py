@@ -27,8 +27,8 @@ class DirectionSliders(Panel):
 
     def __init__(self, lab: Backend, prompt: str, seed: int, *, noise_directions: dict | None = None,
                  prompt_directions: dict | None = None, limit: float = 3.0, sampling: Sampling | None = None,
-                 upscale: int = 4):
-        super().__init__(lab, sampling=sampling, upscale=upscale)
+                 upscale: int = 4, preview: object = "auto"):
+        super().__init__(lab, sampling=sampling, upscale=upscale, preview=preview)
         self.base_prompt = widgets.Text(value=prompt, description="prompt", continuous_update=False,
                                         layout=widgets.Layout(width="460px"))
         self.base_seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="180px"))
@@ -57,7 +57,7 @@ class DirectionSliders(Panel):
         self.base_prompt.observe(lambda _: self.update(), "value")
         self.base_seed.observe(lambda _: self.update(), "value")
         self.children = [widgets.HBox([self.base_prompt, self.base_seed]), *self.sliders.values(),
-                         widgets.HBox([self.busy]), self.error, widgets.HBox([self.image, self.info])]
+                         widgets.HBox([self.busy, self.frame_state]), self.error, widgets.HBox([self.image, self.info])]
         self.update()
 
     @classmethod
@@ -96,9 +96,9 @@ class DirectionSliders(Panel):
                     cond = Conditioning(cond.prompt_embeds + k * d.prompt_embeds,
                                         None if d.pooled_prompt_embeds is None
                                         else cond.pooled_prompt_embeds + k * d.pooled_prompt_embeds)
-            self.image.value = self.png(self.one(z, cond))
             moved = ", ".join(f"{n} {k:+.1f}" for (_, n), k in amounts.items() if k) or "no move"
             self.info.value = html.escape(moved)
+            self.live(z, cond, lambda image: setattr(self.image, "value", self.png(image)))
 
         self.submit(work)
 

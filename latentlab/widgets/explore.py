@@ -49,10 +49,11 @@ class AtlasExplorer(Panel):
 
     def __init__(self, lab: Backend, atlas, *, space: str = "image_embeds", method: str = "pca",
                  color_by: str = "prompt", k: int = 8, path_keyframes: int = 5, path_frames: int = 48,
-                 sampling: Sampling | None = None, upscale: int = 4, output_dir: str | Path = "."):
+                 sampling: Sampling | None = None, upscale: int = 4, output_dir: str | Path = ".",
+                 preview: object = "auto"):
         from latentlab.atlas import Atlas
 
-        super().__init__(lab, sampling=sampling, upscale=upscale)
+        super().__init__(lab, sampling=sampling, upscale=upscale, preview=preview)
         if not isinstance(atlas, Atlas):
             raise TypeError(f"`atlas` must be a latentlab.atlas.Atlas, got {type(atlas).__name__}")
         if len(atlas) < 3:
@@ -88,7 +89,7 @@ class AtlasExplorer(Panel):
         has_thumbs = atlas.thumbnails.shape[-1] > 0
         self.children = [
             widgets.HBox([self.space, self.method, self.color_by]), widgets.HBox([self.mode, self.busy]), self.error,
-            widgets.HBox([self.map, widgets.VBox([self.legend, self.generated, self.generated_info,
+            widgets.HBox([self.map, widgets.VBox([self.legend, self.frame_state, self.generated, self.generated_info,
                                                   self.path_frames, self.progress, self.video, self.manifest])]),
             self.selection_info, self.grid,
         ]
@@ -209,12 +210,12 @@ class AtlasExplorer(Panel):
 
         def work():
             z, cond, how = self.point_inputs(point)
-            self.generated.value = self.png(self.one(z, cond))
             top = sorted(zip(how["weights"], how["items"]), reverse=True)[:3]
             near = ", ".join(f"{html.escape(str(self.atlas.items[i]['prompt']))} (seed {self.atlas.items[i]['seed']}, "
                              f"w {wt:.2f})" for wt, i in top)
             self.generated_info.value = (f"at ({point[0]:.2f}, {point[1]:.2f}): {html.escape(how['noise'])}; "
                                          f"nearest: {near}")
+            self.live(z, cond, lambda image: setattr(self.generated, "value", self.png(image)))
 
         self.submit(work)
 

@@ -77,8 +77,9 @@ class Interpolator(Panel):
     """
 
     def __init__(self, lab: Backend, a: tuple[str, int], b: tuple[str, int], *, clip="auto", frames: int = 8,
-                 sampling: Sampling | None = None, upscale: int = 4, output_dir: str | Path = "."):
-        super().__init__(lab, sampling=sampling, upscale=upscale)
+                 sampling: Sampling | None = None, upscale: int = 4, output_dir: str | Path = ".",
+                 preview: object = "auto"):
+        super().__init__(lab, sampling=sampling, upscale=upscale, preview=preview)
         self._clip, self._clip_arg = None, clip
         self.output_dir = Path(output_dir)
         lay = widgets.Layout(width="380px")
@@ -112,7 +113,7 @@ class Interpolator(Panel):
         self.children = [
             widgets.HBox([self.prompt_a, self.seed_a]), widgets.HBox([self.prompt_b, self.seed_b]),
             widgets.HBox([self.t, self.noise_method, self.prompt_method]), widgets.HBox([self.busy]), self.error,
-            widgets.HBox([self.frame, widgets.VBox([self.norm_plot, self.info])]),
+            widgets.HBox([self.frame, widgets.VBox([self.frame_state, self.norm_plot, self.info])]),
             widgets.HBox([self.n_strip, self.strip_button]), self.strip, self.diagnostics, self.estimate,
             widgets.HBox([self.video_frames, self.render_button, self.progress]), self.video, self.manifest,
         ]
@@ -154,12 +155,18 @@ class Interpolator(Panel):
         def work():
             z, cond = self._at(torch.tensor([t]), za, zb, ca, cb)
             t0 = time.perf_counter()
-            image = self.one(z, cond)
-            seconds = time.perf_counter() - t0
-            self.frame.value = self.png(image)
-            self.norm_plot.value = norm_plot_png(za, zb, t, self.noise_method.value)
-            self.info.value = (f"t = {t:.2f}: noise norm z-score <b>{float(norm_zscore(z)[0]):+.1f}</b> "
-                               f"({self.noise_method.value}); image in {seconds * 1000:.0f} ms")
+
+            def draw(image):
+                seconds = time.perf_counter() - t0
+                self.frame.value = self.png(image)
+                self.info.value = (f"t = {t:.2f}: noise norm z-score <b>{float(norm_zscore(z)[0]):+.1f}</b> "
+                                   f"({self.noise_method.value}); image in {seconds * 1000:.0f} ms")
+                if not plotted:  # after the first image: the plot (matplotlib) must not delay a preview
+                    plotted.append(True)
+                    self.norm_plot.value = norm_plot_png(za, zb, t, self.noise_method.value)
+
+            plotted: list[bool] = []
+            self.live(z, cond, draw)
 
         self.submit(work)
 
