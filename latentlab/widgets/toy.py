@@ -229,8 +229,18 @@ class ToyLab(WorkerPanel):
         loss = sum(m.losses[-50:]) / max(1, len(m.losses[-50:])) if m.losses else float("nan")
         return {"particles": particles, "grid": grid, "arrows": arrows, "path": path, "step": k,
                 "loss": loss, "distance": toy2d.sliced_wasserstein(path[-1], self.data),
-                "straightness": toy2d.straightness(m.sample(z, STRAIGHTNESS_STEPS, path=True)),
-                "steps_done": m.steps_done}
+                "straightness": self._straightness(m, z), "steps_done": m.steps_done}
+
+    def _straightness(self, m, z) -> float:
+        """Path length / chord of a 32-step run: the same while the model does not train, so computed once per
+        (model, training step) rather than on every t or step change."""
+        key = (id(m), m.steps_done, len(z), self.seed)
+        cache = self.__dict__.setdefault("_straight", {})
+        if key not in cache:
+            if len(cache) > 16:
+                cache.clear()
+            cache[key] = toy2d.straightness(m.sample(z, STRAIGHTNESS_STEPS, path=True))
+        return cache[key]
 
     def _draw_models(self) -> None:
         rows = []
