@@ -129,3 +129,58 @@ def test_flow_twin_recipe_smoke_train_package_load_unpack(tmp_path):
     train_flow.main(["unpack", "--out", str(tmp_path / "again"), "--package-to", str(pkg)])
     train_flow.main(["train", "--out", str(tmp_path / "again"), "--steps", "1", "--batch", "2"])
     assert json.loads((tmp_path / "again" / "flow-ckpt" / "meta.json").read_text())["step"] == 1
+
+
+def test_fast_model_line_is_what_ddim_follows():
+    """The coupled line passes through the noise at the first timestep, and one trailing v-prediction DDIM step from
+    a perfect prediction lands exactly on it at the next timestep, ending on x0 itself -- for 1, 2 and 4 steps. With
+    3, diffusers' trailing DDIM runs timesteps (999, 666, 332) but steps 666 to 666 - 1000 // 3 = 333: one timestep
+    off the line, which costs under 1e-2 at the end (measured here, so a change in diffusers shows up)."""
+    from diffusers import DDIMScheduler
+
+    from latentlab.embedded import train_fast
+
+    g = torch.Generator().manual_seed(0)
+    noise, x0 = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(3, 4, 8, 8, generator=g,
+                                                                                        dtype=torch.float64)
+    for steps in (1, 2, 3, 4):
+        sched = DDIMScheduler(**train_fast.scheduler_config())
+        sched.alphas_cumprod = sched.alphas_cumprod.double()
+        sched.final_alpha_cumprod = sched.final_alpha_cumprod.double()
+        sched.set_timesteps(steps)
+        assert int(sched.timesteps[0]) == train_fast.FIRST_T
+        x = noise
+        first, _ = train_fast.line(noise, x0, sched.timesteps[:1].repeat(3), sched.alphas_cumprod)
+        assert torch.allclose(first, noise, atol=1e-12)
+        for t in sched.timesteps:
+            xt, v = train_fast.line(noise, x0, t.repeat(3), sched.alphas_cumprod)
+            assert torch.allclose(x, xt, atol=1e-10 if steps != 3 else 1e-2)
+            x = sched.step(v, t, x).prev_sample
+        assert torch.allclose(x, x0, atol=1e-10 if steps != 3 else 1e-2)
+
+
+def test_fast_model_recipe_smoke_data_student_tiny_package_load(tmp_path):
+    """A few steps of every stage of the few-step model's recipe; the teacher data are the default pipeline's own
+    latents; the package loads as a plain StableDiffusionPipeline with a tiny decoder and generates in 2 steps."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    from latentlab.embedded import model_path, train_fast
+
+    out = tmp_path / "runs"
+    train_fast.main(["data", "--out", str(out), "--steps", "1", "--shard-size", "4"])
+    noise, x0, captions = train_fast.load_data(out)
+    assert noise.shape == x0.shape == (4, 4, 8, 8) and len(captions) == 4
+    ref = StableDiffusionPipeline.from_pretrained(model_path())
+    ref.set_progress_bar_config(disable=True)
+    same = ref(captions[:2], latents=noise[:2], num_inference_steps=20, guidance_scale=4.0,
+               output_type="latent").images
+    assert torch.equal(same, x0[:2])
+    train_fast.main(["student", "--out", str(out), "--steps", "2", "--batch", "4"])
+    train_fast.main(["tiny", "--out", str(out), "--steps", "2"])
+    pkg = tmp_path / "model-fast"
+    train_fast.main(["package", "--out", str(out), "--package-to", str(pkg)])
+    pipe = DiffusionPipeline.from_pretrained(pkg)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red star", num_inference_steps=2, guidance_scale=1.0, output_type="pt").images
+    assert type(pipe.vae).__name__ == "AutoencoderTiny" and image.shape == (1, 3, 64, 64)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"

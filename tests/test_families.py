@@ -325,13 +325,19 @@ def test_atlas_and_widgets_work_on_a_flow_model(tiny_flux_path, tmp_path):
 def test_embedded_models_by_name():
     from latentlab import embedded
 
-    assert embedded.NAMES == ("embedded-shapes", "embedded-shapes-flow")
+    assert embedded.NAMES == ("embedded-shapes", "embedded-shapes-flow", "embedded-shapes-fast")
     assert embedded.model_path("embedded-shapes") == embedded.model_path()
     assert embedded.resolve("latentlab/embedded-shapes") == "embedded-shapes" and embedded.resolve("x") is None
-    with pytest.raises(ValueError, match=r"`name` must be one of embedded-shapes, embedded-shapes-flow, got 'shapes'"):
+    with pytest.raises(ValueError, match=r"`name` must be one of embedded-shapes, embedded-shapes-flow, "
+                                         r"embedded-shapes-fast, got 'shapes'"):
         embedded.model_path("shapes")
     lab = Lab.from_pretrained("embedded-shapes")
     assert lab.model_id == "latentlab/embedded-shapes" and lab.defaults.num_inference_steps == 20
+    if embedded.is_available("embedded-shapes-fast"):
+        fast = Lab.from_pretrained("latentlab/embedded-shapes-fast")
+        assert (fast.defaults.num_inference_steps, fast.defaults.guidance_scale) == embedded.SAMPLING[
+            "embedded-shapes-fast"]
+        assert fast.latent_shape() == lab.latent_shape()  # the same latent space: previews of the default model
 
 
 def test_sd3_without_t5_runs_its_empty_t5_tokens_as_one(tiny_sd3_path):

@@ -83,7 +83,8 @@ def teacher_latents(unet, sched, cond: torch.Tensor, uncond: torch.Tensor, noise
 
 
 def make_data(args) -> None:
-    """Shards of 256 (noise, teacher latent, caption) triples in OUT/data, until --minutes (resumes by shard)."""
+    """Shards of ``--shard-size`` (noise, teacher latent, caption) triples in OUT/data, until --minutes or until
+    --steps shards exist (resumes by shard)."""
     from safetensors.torch import save_file
 
     tok, text, unet, sched = teacher()
@@ -92,12 +93,13 @@ def make_data(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     k = len(list(out.glob("shard-*.safetensors")))
-    while time.monotonic() - t0 < args.minutes * 60:
-        b = world.sample(256, seed=args.seed * 1_000_003 + 7_000_000 + k, prompts=world.training_prompts(),
+    n = args.shard_size
+    while (args.minutes is None or time.monotonic() - t0 < args.minutes * 60) and (args.steps is None or k < args.steps):
+        b = world.sample(n, seed=args.seed * 1_000_003 + 7_000_000 + k, prompts=world.training_prompts(),
                          drop_size=0.15, drop_background=0.10)
-        noise = torch.randn(256, 4, 8, 8, generator=torch.Generator().manual_seed(90_000_000 + k))
+        noise = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(90_000_000 + k))
         z = torch.cat([teacher_latents(unet, sched, embed(tok, text, b.captions[i:i + 64]), uncond, noise[i:i + 64])
-                       for i in range(0, 256, 64)])
+                       for i in range(0, n, 64)])
         tmp = out / f".shard-{k:05d}.tmp"
         save_file({"noise": noise, "x0": z.contiguous()}, tmp, metadata={"captions": json.dumps(b.captions)})
         os.replace(tmp, out / f"shard-{k:05d}.safetensors")
@@ -265,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("stage", choices=["data", "student", "tiny", "package"])
     p.add_argument("--out", type=Path, default=Path("runs/fast"), help="checkpoint folder (resumed if present)")
     p.add_argument("--minutes", type=float, help="stop after this much time (cumulative over resumes)")
-    p.add_argument("--steps", type=int, help="stop at this step (cumulative over resumes)")
+    p.add_argument("--steps", type=int, help="stop at this step (cumulative over resumes; data: shards)")
     p.add_argument("--batch", type=int)
+    p.add_argument("--shard-size", type=int, default=256, help="data: pairs per shard")
     p.add_argument("--cooldown", type=float, default=0.0,
                    help="decay the learning rate linearly to 0 over this last fraction of --minutes")
     p.add_argument("--lr", type=float)
