@@ -36,8 +36,9 @@ def test_latency_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     from latentlab.benchmarks import latency
 
     md = tmp_path / "bench.md"
-    latency.main(["--threads", "1", "--repeats", "2", "--steps", "2", "--markdown", str(md)])
-    assert "compute batch 1 (widgets)" in capsys.readouterr().out
+    latency.main(["--threads", "1", "--repeats", "2", "--steps", "2", "--scrub-frames", "4", "--markdown", str(md)])
+    out = capsys.readouterr().out
+    assert "compute batch 1 (widgets)" in out and "scrubbing a finished 4-frame render" in out
     rows = [r for r in md.read_text().splitlines() if r.startswith("| compute batch 1")]
     assert len(rows) == 1 and len(rows[0].split("|")) == 7
     from latentlab import embedded

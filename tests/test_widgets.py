@@ -115,6 +115,18 @@ def test_interpolator_live_frame_norm_lesson_strip_and_video(tmp_path):
     assert w.wait()
     assert out.exists() and w.video.value[4:8] == b"ftyp" and w.progress.value == 6
     assert out.with_name(out.name + ".json").exists() and str(out) in w.manifest.value
+    # scrubbing the finished render is a lookup of the frames the encoder received, bit for bit
+    from latentlab.morph import render_frame
+
+    assert len(w.rendered) == 6 and not w.scrub.disabled and w.scrub.max == 5
+    for k in (0, 3, 5):
+        again = (render_frame(fake, out.with_name(out.name + ".json"), k)[0].permute(1, 2, 0) * 255).round()
+        assert torch.equal(torch.from_numpy(w.rendered[k]), again.to(torch.uint8))
+    calls = len(fake.generated)
+    for k in (4, 1, 5, 0):
+        w.scrub.value = k
+        assert w.frame.value == w._png_uint8(w.rendered[k]) and f"render frame {k + 1}/6" in w.frame_state.value
+    assert len(fake.generated) == calls  # no model ran
     w.prompt_b.value = ""
     assert "`B prompt` is empty" in w.error.value
 

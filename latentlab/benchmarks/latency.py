@@ -6,6 +6,8 @@ Two measurements in the same process, threads pinned and reported:
   denoised, decoded) at compute batch 1, for the full model (``embedded-shapes``, its 20 DDIM steps at guidance 4)
   and the few-step model (``embedded-shapes-fast`` at 1, 2 and 4 steps, no guidance branch, tiny decoder):
   previews per second, p50 and p95, and the speed-up over the full model;
+- **scrub a render**: the Interpolator's "render frame" slider over a finished morph, back and forth (a lookup of
+  the frames the video encoder received);
 - **compute batch**: the full model's image at compute batch 1 against the CPU default compute batch (16, padded:
   what a single image cost before the backend contract).
 
@@ -36,11 +38,33 @@ def _previews(lab, sampling, prompts, repeats: int) -> list[float]:
     return times
 
 
+def _scrub_render(lab, sampling, n_frames: int) -> float:
+    """Render a morph in the Interpolator, then scrub its frames back and forth: frames shown per second."""
+    import tempfile
+
+    from latentlab.widgets import Interpolator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        w = Interpolator(lab, ("a large red star on a blue background", 1), ("a small green ring on a black background",
+                                                                           2), clip=None, sampling=sampling,
+                         output_dir=tmp, preview=None)
+        w.video_frames.value = n_frames
+        w.render_video()
+        w.wait()
+        order = list(range(n_frames)) + list(range(n_frames - 1, -1, -1))
+        order = order * max(1, 400 // len(order))
+        t0 = time.perf_counter()
+        for k in order:
+            w.scrub.value = k
+        return len(order) / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m latentlab.benchmarks.latency", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--steps", type=int, help="the full model's denoising steps (default: its 20; smoke tests: fewer)")
+    p.add_argument("--scrub-frames", type=int, default=48, help="frames of the render scrubbed back and forth")
     p.add_argument("--markdown", help="append Markdown tables to this file")
     args = p.parse_args(argv)
     import torch
@@ -70,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name}, {s.num_inference_steps} steps, guidance {s.guidance_scale:g}: {1 / med:.1f} images/s, "
               f"p50 {med * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, {base / med:.1f}x the full model")
 
+    scrub = _scrub_render(full, full.sampling(num_inference_steps=args.steps), args.scrub_frames)
+    print(f"scrubbing a finished {args.scrub_frames}-frame render back and forth (a lookup of its own frames): "
+          f"{scrub:.0f} frames/s, {scrub * statistics.median(rows[0][2]):.0f}x the full model's live rate")
+
     s = full.sampling(num_inference_steps=args.steps)
     cond = full.encode_prompt(prompts[0])
     batch_rows = []
@@ -93,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                  "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {n} | {k} | {g:g} | {r:.1f} | {m * 1000:.1f} | {q * 1000:.1f} | {x:.1f}x |"
                   for n, k, g, r, m, q, x in table]
+        lines += [f"\nScrubbing a finished {args.scrub_frames}-frame render in the Interpolator (the frames the video "
+                  f"encoder received, bit for bit): {scrub:.0f} frames/s ({env}).\n"]
         lines += [f"\n### Interactive latency: one image, embedded model, {s.num_inference_steps} DDIM steps, "
                   f"guidance {s.guidance_scale:g}, {env}\n",
                   "| how | median (ms) | min (ms) | max (ms) | speed-up vs padded |", "| --- | --- | --- | --- | --- |"]

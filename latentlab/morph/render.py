@@ -331,6 +331,7 @@ def render_morph(
     distance=None,
     keep_cache: bool = False,
     on_progress=None,
+    on_frames=None,
     workers: int | str = 1,
 ) -> Path:
     """Render ``settings`` with ``lab`` to ``output`` (.mp4/.gif) and write its manifest; returns the video path.
@@ -338,7 +339,8 @@ def render_morph(
     ``batch_size`` is the number of frames the denoiser sees per call (default: the backend's compute batch); the
     manifest records it, and :func:`~latentlab.morph.render_frame` re-creates a frame at the same compute batch.
     See the module notes for validation, locking, caching and resume. ``on_progress(done, total)`` is called after
-    every batch of frames (widgets show their own progress bar with it).
+    every batch of frames (widgets show their own progress bar with it); ``on_frames(start, frames)`` with the frames
+themselves, as ``(n, H, W, 3)`` uint8 arrays exactly as they go to the video encoder (before ``upscale``).
 
     ``workers``: ``1`` renders in this process; ``N`` forks N single-thread worker processes that render compute
     batches into the frame cache while this process streams them to the video (same frames: see
@@ -405,6 +407,8 @@ def render_morph(
                             raise OSError(f"frames {start}-{stop - 1} vanished from the cache {cache} while rendering")
                     reused, rendered, damaged = reused + (stop - start) - done, rendered + done, damaged + bad
                     writer.append(np.stack(frames))
+                    if on_frames is not None:
+                        on_frames(start, np.stack(frames))
                     for i in range(stop - start):
                         p.frames[start + i]["key"] = keys[i]
                     bar.update(stop - start)

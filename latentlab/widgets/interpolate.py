@@ -108,6 +108,13 @@ class Interpolator(Panel):
                                    layout=widgets.Layout(width="256px"))
         self.manifest = widgets.HTML("")
         self.manifest.add_class("ll-manifest")
+        # Scrubbing a finished render is a lookup of its own frames (what went to the encoder, bit for bit).
+        self.scrub = widgets.IntSlider(value=0, min=0, max=0, description="render frame", disabled=True,
+                                       continuous_update=True, layout=widgets.Layout(width="380px"))
+        self.scrub.add_class("ll-render-scrub")
+        self.rendered: list = []  # (H, W, 3) uint8 frames of the last render
+        self._rendered_png: dict[int, bytes] = {}
+        self.scrub.observe(lambda ch: self.show_rendered(ch["new"]), "value")
         self._seconds_per_frame: float | None = None
         self._render_worker = LatestWorker(lambda busy: None, self.show_error)
         self.children = [
@@ -116,6 +123,7 @@ class Interpolator(Panel):
             widgets.HBox([self.frame, widgets.VBox([self.frame_state, self.norm_plot, self.info])]),
             widgets.HBox([self.n_strip, self.strip_button]), self.strip, self.diagnostics, self.estimate,
             widgets.HBox([self.video_frames, self.render_button, self.progress]), self.video, self.manifest,
+            self.scrub,
         ]
         for w in (self.prompt_a, self.seed_a, self.prompt_b, self.seed_b, self.t, self.noise_method,
                   self.prompt_method):
@@ -262,17 +270,38 @@ class Interpolator(Panel):
         self.render_button.disabled = True
 
         def work():
+            frames: list = []
             try:
                 render_morph(self.lab, settings, out, upscale=self.upscale, progress=False,
-                             on_progress=lambda done, total: setattr(self.progress, "value", done))
+                             on_progress=lambda done, total: setattr(self.progress, "value", done),
+                             on_frames=lambda start, fr: frames.extend(fr))
                 self.video.value = out.read_bytes()
                 self.manifest.value = f"wrote <code>{html.escape(str(out))}</code> and its manifest " \
                                       f"<code>{html.escape(str(manifest_path(out)))}</code>"
+                self.rendered, self._rendered_png = frames, {}
+                for k in range(len(frames)):  # encode every frame now, so that scrubbing is a lookup
+                    self._rendered_png[k] = self._png_uint8(frames[k])
+                self.scrub.max, self.scrub.disabled = len(frames) - 1, False
             finally:
                 self.render_button.disabled = False
 
         self._render_worker.submit(work)
         return out
+
+    def _png_uint8(self, frame) -> bytes:
+        return self.png(torch.from_numpy(frame).permute(2, 0, 1).float() / 255)  # exact: k / 255 * 255 == k
+
+    def show_rendered(self, k: int) -> None:
+        """Show frame ``k`` of the last render: a lookup of the frame the video encoder received (no model runs)."""
+        if not self.rendered:
+            return
+        k = min(max(int(k), 0), len(self.rendered) - 1)
+        png = self._rendered_png.get(k)
+        if png is None:
+            png = self._rendered_png[k] = self._png_uint8(self.rendered[k])
+        self.frame.value = png
+        self.frame_state.value = (f"<span class='ll-rendered' style='color:#1c7ed6'>render frame {k + 1}/"
+                                  f"{len(self.rendered)} · the video's own frame</span>")
 
     def wait(self, timeout: float = 300.0) -> bool:
         return self._worker.wait(timeout) and self._render_worker.wait(timeout)
