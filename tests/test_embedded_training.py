@@ -176,7 +176,7 @@ def test_fast_model_recipe_smoke_data_student_tiny_package_load(tmp_path):
                output_type="latent").images
     assert torch.equal(same, x0[:2])
     train_fast.main(["student", "--out", str(out), "--steps", "2", "--batch", "4"])
-    train_fast.main(["tiny", "--out", str(out), "--steps", "2"])
+    train_fast.main(["tiny", "--out", str(out), "--steps", "2", "--pairs", "64"])
     pkg = tmp_path / "model-fast"
     train_fast.main(["package", "--out", str(out), "--package-to", str(pkg)])
     pipe = DiffusionPipeline.from_pretrained(pkg)
