@@ -211,7 +211,8 @@ def tiny_data(args, vae, n: int) -> dict[str, torch.Tensor]:
     t_dec = torch.cat([vae.decode(lat[i:i + 64]).sample.half() for i in range(0, len(lat), 64)]) if len(lat) else \
         torch.zeros(0, 3, 64, 64, dtype=torch.float16)
     data = {"images": torch.cat(images), "means": torch.cat(means), "decodes": torch.cat(decodes),
-            "teacher_latents": lat.contiguous(), "teacher_decodes": t_dec}
+            "teacher_latents": lat, "teacher_decodes": t_dec}
+    data = {k: v.contiguous() for k, v in data.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(data, tmp)
     os.replace(tmp, path)
