@@ -243,7 +243,7 @@ def test_interpolator_draws_previews_while_dragging_and_the_full_image_on_releas
 
     if not embedded.is_available("embedded-shapes-fast"):
         pytest.skip("no embedded few-step model in this checkout: previews are off")
-    page, shots = lab_page
+    page, _ = lab_page
     frame = page.locator("img.ll-frame").first
     frame.wait_for(timeout=120_000)
     page.wait_for_function("() => document.querySelector('.ll-frame-state')?.innerText.includes('final')",

@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
                  "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {n} | {k} | {g:g} | {r:.1f} | {m * 1000:.1f} | {q * 1000:.1f} | {x:.1f}x |"
                   for n, k, g, r, m, q, x in table]
-        lines += [f"\nScrubbing a finished {args.scrub_frames}-frame render in the Interpolator (the frames the video "
-                  f"encoder received, bit for bit): {scrub:.0f} frames/s ({env}).\n"]
-        lines += [f"\n### Interactive latency: one image, embedded model, {s.num_inference_steps} DDIM steps, "
-                  f"guidance {s.guidance_scale:g}, {env}\n",
+        lines += [(f"\nScrubbing a finished {args.scrub_frames}-frame render in the Interpolator (the frames the video "
+                  f"encoder received, bit for bit): {scrub:.0f} frames/s ({env}).\n")]
+        lines += [(f"\n### Interactive latency: one image, embedded model, {s.num_inference_steps} DDIM steps, "
+                  f"guidance {s.guidance_scale:g}, {env}\n"),
                   "| how | median (ms) | min (ms) | max (ms) | speed-up vs padded |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {n} | {m * 1000:.0f} | {lo * 1000:.0f} | {hi * 1000:.0f} | {padded / m:.2f}x |"
                   for n, m, lo, hi in batch_rows]
