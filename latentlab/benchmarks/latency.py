@@ -4,7 +4,7 @@ Two measurements in the same process, threads pinned and reported:
 
 - **previews**: one image end to end (prompt encoded -- a new prompt every time, so the text encoder runs --,
   denoised, decoded) at compute batch 1, for the full model (``embedded-shapes``, its 20 DDIM steps at guidance 4)
-  and the few-step model (``embedded-shapes-fast`` at 1, 2 and 4 steps, no guidance branch, tiny decoder):
+  and the few-step model (``embedded-shapes-fast`` at 1, 2 and 4 steps, no guidance branch):
   previews per second, p50 and p95, and the speed-up over the full model;
 - **scrub a render**: the Interpolator's "render frame" slider over a finished morph, back and forth (a lookup of
   the frames the video encoder received);

@@ -7,7 +7,7 @@ installed package, so it is found after a non-editable ``pip install .`` too:
 - ``"embedded-shapes-flow"``: its flow-matching twin, a small SD3-layout transformer on the same VAE and world
   (``latentlab/embedded/model-flow``);
 - ``"embedded-shapes-fast"``: a few-step model distilled from the default one (1-4 deterministic DDIM steps, no
-  classifier-free guidance: guidance 4 is distilled in) with a tiny decoder, for live previews
+  classifier-free guidance: guidance 4 is distilled in) on the default model's VAE, for live previews
   (``latentlab/embedded/model-fast``).
 
 ``MODEL_CARD.md`` beside this file says what they are, how well they work and how to retrain them.

@@ -376,19 +376,10 @@ def clean_inbetweens(lab, shape_net: ShapeNet, *, pairs: int = 50, frames: int =
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(prompts), (pairs, 2), generator=g).tolist()
     ts = torch.linspace(0, 1, frames)
-    from latentlab.backend import Conditioning
-    from latentlab.ops import lerp, slerp
-
     clean = near = total = 0
     for k, (i, j) in enumerate(idx):
         a, b = prompts[i], prompts[j]
-        za, zb = lab.noise(2 * k), lab.noise(2 * k + 1)
-        ca, cb = lab.encode_prompt(world.caption(*a)), lab.encode_prompt(world.caption(*b))
-        z = slerp(za, zb, ts)[:, 0]
-        cond = Conditioning(lerp(ca.prompt_embeds, cb.prompt_embeds, ts)[:, 0],
-                            None if ca.pooled_prompt_embeds is None
-                            else lerp(ca.pooled_prompt_embeds, cb.pooled_prompt_embeds, ts)[:, 0])
-        images = lab.generate(z, cond)
+        images = lab.generate(*_morph_inputs(lab, a, b, k, ts))
         for f, img in enumerate(images):
             border = torch.cat([img[:, 0, :], img[:, -1, :], img[:, :, 0], img[:, :, -1]], dim=1)
             bg = border.median(dim=1).values

@@ -587,9 +587,27 @@ def train_unet(args) -> None:
     _run("unet", args, {"model": joint}, opt, step_fn, ema=ema, ema_decay=0.999)
 
 
+def sd_pipeline(vae, text, tok, unet, scheduler):
+    """A ``StableDiffusionPipeline`` of these components, without safety checker or image encoder."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+
+
+def fresh_tmp(dest: Path) -> Path:
+    """An empty path beside ``dest`` to write a package into before it replaces ``dest``."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
 def package(args) -> None:
     """Assemble the diffusers folder from the trained stages (fp16 where it keeps quality)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
     from safetensors.torch import load_file
     from transformers import CLIPTextModel
 
@@ -603,14 +621,9 @@ def package(args) -> None:
     state = load_file(args.out / "unet-ckpt" / "ema.safetensors")
     unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
     text.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("text.")})
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**scheduler_config()),
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-    )
+    pipe = sd_pipeline(vae, text, tok, unet, DDIMScheduler(**scheduler_config()))
     dest = args.package_to
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = fresh_tmp(dest)
     # fp16 storage where diffusers upcasts on load (UNet, VAE: no measurable PSNR change) and for the separate CLIP;
     # the pipeline's text encoder stays float32 because transformers loads it in its stored dtype, and a float16
     # text encoder beside a float32 UNet breaks a plain `StableDiffusionPipeline.from_pretrained(path)`.

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from latentlab.embedded import world
-from latentlab.embedded.train import _lr, _run
+from latentlab.embedded.train import _lr, _run, fresh_tmp, sd_pipeline
 
 DEFAULT_MODEL = Path(__file__).parent / "model"
 #: The teacher's sampler for the distillation targets (the default model's documented settings).
@@ -265,7 +265,7 @@ def scheduler_config() -> dict:
 
 
 def package(args) -> None:
-    from diffusers import AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -281,14 +281,9 @@ def package(args) -> None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(DEFAULT_MODEL / "vae", dtype=torch.float32)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**scheduler_config()),
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-    )
+    pipe = sd_pipeline(vae, text, tok, unet, DDIMScheduler(**scheduler_config()))
     dest = args.package_to
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = fresh_tmp(dest)
     pipe.unet.to(torch.float16)  # diffusers upcasts on load; as for the default model
     if args.vae == "default":
         pipe.vae.to(torch.float16)
