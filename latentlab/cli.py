@@ -351,7 +351,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     p = plan(lab, settings, frames=data["frames"])
     lat, cond = p.inputs(0, settings.n_frames)
-    exports.write_comfyui_latent(lat, names["noise"], scaling_factor=lab.vae_scaling_factor,
+    exports.write_comfyui_latent(lab.comfyui_latents(lat), names["noise"], scaling_factor=lab.vae_scaling_factor,
                                  shift_factor=lab.vae_shift_factor,
                                  overwrite=args.overwrite)
     exports.write_comfyui_conditioning(cond, names["cond"], overwrite=args.overwrite)

@@ -9,11 +9,12 @@ finished elsewhere (and every writer is tested by reading its file back).
   keeps latents as the VAE produces them and applies the model's scaling inside the model, so a diffusers latent
   ``z`` is stored as ``z / scaling_factor + shift_factor`` (the VAE config's ``scaling_factor``: 0.18215 for SD
   1.x/2.x, 0.13025 for SDXL; SD3 and Flux latents have 16 channels and a ``shift_factor`` too, which ComfyUI's SD3
-  and Flux latent formats subtract on the way in: ``(latent - shift) * scale``). A morph's initial noise exported
-  this way is, inside ComfyUI, exactly latentlab's per-frame noise.
+  and Flux latent formats subtract on the way in: ``(latent - shift) * scale``). Flux.2's ComfyUI latents are its
+  128 patchified, batch-norm-normalised channels with no scale (``Lab.comfyui_latents`` puts them in that layout).
+  A morph's initial noise exported this way is, inside ComfyUI, exactly latentlab's per-frame noise.
 - **ComfyUI conditioning**: ComfyUI holds conditioning as a list of ``[cond (1, 77, D), {"pooled_output": (1, D)}]``
   per item and has no core file format for it; :func:`write_comfyui_conditioning` stores the tensors in one
-  safetensors file (``cond``, optional ``pooled_output``) and :func:`read_comfyui_conditioning` returns exactly
+  safetensors file (``cond``, optional ``pooled_output`` and ``attention_mask``) and :func:`read_comfyui_conditioning` returns exactly
   ComfyUI's structure (a custom node is three lines: ``return (read_comfyui_conditioning(path),)``).
 - **Deforum schedules**: ``prompts`` as ``{"frame": "prompt"}`` and ``seed_schedule`` / ``cfg_scale_schedule`` /
   ``steps_schedule`` as Deforum's ``"0:(1), 47:(2)"`` strings, plus ``max_frames``, ``fps`` and the sampler.
@@ -96,17 +97,19 @@ def write_comfyui_conditioning(conditioning: Conditioning, path: str | os.PathLi
     tensors = {"cond": conditioning.prompt_embeds}
     if conditioning.pooled_prompt_embeds is not None:
         tensors["pooled_output"] = conditioning.pooled_prompt_embeds
+    if conditioning.attention_mask is not None:  # text-token masks (Chroma, ...): ComfyUI's "attention_mask"
+        tensors["attention_mask"] = conditioning.attention_mask
     return _save_safetensors(path, tensors, {"format": "comfyui-conditioning"})
 
 
 def read_comfyui_conditioning(path: str | os.PathLike) -> list:
-    """ComfyUI's CONDITIONING structure: ``[[cond (1, 77, D), {"pooled_output": (1, D)}], ...]``, one per item."""
+    """ComfyUI's CONDITIONING structure: ``[[cond (1, 77, D), {"pooled_output": (1, D)}], ...]``, one per item
+    (``"attention_mask"`` too where the model masks its text tokens)."""
     data = _load_safetensors(path, "conditioning file")
     if "cond" not in data:
         raise ValueError(f"{path} is not a conditioning file (no cond tensor)")
-    pooled = data.get("pooled_output")
-    return [[data["cond"][i : i + 1], {} if pooled is None else {"pooled_output": pooled[i : i + 1]}]
-            for i in range(len(data["cond"]))]
+    extra = {k: data[k] for k in ("pooled_output", "attention_mask") if k in data}
+    return [[data["cond"][i : i + 1], {k: v[i : i + 1] for k, v in extra.items()}] for i in range(len(data["cond"]))]
 
 
 def _load_safetensors(path, what: str) -> dict:

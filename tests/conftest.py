@@ -181,7 +181,119 @@ def tiny_flux_schnell_path(tmp_path_factory):
     return _tiny_flux(tmp_path_factory.mktemp("tiny-flux-schnell"), guidance_embeds=False)
 
 
-@pytest.fixture(params=["sd3", "sd3-no-t5", "flux", "flux-schnell"])
+def _chat_tokenizer(root):
+    """The character-level tokenizer as a fast tokenizer with a chat template (what the Flux.2 pipelines apply)."""
+    from transformers import CLIPTokenizerFast
+
+    _tiny_tokenizer(root)
+    tok = CLIPTokenizerFast(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=512,
+                            pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                         "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}\n{% endfor %}")
+    return tok
+
+
+def _tiny_flux2(root, *, klein: bool):
+    """A tiny random Flux.2 pipeline: dev (Mistral-3 text encoder, guidance embedding) or klein (Qwen-3, CFG); an
+    8-channel AutoencoderKLFlux2 (f=2) with non-trivial batch-norm statistics, so every normalisation shows."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    tok = _chat_tokenizer(root / "tok-src")
+    text = dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=8, max_position_embeddings=1024, pad_token_id=513)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
+                             norm_num_groups=8, sample_size=16)
+    vae.bn.running_mean.normal_(0, 0.3)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=not klein)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    if klein:
+        from diffusers import Flux2KleinPipeline
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        encoder = Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=27, **text))  # layers 9, 18, 27 are read
+        pipe = Flux2KleinPipeline(scheduler=sched, vae=vae, text_encoder=encoder, tokenizer=tok,
+                                  transformer=transformer)
+    else:
+        from diffusers import Flux2Pipeline
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+        encoder = Mistral3ForConditionalGeneration(Mistral3Config(  # layers 10, 20, 30 are read
+            text_config=dict(model_type="mistral", num_hidden_layers=30, **text),
+            vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, image_size=16, patch_size=8, head_dim=8)))
+        pipe = Flux2Pipeline(scheduler=sched, vae=vae, text_encoder=encoder, tokenizer=tok, transformer=transformer)
+    path = root / "pipe"
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma_path(tmp_path_factory):
+    """A tiny random ChromaPipeline (T5 only, masked text tokens, Flux's 16-channel VAE and 2x2 packing)."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    root = tmp_path_factory.mktemp("tiny-chroma")
+    torch.manual_seed(0)
+    tok = _tiny_tokenizer(root / "tok-src")
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=(4, 4, 8), approximator_num_channels=16,
+                                           approximator_hidden_dim=32, approximator_layers=1)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = ChromaPipeline(transformer=transformer, vae=_flow_vae(0.1159, 0.3611), scheduler=sched,
+                          text_encoder=_t5(), tokenizer=tok)
+    path = root / "pipe"
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lumina2_path(tmp_path_factory):
+    """A tiny random Lumina2Pipeline (Gemma-2 text encoder, masked text, 16-channel VAE). The pipeline assumes a
+    VAE factor of 8, so this VAE has f=8 (images 64 px for 8 x 8 latents)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    root = tmp_path_factory.mktemp("tiny-lumina2")
+    torch.manual_seed(0)
+    tok = _chat_tokenizer(root / "tok-src")
+    text = Gemma2Model(Gemma2Config(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                    max_position_embeddings=1024, pad_token_id=513))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+                        shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+    transformer = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, hidden_size=32, num_layers=1,
+                                            num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1,
+                                            multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(300, 64, 64),
+                                            cap_feat_dim=16)
+    pipe = Lumina2Pipeline(transformer=transformer, vae=vae, text_encoder=text, tokenizer=tok,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True))
+    path = root / "pipe"
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_path(tmp_path_factory):
+    """A tiny random Flux2Pipeline (Flux.2 dev layout: 8-channel VAE latents here, 2x2 patchified inside)."""
+    return _tiny_flux2(tmp_path_factory.mktemp("tiny-flux2"), klein=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_path(tmp_path_factory):
+    """A tiny random Flux2KleinPipeline (Qwen-3 text encoder, classifier-free guidance)."""
+    return _tiny_flux2(tmp_path_factory.mktemp("tiny-flux2-klein"), klein=True)
+
+
+@pytest.fixture(params=["sd3", "sd3-no-t5", "flux", "flux-schnell", "chroma", "lumina2", "flux2", "flux2-klein"])
 def flow_lab(request):
     """A Lab over each tiny flow pipeline (3 steps by default)."""
     from latentlab.backend import Lab
@@ -191,7 +303,9 @@ def flow_lab(request):
         path = request.getfixturevalue("tiny_sd3_path")
         extra = {"text_encoder_3": None, "tokenizer_3": None} if kind == "sd3-no-t5" else {}
     else:
-        path = request.getfixturevalue("tiny_flux_path" if kind == "flux" else "tiny_flux_schnell_path")
+        path = request.getfixturevalue({"flux": "tiny_flux_path", "flux-schnell": "tiny_flux_schnell_path",
+                                        "chroma": "tiny_chroma_path", "lumina2": "tiny_lumina2_path",
+                                        "flux2": "tiny_flux2_path", "flux2-klein": "tiny_flux2_klein_path"}[kind])
         extra = {}
     lab = Lab.from_pretrained(path, device="cpu", **extra)
     lab.defaults = lab.defaults.replace(num_inference_steps=3)

@@ -64,9 +64,9 @@ class FakeBackend:
         w = (width or self.latent_size * self.factor) // self.factor
         return (self.channels, h, w)
 
-    def noise(self, seed, *, height=None, width=None):
+    def noise(self, seed, *, height=None, width=None, dtype=None):
         n = len(seed) if isinstance(seed, (list, tuple)) else 1
-        return seeded_noise(seed, (n, *self.latent_shape(height=height, width=width)))
+        return seeded_noise(seed, (n, *self.latent_shape(height=height, width=width)), dtype=dtype or torch.float32)
 
     def encode_prompt(self, prompt):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -108,11 +108,11 @@ def test_families_benchmark_smoke(capsys):
 
     from latentlab.benchmarks import families
 
-    families.main(["--families", "sd3", "flux", "--images", "1", "--steps", "2", "--repeats", "1"])
+    families.main(["--families", "sd3", "flux", "flux2", "--images", "1", "--steps", "2", "--repeats", "1"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    for r in rows[:2]:
+    for r in rows[:3]:
         assert r["invert_fireflow_7_steps"]["relative_rmse"] <= r["invert_euler_24_steps"]["relative_rmse"]
-        assert r["latents"] == [16, 8, 8]
+        assert r["latents"] == ([32, 8, 8] if r["family"] == "flux2" else [16, 8, 8])
 
 
 def test_explainers_benchmark_runs_and_writes_its_table(tmp_path, capsys):

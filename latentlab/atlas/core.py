@@ -239,8 +239,7 @@ def prompt_direction(lab, positive: str, negative: str):
     from latentlab.backend import Conditioning
 
     a, b = lab.encode_prompt(positive), lab.encode_prompt(negative)
-    pooled = None if a.pooled_prompt_embeds is None else a.pooled_prompt_embeds - b.pooled_prompt_embeds
-    return Conditioning(a.prompt_embeds - b.prompt_embeds, pooled)
+    return Conditioning.cat([a, b]).map(lambda t: t[:1] - t[1:])
 
 
 def apply_direction(conditioning, direction, k: float | Sequence[float]):
@@ -253,11 +252,6 @@ def apply_direction(conditioning, direction, k: float | Sequence[float]):
     if len(conditioning) != 1 and not isinstance(k, (int, float)):
         raise ValueError("a sequence of `k` needs a single-item `conditioning`")
     ks = [float(k)] if isinstance(k, (int, float)) else [float(v) for v in k]
-    items = []
-    for v in ks:
-        pe = conditioning.prompt_embeds + v * direction.prompt_embeds
-        pooled = None
-        if conditioning.pooled_prompt_embeds is not None:
-            pooled = conditioning.pooled_prompt_embeds + v * direction.pooled_prompt_embeds
-        items.append(Conditioning(pe, pooled))
-    return Conditioning.cat(items)
+    n = len(conditioning)
+    both = Conditioning.cat([conditioning, direction])
+    return Conditioning.cat([both.map(lambda t, v=v: t[:n] + v * t[n:]) for v in ks])

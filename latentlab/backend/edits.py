@@ -5,7 +5,9 @@ same code for every model family (the family adapter supplies the pipeline class
 
 - **img2img**: the family's own img2img pipeline (SD, SDXL, SD3 and Flux each have one in diffusers), composed
   on the same components (no weights copied), given the clean latents as its ``image`` (input with the
-  VAE's latent channels is used as latents as it is).
+  VAE's latent channels is used as latents as it is). Flow families without a usable diffusers img2img pipeline
+  (Chroma, Lumina 2, Flux.2: ``own_img2img``) run the same recipe in the adapter (tested equal to diffusers' SD3 and
+  Flux img2img pipelines on those families).
 - **inpainting**: the same pipeline plus a ``callback_on_step_end`` that, after every step, puts the known latent,
   noised to the next step's level (``add_noise`` for diffusion models, ``(1 - sigma) z0 + sigma noise`` for flow
   models), back outside the mask (the blend of diffusers' inpainting pipelines for ordinary latent models), and
@@ -83,9 +85,11 @@ def _run_img2img(lab: Lab, latents, conditioning, *, strength, seed, mask, sampl
     _strength(strength, s.num_inference_steps)
     seeds = _seeds(seed, len(latents))
     m = None if mask is None else _latent_mask(lab, mask, latents)
-    pipe = lab.pipeline("img2img", s.scheduler)
     negative = lab.negative_conditioning(s.negative_prompt)
     adapter = lab.adapter
+    if adapter.own_img2img:
+        return _own_img2img(lab, latents, conditioning, negative, s, strength, seeds, m, batch_size)
+    pipe = lab.pipeline("img2img", s.scheduler)
     shape = tuple(latents.shape[1:])
     f = lab.vae_scale_factor
     # SD3/Flux img2img pipelines take the image size (their default is the model's native size); SD's do not.
@@ -117,6 +121,21 @@ def _run_img2img(lab: Lab, latents, conditioning, *, strength, seed, mask, sampl
             out = pipe(image=z0, strength=strength, num_inference_steps=s.num_inference_steps, generator=gens,
                        output_type="latent", **size, **adapter.call_kwargs(lab, cond, negative, s), **kw).images
         return adapter.unpack(out, h, w)
+
+    args = (latents, conditioning, torch.arange(len(latents))) + (() if m is None else (m,))
+    return lab.run_batched(run, *args, batch_size=batch_size)
+
+
+def _own_img2img(lab: Lab, latents, conditioning, negative, s: Sampling, strength, seeds, m, batch_size):
+    """img2img/inpainting through the adapter's own loop; each item's noise is the model's noise of its seed."""
+    shape = tuple(latents.shape[1:])
+
+    @torch.no_grad()
+    def run(z0, cond, index, *rest):
+        noise = lab.adapter.noise([seeds[i] for i in index.tolist()], shape).to(lab.device, lab.dtype)
+        keep = rest[0].to(lab.device, lab.dtype) if rest else None
+        with lab.adapter.denoising(lab):
+            return lab.adapter.img2img(lab, z0.to(lab.device, lab.dtype), noise, cond, negative, s, strength, keep)
 
     args = (latents, conditioning, torch.arange(len(latents))) + (() if m is None else (m,))
     return lab.run_batched(run, *args, batch_size=batch_size)

@@ -30,7 +30,6 @@ from latentlab import _checks
 from latentlab._quiet import quiet_transformers_image_processor_warning
 from latentlab.backend.records import Conditioning, Tokens
 from latentlab.sampling import Sampling, check_prompt
-from latentlab.seeds import noise as _noise
 
 __all__ = ["CPU_BATCH_SIZE", "PROMPT_CACHE_SIZE", "Engine", "cpu_generators", "import_diffusers", "step_seeds"]
 
@@ -113,7 +112,7 @@ class Engine:
 
     @property
     def family(self) -> str:
-        """The model family: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``."""
+        """The model family: ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"chroma"`` or ``"flux2"``."""
         return self.adapter.family
 
     @property
@@ -136,11 +135,16 @@ class Engine:
 
     @property
     def vae_scaling_factor(self) -> float:
-        return float(self.pipe.vae.config.scaling_factor)
+        return self.adapter.vae_factors(self.pipe.vae)[0]
 
     @property
     def vae_shift_factor(self) -> float:
-        return float(getattr(self.pipe.vae.config, "shift_factor", None) or 0.0)
+        return self.adapter.vae_factors(self.pipe.vae)[1]
+
+    def comfyui_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-layout latents in the layout of ComfyUI's latent format for this model's family (Flux.2: its 128
+        patchified channels); :func:`latentlab.exports.write_comfyui_latent` then applies scale and shift."""
+        return self.adapter.comfyui_layout(latents)
 
     @property
     def size_multiple(self) -> int:
@@ -164,11 +168,12 @@ class Engine:
         f = self.vae_scale_factor
         return (self.adapter.latent_channels(self.pipe), height // f, width // f)
 
-    def noise(self, seed: int | Sequence[int], *, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    def noise(self, seed: int | Sequence[int], *, height: int | None = None, width: int | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
         """Initial latents for ``seed`` (one item per seed), drawn on the CPU: the same on every device, and equal to
         the pipeline's own initial noise for those seeds (one CPU generator per item), in the VAE's layout."""
-        n = len(seed) if isinstance(seed, (list, tuple)) else 1
-        return _noise(seed, (n, *self.latent_shape(height=height, width=width)), device=self.device, dtype=self.dtype)
+        shape = self.latent_shape(height=height, width=width)
+        return self.adapter.noise(seed, shape).to(device=self.device, dtype=dtype or self.dtype)
 
     # --- settings and provenance -------------------------------------------------------------------------------
 
@@ -322,8 +327,10 @@ class Engine:
             warnings.simplefilter("ignore")  # the view shows the cut itself
             embeds = self.encode_prompt(prompt).prompt_embeds[0]
         kept = min(len(ids), limit, embeds.shape[0])
+        # A left-padding tokenizer puts the prompt's rows last (when it fits: a cut prompt fills every row).
+        first = embeds.shape[0] - kept if getattr(tok, "padding_side", "right") == "left" else 0
         return Tokens(tuple(tok.convert_ids_to_tokens(ids)), tuple(int(i) for i in ids), int(limit), kept,
-                      embeds[:kept].float().cpu(), type(tok).__name__)
+                      embeds[first:first + kept].float().cpu(), type(getattr(tok, "tokenizer", tok)).__name__)
 
     def _truncation_warning(self, prompt: str) -> None:
         tok, limit = self.adapter.token_limit(self.pipe)

@@ -56,8 +56,10 @@ class Backend(Protocol):
     def latent_shape(self, *, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(channels, height // f, width // f) for an image size (default: the model's native size)."""
 
-    def noise(self, seed: int | Sequence[int], *, height: int | None = None, width: int | None = None) -> torch.Tensor:
-        """Initial latents, one item per seed, the same on every device."""
+    def noise(self, seed: int | Sequence[int], *, height: int | None = None, width: int | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Initial latents, one item per seed, the same on every device: the pipeline's own initial noise for those
+        seeds, in the VAE layout (``dtype``: None for the model's; the draw itself is float32 on the CPU)."""
 
     def encode_prompt(self, prompt: str | Sequence[str]) -> Conditioning:
         """Text conditioning, one item per prompt."""

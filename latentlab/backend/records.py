@@ -12,11 +12,19 @@ __all__ = ["Conditioning", "Inversion", "Trajectory"]
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What conditions the UNet for a batch: ``prompt_embeds`` (batch, tokens, dim) and, for SDXL,
-    ``pooled_prompt_embeds`` (batch, dim). Interpolate the fields with :mod:`latentlab.ops` like any latent."""
+    """What conditions the denoiser for a batch: ``prompt_embeds`` (batch, tokens, dim); for SDXL, SD3 and Flux.1
+    ``pooled_prompt_embeds`` (batch, dim); for families whose transformer masks its text tokens (Chroma, ...)
+    ``attention_mask`` (batch, tokens), 1 where a token is attended. Interpolate the fields with
+    :mod:`latentlab.ops` like any latent, through :meth:`map`.
+
+    The mask is not interpolated: a combination of items attends to every token that any item it is made of
+    attends to (an item with weight exactly 0 adds nothing, so a morph's keyframes keep their own masks), and
+    padding that no item attends to stays masked.
+    """
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -24,12 +32,17 @@ class Conditioning:
     def __getitem__(self, idx) -> Conditioning:
         idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
         pooled = None if self.pooled_prompt_embeds is None else self.pooled_prompt_embeds[idx]
-        return Conditioning(self.prompt_embeds[idx], pooled)
+        mask = None if self.attention_mask is None else self.attention_mask[idx]
+        return Conditioning(self.prompt_embeds[idx], pooled, mask)
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
         pooled = None if items[0].pooled_prompt_embeds is None else torch.cat([c.pooled_prompt_embeds for c in items])
-        return Conditioning(torch.cat([c.prompt_embeds for c in items]), pooled)
+        mask = None
+        if any(c.attention_mask is not None for c in items):
+            mask = torch.cat([c.prompt_embeds.new_ones(c.prompt_embeds.shape[:2]) if c.attention_mask is None
+                              else c.attention_mask.to(c.prompt_embeds.dtype) for c in items])
+        return Conditioning(torch.cat([c.prompt_embeds for c in items]), pooled, mask)
 
     def weighted_sum(self, weights: torch.Tensor | Sequence[float]) -> Conditioning:
         """One item: ``sum_i weights[i] * item_i`` of every field (weights as given: normalise them for a mean,
@@ -40,9 +53,20 @@ class Conditioning:
         return self.map(lambda t: (w.to(t.dtype).view(-1, *[1] * (t.ndim - 1)) * t).sum(0, keepdim=True))
 
     def map(self, fn) -> Conditioning:
-        """Apply ``fn`` to every tensor field (e.g. an interpolation)."""
+        """Apply ``fn`` to every tensor field (e.g. an interpolation); see the class notes for the mask."""
         pooled = None if self.pooled_prompt_embeds is None else fn(self.pooled_prompt_embeds)
-        return Conditioning(fn(self.prompt_embeds), pooled)
+        embeds = fn(self.prompt_embeds)
+        mask = None
+        if self.attention_mask is not None:
+            # ``fn`` on the mask with distinct positive per-item weights: nonzero exactly where an item that
+            # contributes attends (distinct weights keep signed combinations such as a - b from cancelling).
+            m = self.attention_mask.to(torch.float64)
+            probe = m * (1 + torch.arange(len(m), dtype=torch.float64) * 0.6180339887).view(-1, 1)
+            mask = (fn(probe.to(self.prompt_embeds.dtype)) != 0).to(self.prompt_embeds.dtype)
+            if mask.shape != embeds.shape[:2]:
+                raise ValueError(f"`fn` gave prompt_embeds of shape {tuple(embeds.shape)} but a mask of shape "
+                                 f"{tuple(mask.shape)}: map a function that treats every field alike")
+        return Conditioning(embeds, pooled, mask)
 
 
 @dataclass(frozen=True)

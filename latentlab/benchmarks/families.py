@@ -1,9 +1,10 @@
 """Every model family on the same footing: tiny random pipelines of each layout, timed in one run.
 
 Built in-process from configs (no download; random weights time like trained ones): an SD 1.x-layout UNet
-pipeline, an SD3 pipeline (two CLIP encoders, no T5) and a Flux.1 "dev" pipeline (guidance embedding, T5), each
-with a 16- or 4-channel VAE with f=8 and 64x64 images (SD: 4x8x8 latents; SD3/Flux: 16x8x8, Flux packs them
-into 16 tokens). Printed per family, with threads pinned:
+pipeline, an SD3 pipeline (two CLIP encoders, no T5), a Flux.1 "dev" pipeline (guidance embedding, T5), a Chroma
+pipeline (T5, masked text), a Lumina 2 pipeline (Gemma-2) and a Flux.2 "dev" pipeline (Mistral-3 text encoder,
+guidance embedding), each with a VAE with f=8 and 64x64 images (SD: 4x8x8 latents; SD3/Flux/Chroma/Lumina 2:
+16x8x8, Flux and Chroma pack them into 16 tokens; Flux.2: 32x8x8, patchified to 128x4x4). Printed per family, with threads pinned:
 
 - ``generate``: ms per image through :meth:`Lab.generate` (8 steps, guidance 4, batch 8) and the ratio to the
   plain pipeline doing the same images with the same latents in the same run (our overhead), and to SD's time;
@@ -21,9 +22,12 @@ import time
 
 import torch
 
+#: The families benchmarked, in order.
+FAMILIES = ("sd", "sd3", "flux", "chroma", "lumina2", "flux2")
+
 
 def build(family: str, *, seed: int = 0):
-    """A tiny random pipeline of ``family`` ("sd", "sd3", "flux"): 64x64 images, VAE f=8."""
+    """A tiny random pipeline of ``family`` (one of :data:`FAMILIES`): 64x64 images, VAE f=8."""
     from latentlab._quiet import quiet_transformers_image_processor_warning
 
     quiet_transformers_image_processor_warning()
@@ -37,6 +41,10 @@ def build(family: str, *, seed: int = 0):
     clip = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
                 projection_dim=32)
+    if family == "flux2":
+        return _flux2(tok)
+    if family == "lumina2":
+        return _lumina2(tok)
     channels = 4 if family == "sd" else 16
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32),
@@ -66,6 +74,16 @@ def build(family: str, *, seed: int = 0):
             text_encoder_3=None, tokenizer_3=None)
     from transformers import T5Config, T5EncoderModel
 
+    if family == "chroma":
+        transformer = diffusers.ChromaTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32,
+            num_attention_heads=4, joint_attention_dim=64, axes_dims_rope=(8, 12, 12), approximator_num_channels=16,
+            approximator_hidden_dim=64, approximator_layers=1)
+        t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
+                                     relative_attention_num_buckets=8))
+        return diffusers.ChromaPipeline(transformer=transformer, vae=vae, text_encoder=t5, tokenizer=tok,
+                                        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+                                            shift=3.0, use_dynamic_shifting=True))
     transformer = diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
         joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(8, 12, 12))
@@ -75,6 +93,48 @@ def build(family: str, *, seed: int = 0):
     return diffusers.FluxPipeline(transformer=transformer, vae=vae, scheduler=sched,
                                   text_encoder=CLIPTextModel(CLIPTextConfig(**clip)), tokenizer=tok,
                                   text_encoder_2=t5, tokenizer_2=tok)
+
+
+def _flux2(tok):
+    import diffusers
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tok.chat_template = ("{% for m in messages %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}\n"
+                         "{% endfor %}")
+    text = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=49408, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=1024, pad_token_id=49407),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=8, head_dim=8)))
+    vae = diffusers.AutoencoderKLFlux2(block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=32,
+                                       norm_num_groups=8, sample_size=64)
+    transformer = diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=96, timestep_guidance_channels=32, axes_dims_rope=(8, 8, 8, 8))
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return diffusers.Flux2Pipeline(scheduler=sched, vae=vae, text_encoder=text, tokenizer=tok, transformer=transformer)
+
+
+def _lumina2(tok):
+    import diffusers
+    from transformers import Gemma2Config, Gemma2Model
+
+    text = Gemma2Model(Gemma2Config(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=1024, pad_token_id=49407))
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32),
+                                  layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+                                  shift_factor=0.1159, scaling_factor=0.5, use_quant_conv=False,
+                                  use_post_quant_conv=False)
+    transformer = diffusers.Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, hidden_size=128, num_layers=4, num_refiner_layers=1,
+        num_attention_heads=4, num_kv_heads=2, multiple_of=32, axes_dim_rope=(8, 12, 12), axes_lens=(300, 64, 64),
+        cap_feat_dim=32)
+    return diffusers.Lumina2Pipeline(transformer=transformer, vae=vae, text_encoder=text, tokenizer=tok,
+                                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+                                         shift=3.0, use_dynamic_shifting=True))
 
 
 def _best(fn, repeats: int) -> float:
@@ -115,7 +175,7 @@ def measure(family: str, *, images: int = 8, steps: int = 8, repeats: int = 2) -
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m latentlab.benchmarks.families", description=__doc__.split("\n\n")[0])
-    p.add_argument("--families", nargs="+", default=["sd", "sd3", "flux"], choices=["sd", "sd3", "flux"])
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)

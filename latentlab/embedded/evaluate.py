@@ -403,9 +403,7 @@ def _morph_inputs(lab, a, b, k: int, ts: torch.Tensor):
 
     za, zb = lab.noise(2 * k), lab.noise(2 * k + 1)
     ca, cb = lab.encode_prompt(world.caption(*a)), lab.encode_prompt(world.caption(*b))
-    cond = Conditioning(lerp(ca.prompt_embeds, cb.prompt_embeds, ts)[:, 0],
-                        None if ca.pooled_prompt_embeds is None
-                        else lerp(ca.pooled_prompt_embeds, cb.pooled_prompt_embeds, ts)[:, 0])
+    cond = Conditioning.cat([ca, cb]).map(lambda t: lerp(t[:1], t[1:], ts)[:, 0])
     return slerp(za, zb, ts)[:, 0], cond
 
 

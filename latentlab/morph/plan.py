@@ -20,7 +20,6 @@ from latentlab.backend import Backend, Conditioning
 from latentlab.morph.settings import MorphSettings
 from latentlab.ops import blend
 from latentlab.paths import ease, path_at, retime, schedule, schedule_at
-from latentlab.seeds import noise
 
 __all__ = ["IMAGE_KEYFRAME_MIN_PSNR", "Plan", "clip_distance", "file_digest", "pixel_distance", "plan"]
 
@@ -102,12 +101,12 @@ def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[d
     """
     prompts, seeds = settings.resolved()
     shape = (1, *lab.latent_shape(height=settings.height, width=settings.width))
-    keys = [noise(s, shape) for s in seeds]
+    keys = [_seed_noise(lab, s, settings) for s in seeds]
     conds = [lab.encode_prompt(p) for p in prompts]
     images = []
     for i, k in enumerate(settings.keyframes):
         if k.mix is not None:
-            keys[i], conds[i] = _mix_key(lab, k.mix, shape)
+            keys[i], conds[i] = _mix_key(lab, k.mix, settings)
         if k.image is not None:
             keys[i], note = _image_key(lab, k.image, conds[i], shape, settings)
             images.append({"keyframe": i, **note})
@@ -162,10 +161,15 @@ def _image_key(lab: Backend, path: str, cond: Conditioning, shape, settings: Mor
     return inv.noise.to(torch.float32), note
 
 
-def _mix_key(lab: Backend, mix, shape) -> tuple[torch.Tensor, Conditioning]:
+def _seed_noise(lab: Backend, seed: int, settings: MorphSettings) -> torch.Tensor:
+    """A keyframe seed's noise: the model's own initial noise for that seed (float32 on the CPU, (1, C, h, w))."""
+    return lab.noise(seed, height=settings.height, width=settings.width, dtype=torch.float32).cpu()
+
+
+def _mix_key(lab: Backend, mix, settings) -> tuple[torch.Tensor, Conditioning]:
     """A :class:`~latentlab.morph.settings.Mix` keyframe's noise (spherical blend) and conditioning (weighted
     mean of the prompt encodings)."""
-    z = blend([noise(s, shape) for s in mix.seeds], list(mix.seed_weights))
+    z = blend([_seed_noise(lab, s, settings) for s in mix.seeds], list(mix.seed_weights))
     total = sum(mix.prompt_weights)
     w = torch.tensor([x / total for x in mix.prompt_weights])
     enc = Conditioning.cat([lab.encode_prompt(p) for p in mix.prompts])

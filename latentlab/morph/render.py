@@ -133,7 +133,7 @@ def _key_prefix(lab: Backend, sampling: Sampling, batch_size: int | None) -> byt
 
 def _frame_key(prefix: bytes, latents: torch.Tensor, conditioning: Conditioning) -> str:
     h = hashlib.sha256(prefix)
-    for t in (latents, conditioning.prompt_embeds, conditioning.pooled_prompt_embeds):
+    for t in (latents, conditioning.prompt_embeds, conditioning.pooled_prompt_embeds, conditioning.attention_mask):
         if t is not None:
             h.update(str((tuple(t.shape), t.dtype)).encode())
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())

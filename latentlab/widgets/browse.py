@@ -8,8 +8,8 @@ import traitlets
 
 from latentlab import _checks
 from latentlab.backend import Backend
+from latentlab.ops import slerp
 from latentlab.sampling import Sampling
-from latentlab.seeds import variation_noise
 from latentlab.widgets._base import Panel, check_text, data_url
 from latentlab.widgets._front import ThumbGrid
 
@@ -18,7 +18,7 @@ class SeedBrowser(Panel):
     """A grid of thumbnails, one per seed, page by page; click to pick (``picked`` lists the picked seeds).
 
     Below, variations around the last pick: the pick's noise slerped towards other seeds' by ``strength``
-    (variation seeds, :func:`latentlab.variation_noise`). "Show code" prints the library lines that re-create the
+    (variation seeds, as :func:`latentlab.variation_noise`, over the model's own noise for each seed). "Show code" prints the library lines that re-create the
     picked images.
 
     Examples
@@ -106,8 +106,8 @@ class SeedBrowser(Panel):
         subseeds = [seed + 1 + k for k in range(self.n_variations)]
 
         def work():
-            shape = (self.n_variations, *self.lab.latent_shape())
-            z = variation_noise([seed] * self.n_variations, subseeds, strength, shape)
+            base = self.lab.noise([seed] * self.n_variations, dtype=torch.float32).cpu()
+            z = slerp(base, self.lab.noise(subseeds, dtype=torch.float32).cpu(), strength)
             images = self.lab.generate(z, self.lab.encode_prompt(check_text(prompt)), sampling=self.sampling)
             self.variation_grid.labels = [f"{seed}→{s} @{strength:.2f}" for s in subseeds]
             self.variation_grid.images = [data_url(im, upscale=self.upscale) for im in images]

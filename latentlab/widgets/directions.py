@@ -93,9 +93,7 @@ class DirectionSliders(Panel):
             for (kind, name), k in amounts.items():
                 if kind == "prompt" and k:
                     d = self.prompt_directions[name]
-                    cond = Conditioning(cond.prompt_embeds + k * d.prompt_embeds,
-                                        None if d.pooled_prompt_embeds is None
-                                        else cond.pooled_prompt_embeds + k * d.pooled_prompt_embeds)
+                    cond = Conditioning.cat([cond, d]).map(lambda t, k=k: t[:1] + k * t[1:])
             moved = ", ".join(f"{n} {k:+.1f}" for (_, n), k in amounts.items() if k) or "no move"
             self.info.value = html.escape(moved)
             self.live(z, cond, lambda image: setattr(self.image, "value", self.png(image)))

@@ -144,9 +144,7 @@ class Interpolator(Panel):
     def _at(self, ts: torch.Tensor, za, zb, ca: Conditioning, cb: Conditioning):
         z = _INTERP[self.noise_method.value](za, zb, ts)[:, 0]
         pick = _INTERP[self.prompt_method.value]
-        cond = Conditioning(
-            pick(ca.prompt_embeds, cb.prompt_embeds, ts)[:, 0],
-            None if ca.pooled_prompt_embeds is None else pick(ca.pooled_prompt_embeds, cb.pooled_prompt_embeds, ts)[:, 0])
+        cond = Conditioning.cat([ca, cb]).map(lambda t: pick(t[:1], t[1:], ts)[:, 0])
         return z, cond
 
     # --- live frame ---------------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@
 | ``sdxl`` | ``StableDiffusionXLPipeline`` (SDXL, SDXL Turbo) | (b, 4, h, w) | CFG |
 | ``sd3`` | ``StableDiffusion3Pipeline`` (SD3, SD3.5; T5 optional) | (b, 16, h, w) | CFG |
 | ``flux`` | ``FluxPipeline`` (Flux.1 dev and schnell) | (b, 16, h, w); packed 2x2 only inside | embedded / true CFG |
+| ``chroma`` | ``ChromaPipeline`` | (b, 16, h, w); packed 2x2 only inside; text attention mask | CFG |
+| ``lumina2`` | ``Lumina2Pipeline`` | (b, 16, h, w); patched 2x2 inside the transformer; text attention mask | CFG (renormalised) |
+| ``flux2`` | ``Flux2Pipeline`` (Flux.2 dev), ``Flux2KleinPipeline`` (klein) | (b, 32, h, w); patchified, normalised and packed only inside | embedded / CFG |
 """
 
 from __future__ import annotations
@@ -14,14 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from latentlab.backend.families.base import Family
+from latentlab.backend.families.chroma import ChromaFamily
 from latentlab.backend.families.flux import FluxFamily
+from latentlab.backend.families.flux2 import Flux2Family
+from latentlab.backend.families.lumina2 import Lumina2Family
 from latentlab.backend.families.sd3 import SD3Family
 from latentlab.backend.families.unet import SDXLFamily, UNetFamily
 
 __all__ = ["FAMILIES", "Family", "adapter_for", "folder_facts", "supported_pipelines"]
 
 #: Every family latentlab speaks, in lookup order.
-FAMILIES: tuple[type[Family], ...] = (UNetFamily, SDXLFamily, SD3Family, FluxFamily)
+FAMILIES: tuple[type[Family], ...] = (UNetFamily, SDXLFamily, SD3Family, FluxFamily, Flux2Family, ChromaFamily,
+                                     Lumina2Family)
 
 
 def supported_pipelines() -> tuple[str, ...]:

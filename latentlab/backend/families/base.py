@@ -25,7 +25,7 @@ class Family:
     """Base class of the family adapters (see the module notes). Subclasses set the class attributes and
     implement the methods that raise ``NotImplementedError`` here."""
 
-    #: Short family name recorded in provenance, manifests and cache keys ("sd", "sdxl", "sd3", "flux").
+    #: Short family name recorded in provenance, manifests and cache keys ("sd", "sdxl", "sd3", "flux", "chroma", "flux2").
     family: ClassVar[str] = ""
     #: The pipeline attribute of the network that runs every step.
     denoiser_name: ClassVar[str] = "unet"
@@ -39,6 +39,9 @@ class Family:
     needs_pooled: ClassVar[bool] = False
     #: The family's name in messages.
     display_name: ClassVar[str] = ""
+    #: Whether img2img/inpainting run the adapter's own loop (:meth:`img2img`) rather than diffusers' img2img
+    #: pipeline (``pipelines[1]``): for families whose diffusers has none.
+    own_img2img: ClassVar[bool] = False
 
     # --- facts ----------------------------------------------------------------------------------------------------
 
@@ -99,11 +102,32 @@ class Family:
         if conditioning.prompt_embeds.ndim != 3:
             raise ValueError("`conditioning.prompt_embeds` must have shape (batch, tokens, dim), got "
                              f"{tuple(conditioning.prompt_embeds.shape)}")
+        mask = conditioning.attention_mask
+        if mask is not None and tuple(mask.shape) != tuple(conditioning.prompt_embeds.shape[:2]):
+            raise ValueError("`conditioning.attention_mask` must have shape (batch, tokens) = "
+                             f"{tuple(conditioning.prompt_embeds.shape[:2])}, got {tuple(mask.shape)}")
         if self.needs_pooled and conditioning.pooled_prompt_embeds is None:
             raise ValueError(f"`conditioning` must carry pooled_prompt_embeds for {self.display_name} model (use "
                              "lab.encode_prompt of this model)")
 
     # --- latents and the VAE ------------------------------------------------------------------------------------
+
+    def noise(self, seed, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The pipeline's own initial noise for ``seed`` (an int, or one per item) in the VAE layout ``shape``
+        (C, h, w), float32 on the CPU (one CPU generator per item)."""
+        from latentlab.seeds import noise
+
+        n = len(seed) if isinstance(seed, (list, tuple)) else 1
+        return noise(seed, (n, *shape))
+
+    def vae_factors(self, vae: Any) -> tuple[float, float]:
+        """The VAE's (``scaling_factor``, ``shift_factor``): latents as the denoiser sees them =
+        ``(VAE latents - shift) * scale`` (what manifests and exports record)."""
+        return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def comfyui_layout(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-layout latents in the layout ComfyUI's latent format for this family has."""
+        return latents
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-layout latents -> what the pipeline's ``latents=`` takes."""
@@ -150,6 +174,12 @@ class Family:
                    generator=cpu_generators(step_seeds(z)), output_type="latent",
                    **self.call_kwargs(engine, cond, negative, sampling)).images
         return self.unpack(out, z.shape[2], z.shape[3])
+
+    def img2img(self, engine: Engine, z0: torch.Tensor, noise: torch.Tensor, cond: Conditioning,
+                negative: Conditioning, sampling: Sampling, strength: float, keep: torch.Tensor | None
+                ) -> torch.Tensor:
+        """img2img (and inpainting where ``keep`` is given) with the adapter's own loop (``own_img2img``)."""
+        raise NotImplementedError
 
     def renoise(self, scheduler: Any, z0: torch.Tensor, noise: torch.Tensor, step: int, timesteps: torch.Tensor
                 ) -> torch.Tensor:

@@ -133,8 +133,9 @@ class FlowFamily(Family):
         p = self.size_patch(pipe)
         return (h // p) * (w // p)
 
-    def mu(self, pipe: Any, h: int, w: int) -> float | None:
-        """The dynamic shift ``mu`` the pipeline computes for a latent of ``h`` x ``w`` (None: not used)."""
+    def mu(self, pipe: Any, h: int, w: int, steps: int) -> float | None:
+        """The dynamic shift ``mu`` the pipeline computes for a latent of ``h`` x ``w`` and ``steps`` steps (None: not
+        used)."""
         cfg = pipe.scheduler.config
         if not cfg.get("use_dynamic_shifting", False):
             return None
@@ -149,7 +150,7 @@ class FlowFamily(Family):
         scheduler from the model's config exactly as the pipeline builds it."""
         diffusers = import_diffusers()
         sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(engine.pipe.scheduler.config)
-        mu = self.mu(engine.pipe, h, w)
+        mu = self.mu(engine.pipe, h, w, steps)
         kw = {"mu": mu} if mu is not None else {}
         sigmas = self.pipeline_sigmas(steps)
         if sigmas is not None:
@@ -183,6 +184,24 @@ class FlowFamily(Family):
         if sampling.scheduler == "FlowMatchEulerDiscreteScheduler":
             return super().generate(engine, z, cond, negative, sampling)
         return self._solve(engine, z, cond, negative, sampling, "heun", self._grid(engine, z, sampling))
+
+    def img2img(self, engine, z0, noise, cond, negative, sampling, strength, keep):
+        """diffusers' flow img2img recipe (``FluxImg2ImgPipeline``) on the pipeline's sigmas: of ``N`` steps the last
+        ``int(N * strength)`` run, from the clean latents noised to the first of them (``(1 - s) z0 + s noise``);
+        for inpainting, after every step the known latent noised to the next level is put back where ``keep`` is 0
+        (the clean latent after the last step)."""
+        steps = sampling.num_inference_steps
+        sigmas = self._grid(engine, z0, sampling)
+        start = int(max(steps - min(steps * strength, steps), 0))
+        sigmas = sigmas[start:]
+        solver = "euler" if sampling.scheduler == "FlowMatchEulerDiscreteScheduler" else "heun"
+        x = (1 - sigmas[0]) * z0 + sigmas[0] * noise
+        for i in range(len(sigmas) - 1):
+            x = self._solve(engine, x, cond, negative, sampling, solver, sigmas[i : i + 2])
+            if keep is not None:
+                s = sigmas[i + 1]
+                x = (1 - keep) * ((1 - s) * z0 + s * noise) + keep * x
+        return x
 
     def renoise(self, scheduler, z0, noise, step, timesteps):
         sigma = timesteps[step] / scheduler.config.num_train_timesteps
