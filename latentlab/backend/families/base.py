@@ -37,6 +37,8 @@ class Family:
     pipelines: ClassVar[tuple[str, ...]] = ()
     #: Whether the conditioning must carry ``pooled_prompt_embeds`` (SDXL, SD3, Flux).
     needs_pooled: ClassVar[bool] = False
+    #: Whether the conditioning must carry the text ``attention_mask`` (Chroma, Lumina 2).
+    needs_mask: ClassVar[bool] = False
     #: The family's name in messages.
     display_name: ClassVar[str] = ""
     #: Whether img2img/inpainting run the adapter's own loop (:meth:`img2img`) rather than diffusers' img2img
@@ -106,6 +108,9 @@ class Family:
         if mask is not None and tuple(mask.shape) != tuple(conditioning.prompt_embeds.shape[:2]):
             raise ValueError("`conditioning.attention_mask` must have shape (batch, tokens) = "
                              f"{tuple(conditioning.prompt_embeds.shape[:2])}, got {tuple(mask.shape)}")
+        if self.needs_mask and mask is None:
+            raise ValueError(f"`conditioning` must carry the attention_mask of its text tokens for {self.display_name} "
+                             "model (use lab.encode_prompt of this model)")
         if self.needs_pooled and conditioning.pooled_prompt_embeds is None:
             raise ValueError(f"`conditioning` must carry pooled_prompt_embeds for {self.display_name} model (use "
                              "lab.encode_prompt of this model)")

@@ -31,7 +31,7 @@ class ChromaFamily(FluxFamily):
     family = "chroma"
     pipelines = ("ChromaPipeline", "ChromaImg2ImgPipeline")
     weight_components = ("transformer", "vae", "text_encoder")
-    needs_pooled, display_name = False, "a Chroma"
+    needs_pooled, needs_mask, display_name = False, True, "a Chroma"
     # diffusers' ChromaImg2ImgPipeline resizes a latent `image` as if it were pixels (its image processor is not
     # told the latent channels), so img2img/inpainting run FlowFamily's loop: FluxImg2ImgPipeline's recipe.
     own_img2img = True
@@ -53,12 +53,6 @@ class ChromaFamily(FluxFamily):
         emb, _, mask, *_ = pipe.encode_prompt(prompt=[prompt], device=device, num_images_per_prompt=1,
                                               do_classifier_free_guidance=False)
         return Conditioning(emb, attention_mask=mask)
-
-    def check_conditioning(self, pipe: Any, conditioning: Conditioning) -> None:
-        super().check_conditioning(pipe, conditioning)
-        if conditioning.attention_mask is None:
-            raise ValueError("`conditioning` must carry the attention_mask of its text tokens for a Chroma model "
-                             "(use lab.encode_prompt of this model)")
 
     def call_kwargs(self, engine: Engine, cond: Conditioning, negative: Conditioning, sampling: Sampling) -> dict:
         b, dev = len(cond), engine.device

@@ -20,7 +20,7 @@ Flow Transformers" (SD3, 2024).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -99,6 +99,26 @@ class FlowFamily(Family):
     weight_components = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     #: Guidance and steps of the family's pipelines when a model says nothing else.
     default_steps, default_guidance = 28, 3.5
+    #: Whether the transformer patches the VAE-layout latents itself (its config's ``patch_size`` and
+    #: ``sample_size`` give the size factor and the native size: SD3, Lumina 2).
+    transformer_patches: ClassVar[bool] = False
+
+    def size_patch(self, pipe: Any) -> int:
+        return int(pipe.transformer.config.patch_size) if self.transformer_patches else self.latent_patch
+
+    def facts_from_configs(self, folder, vae_factor: int) -> dict:
+        facts = super().facts_from_configs(folder, vae_factor)
+        if not self.transformer_patches:
+            return facts
+        import json
+        from pathlib import Path
+
+        try:
+            cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+        except (OSError, ValueError):
+            return facts
+        s = int(cfg.get("sample_size", 128)) * vae_factor
+        return facts | {"size": (s, s), "size_multiple": vae_factor * int(cfg.get("patch_size", 2))}
 
     def default_sampling(self, pipe: Any) -> Sampling:
         name = type(pipe.scheduler).__name__

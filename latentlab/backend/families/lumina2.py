@@ -55,24 +55,10 @@ class Lumina2Family(FlowFamily):
     family = "lumina2"
     pipelines = ("Lumina2Pipeline",)
     weight_components = ("transformer", "vae", "text_encoder")
-    display_name = "a Lumina 2"
+    needs_mask, display_name = True, "a Lumina 2"
+    transformer_patches = True
     default_steps, default_guidance = 30, 4.0
     own_img2img = True  # diffusers has no Lumina 2 img2img pipeline: FlowFamily's loop
-
-    def size_patch(self, pipe: Any) -> int:
-        return int(pipe.transformer.config.patch_size)
-
-    def facts_from_configs(self, folder, vae_factor: int) -> dict:
-        import json
-        from pathlib import Path
-
-        facts = super().facts_from_configs(folder, vae_factor)
-        try:
-            cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
-        except (OSError, ValueError):
-            return facts
-        s = int(cfg.get("sample_size", 128)) * vae_factor
-        return facts | {"size": (s, s), "size_multiple": vae_factor * int(cfg.get("patch_size", 2))}
 
     # --- the schedule ---------------------------------------------------------------------------------------------
 
@@ -107,12 +93,6 @@ class Lumina2Family(FlowFamily):
         _, _, emb, mask = pipe.encode_prompt([""], do_classifier_free_guidance=True, negative_prompt=[negative_prompt],
                                              device=encoded.prompt_embeds.device)
         return Conditioning(emb, attention_mask=mask.to(emb.dtype))
-
-    def check_conditioning(self, pipe: Any, conditioning: Conditioning) -> None:
-        super().check_conditioning(pipe, conditioning)
-        if conditioning.attention_mask is None:
-            raise ValueError("`conditioning` must carry the attention_mask of its text tokens for a Lumina 2 model "
-                             "(use lab.encode_prompt of this model)")
 
     # --- denoising ----------------------------------------------------------------------------------------------
 

@@ -103,21 +103,7 @@ class SD3Family(FlowFamily):
     pipelines = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     needs_pooled, display_name = True, "an SD3"
     default_steps, default_guidance = 28, 7.0
-
-    def size_patch(self, pipe: Any) -> int:
-        return int(pipe.transformer.config.patch_size)
-
-    def facts_from_configs(self, folder, vae_factor: int) -> dict:
-        import json
-        from pathlib import Path
-
-        facts = super().facts_from_configs(folder, vae_factor)
-        try:
-            cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
-        except (OSError, ValueError):
-            return facts
-        s = int(cfg.get("sample_size", 128)) * vae_factor
-        return facts | {"size": (s, s), "size_multiple": vae_factor * int(cfg.get("patch_size", 2))}
+    transformer_patches = True
 
     def token_limit(self, pipe: Any):
         if getattr(pipe, "text_encoder_3", None) is not None:
