@@ -282,6 +282,42 @@ def tiny_lumina2_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwenimage_path(tmp_path_factory):
+    """A tiny random QwenImagePipeline (Qwen2.5-VL text encoder, a video VAE with per-channel statistics, f=2)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("tiny-qwenimage")
+    torch.manual_seed(0)
+    tok = _chat_tokenizer(root / "tok-src")
+    text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=512,
+                         eos_token_id=513, pad_token_id=513),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2)))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=torch.randn(16).mul(0.3).tolist(),
+                                 latents_std=torch.rand(16).add(0.5).tolist())
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(4, 6, 6))
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                            time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=text, tokenizer=tok, transformer=transformer)
+    path = root / "pipe"
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_flux2_path(tmp_path_factory):
     """A tiny random Flux2Pipeline (Flux.2 dev layout: 8-channel VAE latents here, 2x2 patchified inside)."""
     return _tiny_flux2(tmp_path_factory.mktemp("tiny-flux2"), klein=False)
@@ -293,7 +329,8 @@ def tiny_flux2_klein_path(tmp_path_factory):
     return _tiny_flux2(tmp_path_factory.mktemp("tiny-flux2-klein"), klein=True)
 
 
-@pytest.fixture(params=["sd3", "sd3-no-t5", "flux", "flux-schnell", "chroma", "lumina2", "flux2", "flux2-klein"])
+@pytest.fixture(params=["sd3", "sd3-no-t5", "flux", "flux-schnell", "chroma", "lumina2", "qwenimage", "flux2",
+                        "flux2-klein"])
 def flow_lab(request):
     """A Lab over each tiny flow pipeline (3 steps by default)."""
     from latentlab.backend import Lab
@@ -305,6 +342,7 @@ def flow_lab(request):
     else:
         path = request.getfixturevalue({"flux": "tiny_flux_path", "flux-schnell": "tiny_flux_schnell_path",
                                         "chroma": "tiny_chroma_path", "lumina2": "tiny_lumina2_path",
+                                        "qwenimage": "tiny_qwenimage_path",
                                         "flux2": "tiny_flux2_path", "flux2-klein": "tiny_flux2_klein_path"}[kind])
         extra = {}
     lab = Lab.from_pretrained(path, device="cpu", **extra)

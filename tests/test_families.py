@@ -30,7 +30,7 @@ def _size(lab):
 
 
 def _channels(lab):
-    return lab.pipe.vae.config.latent_channels  # 16 for SD3/Flux.1; the tiny Flux.2 VAEs have 8 (real: 32)
+    return lab.latent_shape()[0]  # 16 for SD3/Flux.1 and most; the tiny Flux.2 VAEs have 8 (real: 32)
 
 
 def _theirs(lab, out):
@@ -52,6 +52,13 @@ def _pipeline_kwargs(lab, cond, guidance):
             neg = lab.negative_conditioning("").map(lambda t: t.expand(len(cond), *t.shape[1:]))
             kw.update(negative_prompt_embeds=neg.prompt_embeds,
                       negative_prompt_attention_mask=cast(neg.attention_mask))
+        return kw
+    if lab.family == "qwenimage":
+        kw = {"prompt_embeds": cond.prompt_embeds, "prompt_embeds_mask": cond.attention_mask.long()}
+        if guidance > 1:
+            neg = lab.negative_conditioning("").map(lambda t: t.expand(len(cond), *t.shape[1:]))
+            kw.update(true_cfg_scale=guidance, negative_prompt_embeds=neg.prompt_embeds,
+                      negative_prompt_embeds_mask=neg.attention_mask.long())
         return kw
     if lab.family == "flux2":
         kw = {"prompt_embeds": cond.prompt_embeds, "guidance_scale": guidance}
@@ -78,7 +85,8 @@ def test_families_and_layouts(flow_lab):
     prov = lab.provenance()
     assert prov["family"] == lab.family
     assert prov["guidance_mode"] == {"sd3": "cfg", "sd3-no-t5": "cfg", "flux": "embedded",
-                                     "flux-schnell": "true_cfg", "chroma": "cfg", "lumina2": "cfg", "flux2": "embedded",
+                                     "flux-schnell": "true_cfg", "chroma": "cfg", "lumina2": "cfg",
+                                     "qwenimage": "true_cfg", "flux2": "embedded",
                                      "flux2-klein": "cfg"}[lab.kind]
     assert lab.sampling().scheduler == "FlowMatchEulerDiscreteScheduler"
 
@@ -91,6 +99,9 @@ def test_noise_is_the_pipelines_own_initial_noise(flow_lab):
         packed, _ = pipe.prepare_latents(3, _channels(lab), _size(lab), _size(lab), torch.float32, "cpu", gens)
         theirs = flux_family.unpack(packed, 8, 8)
         assert torch.equal(pipe._pack_latents(flux2_family.patchify(theirs)), packed)
+    elif lab.family == "qwenimage":  # drawn (b, 1, C, h, w): the same numbers as the VAE layout, then packed
+        packed = pipe.prepare_latents(3, 16, _size(lab), _size(lab), torch.float32, "cpu", gens)
+        theirs = flux_family.unpack(packed, 8, 8)
     elif lab.family in ("flux", "chroma"):
         packed, _ = pipe.prepare_latents(3, 16, _size(lab), _size(lab), torch.float32, "cpu", gens)
         theirs = flux_family.unpack(packed, 8, 8)
@@ -116,6 +127,8 @@ def test_generate_equals_the_plain_pipeline(flow_lab, guidance):
     # ... and the pipeline from the prompt text (its own encoding, its own seeded noise) gives the same image.
     kw = {"guidance_scale": guidance} if lab.family in ("sd3", "chroma", "lumina2", "flux2") or lab.kind == "flux" \
         else {}
+    if lab.family == "qwenimage" and guidance > 1:
+        kw = {"true_cfg_scale": guidance, "negative_prompt": ""}
     if lab.kind == "flux-schnell" and guidance > 1:
         kw = {"true_cfg_scale": guidance, "negative_prompt": ""}
     if lab.family == "sd3" and guidance > 1:
@@ -131,6 +144,17 @@ def test_vae_scaling_matches_the_pipeline(flow_lab):
     lab = flow_lab
     vae = lab.pipe.vae
     z = lab.noise([5], height=_size(lab), width=_size(lab))
+    if lab.family == "qwenimage":  # a video VAE (one frame) with per-channel statistics, as QwenImagePipeline
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+        with torch.no_grad():
+            theirs = (vae.decode((z * std + mean).unsqueeze(2)).sample[:, :, 0] / 2 + 0.5).clamp(0, 1)
+        assert torch.equal(lab.decode(z, batch_size=1), theirs)
+        images = torch.rand(2, 3, _size(lab), _size(lab))
+        with torch.no_grad():
+            post = vae.encode((images * 2 - 1).unsqueeze(2)).latent_dist.mode()[:, :, 0]
+        assert torch.allclose(lab.encode(images, batch_size=2), (post - mean) / std, atol=1e-6)
+        return
     if lab.family == "flux2":  # batch-norm statistics over the patchified channels, as Flux2Pipeline applies them
         p = flux2_family.patchify(z)
         mean = vae.bn.running_mean.view(1, -1, 1, 1)
@@ -209,8 +233,7 @@ def test_img2img_equals_the_plain_img2img_pipeline(flow_lab):
     noise = lab.noise(5, height=_size(lab), width=_size(lab))
     with torch.no_grad():
         own = lab.adapter.img2img(lab, z0, noise, blue, lab.negative_conditioning(""), s, 0.6, None)
-    if lab.family in ("flux2", "chroma", "lumina2"):
-        assert lab.adapter.own_img2img
+    if lab.adapter.own_img2img:
         via_lab = lab.img2img(z0, blue, strength=0.6, seed=5, guidance_scale=1.0, num_inference_steps=5,
                               output_type="latent")
         assert (via_lab - own).abs().max() <= 1e-4  # the same loop at a padded compute batch: float rounding
@@ -278,7 +301,7 @@ def test_flow_models_refuse_what_does_not_apply(flow_lab):
     if lab.adapter.needs_pooled:
         with pytest.raises(ValueError, match="pooled_prompt_embeds"):
             lab.generate(lab.noise([1], height=_size(lab), width=_size(lab)), Conditioning(cond.prompt_embeds))
-    if lab.family in ("chroma", "lumina2"):
+    if lab.adapter.needs_mask:
         with pytest.raises(ValueError, match="attention_mask"):
             lab.generate(lab.noise([1], height=_size(lab), width=_size(lab)), Conditioning(cond.prompt_embeds))
         with pytest.raises(ValueError, match=r"`conditioning.attention_mask` must have shape \(batch, tokens\)"):
@@ -326,14 +349,14 @@ def test_lab_loads_every_family_from_a_folder(tiny_sd3_path, tiny_flux_path, tin
 
 
 def test_cli_renders_flow_models_at_any_size_and_recreates_frames(tiny_flux_path, tiny_sd3_path, tiny_flux2_path,
-                                                                  tiny_chroma_path, tiny_lumina2_path, tmp_path,
-                                                                  capsys):
+                                                                  tiny_chroma_path, tiny_lumina2_path,
+                                                                  tiny_qwenimage_path, tmp_path, capsys):
     import json
 
     from latentlab.cli import main
 
     for path, (h, w) in ((tiny_flux_path, (16, 24)), (tiny_sd3_path, (12, 18)), (tiny_flux2_path, (24, 16)),
-                         (tiny_chroma_path, (16, 16)), (tiny_lumina2_path, (64, 96))):
+                         (tiny_chroma_path, (16, 16)), (tiny_lumina2_path, (64, 96)), (tiny_qwenimage_path, (16, 24))):
         out = tmp_path / f"{path.parent.name}.mp4"
         assert main(["morph", "a red star", "a blue ring", "--model", str(path), "--frames", "4", "--steps", "2",
                      "--height", str(h), "--width", str(w), "--workers", "1", "-o", str(out)]) == 0
@@ -358,7 +381,7 @@ def test_cli_renders_flow_models_at_any_size_and_recreates_frames(tiny_flux_path
         shape = (4, 4 * c, h // f // 2, w // f // 2) if lab.family == "flux2" else (4, c, h // f, w // f)
         assert lat.shape == shape
         conds = exports.read_comfyui_conditioning(export / "conditioning.safetensors")
-        assert len(conds) == 4 and ("attention_mask" in conds[0][1]) == (lab.family in ("chroma", "lumina2"))
+        assert len(conds) == 4 and ("attention_mask" in conds[0][1]) == lab.adapter.needs_mask
         walk = tmp_path / f"{path.parent.name}-walk.mp4"
         assert main(["walk", "a red star", "--seeds", "1", "2", "--model", str(path), "--frames", "4", "--steps",
                      "2", "--height", str(h), "--width", str(w), "--workers", "1", "-o", str(walk)]) == 0

@@ -6,7 +6,7 @@ same code for every model family (the family adapter supplies the pipeline class
 - **img2img**: the family's own img2img pipeline (SD, SDXL, SD3 and Flux each have one in diffusers), composed
   on the same components (no weights copied), given the clean latents as its ``image`` (input with the
   VAE's latent channels is used as latents as it is). Flow families without a usable diffusers img2img pipeline
-  (Chroma, Lumina 2, Flux.2: ``own_img2img``) run the same recipe in the adapter (tested equal to diffusers' SD3 and
+  (Chroma, Lumina 2, Qwen-Image, Flux.2: ``own_img2img``) run the same recipe in the adapter (tested equal to diffusers' SD3 and
   Flux img2img pipelines on those families).
 - **inpainting**: the same pipeline plus a ``callback_on_step_end`` that, after every step, puts the known latent,
   noised to the next step's level (``add_noise`` for diffusion models, ``(1 - sigma) z0 + sigma noise`` for flow

@@ -112,7 +112,8 @@ class Engine:
 
     @property
     def family(self) -> str:
-        """The model family: ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"chroma"`` or ``"flux2"``."""
+        """The model family: ``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"chroma"``, ``"lumina2"``,
+        ``"qwenimage"`` or ``"flux2"``."""
         return self.adapter.family
 
     @property
@@ -131,7 +132,7 @@ class Engine:
     @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel along each side (8 for the SD and Flux VAEs)."""
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        return self.adapter.vae_factor_from_config(self.pipe.vae.config)
 
     @property
     def vae_scaling_factor(self) -> float:
@@ -479,15 +480,16 @@ class Engine:
         again in float32.
         """
         _checks.tensor(latents, "latents", min_ndim=4)
-        if latents.ndim != 4 or latents.shape[1] != self.pipe.vae.config.latent_channels:
-            raise ValueError(f"`latents` must have shape (batch, {self.pipe.vae.config.latent_channels}, h, w), "
+        c = self.adapter.latent_channels(self.pipe)
+        if latents.ndim != 4 or latents.shape[1] != c:
+            raise ValueError(f"`latents` must have shape (batch, {c}, h, w), "
                              f"got {tuple(latents.shape)}")
         _checks.finite(latents, "latents")
         return self.run_batched(self._decode_batch, latents, batch_size=batch_size)
 
     def _decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        img = vae.decode(self.adapter.unscale(vae, latents.to(self.device, vae.dtype)), return_dict=False)[0]
+        img = self.adapter.vae_decode(vae, latents.to(self.device, vae.dtype))
         bad = ~torch.isfinite(img).flatten(1).all(1)
         if bool(bad.any()) and vae.dtype != torch.float32:
             log.info("re-decoding %d non-finite item(s) in float32", int(bad.sum()))
@@ -495,8 +497,7 @@ class Engine:
             vae.to(torch.float32)
             try:
                 img = img.float()
-                z = self.adapter.unscale(vae, latents[bad].to(self.device, torch.float32))
-                img[bad] = vae.decode(z, return_dict=False)[0]
+                img[bad] = self.adapter.vae_decode(vae, latents[bad].to(self.device, torch.float32))
             finally:
                 vae.to(dtype)
         return (img.float() / 2 + 0.5).clamp(0, 1).cpu()
@@ -525,7 +526,7 @@ class Engine:
 
     def _encode_batch(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        return self.adapter.scale(vae, posterior_mean(vae, images.to(self.device, vae.dtype) * 2 - 1)).to(self.dtype)
+        return self.adapter.vae_encode(vae, images.to(self.device, vae.dtype) * 2 - 1).to(self.dtype)
 
 
 def posterior_mean(vae: Any, x: torch.Tensor) -> torch.Tensor:

@@ -36,11 +36,11 @@ class Lab(Engine):
     """A diffusers pipeline plus what latentlab needs to know about it.
 
     Build one with :meth:`default` (the embedded model, CPU) or :meth:`from_pretrained` (any SD 1.x/2.x, SDXL,
-    Turbo, SD3/SD3.5, Flux.1, Chroma or Flux.2 checkpoint, safetensors only). ``defaults`` is the model's complete
+    Turbo, SD3/SD3.5, Flux.1, Chroma, Lumina 2, Qwen-Image or Flux.2 checkpoint, safetensors only). ``defaults`` is the model's complete
     :class:`~latentlab.Sampling`; every method takes ``sampling=`` and/or the diffusers-named overrides and
     resolves them with :meth:`sampling`. Latents are always in the VAE's layout ``(batch, channels, h, w)``
-    (4 channels for SD/SDXL, 16 for SD3/Flux.1/Chroma, 32 for Flux.2); Flux's token packing never leaves the
-    backend.
+    (4 channels for SD/SDXL, 16 for SD3/Flux.1/Chroma/Lumina 2/Qwen-Image, 32 for Flux.2); token packing and
+    patching never leave the backend.
 
     Batching: ``batch_size`` is the number of items the denoiser (and the VAE) sees per call -- one meaning
     everywhere (``None``: 16 on CPU; on a GPU everything at once, halved on out-of-memory and remembered). With

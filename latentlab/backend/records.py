@@ -37,12 +37,23 @@ class Conditioning:
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
+        """Items of several conditionings as one. Masked items of different token counts (Qwen-Image encodes each
+        prompt at its own length) are padded with masked zero tokens to the longest, as the pipelines pad a batch."""
         pooled = None if items[0].pooled_prompt_embeds is None else torch.cat([c.pooled_prompt_embeds for c in items])
-        mask = None
-        if any(c.attention_mask is not None for c in items):
-            mask = torch.cat([c.prompt_embeds.new_ones(c.prompt_embeds.shape[:2]) if c.attention_mask is None
-                              else c.attention_mask.to(c.prompt_embeds.dtype) for c in items])
-        return Conditioning(torch.cat([c.prompt_embeds for c in items]), pooled, mask)
+        if not any(c.attention_mask is not None for c in items):
+            return Conditioning(torch.cat([c.prompt_embeds for c in items]), pooled)
+        n = max(c.prompt_embeds.shape[1] for c in items)
+        embeds, masks = [], []
+        for c in items:
+            e = c.prompt_embeds
+            m = e.new_ones(e.shape[:2]) if c.attention_mask is None else c.attention_mask.to(e.dtype)
+            pad = n - e.shape[1]
+            if pad:
+                e = torch.cat([e, e.new_zeros(e.shape[0], pad, e.shape[2])], 1)
+                m = torch.cat([m, m.new_zeros(m.shape[0], pad)], 1)
+            embeds.append(e)
+            masks.append(m)
+        return Conditioning(torch.cat(embeds), pooled, torch.cat(masks))
 
     def weighted_sum(self, weights: torch.Tensor | Sequence[float]) -> Conditioning:
         """One item: ``sum_i weights[i] * item_i`` of every field (weights as given: normalise them for a mean,

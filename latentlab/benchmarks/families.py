@@ -2,9 +2,10 @@
 
 Built in-process from configs (no download; random weights time like trained ones): an SD 1.x-layout UNet
 pipeline, an SD3 pipeline (two CLIP encoders, no T5), a Flux.1 "dev" pipeline (guidance embedding, T5), a Chroma
-pipeline (T5, masked text), a Lumina 2 pipeline (Gemma-2) and a Flux.2 "dev" pipeline (Mistral-3 text encoder,
-guidance embedding), each with a VAE with f=8 and 64x64 images (SD: 4x8x8 latents; SD3/Flux/Chroma/Lumina 2:
-16x8x8, Flux and Chroma pack them into 16 tokens; Flux.2: 32x8x8, patchified to 128x4x4). Printed per family, with threads pinned:
+pipeline (T5, masked text), a Lumina 2 pipeline (Gemma-2), a Qwen-Image pipeline (Qwen2.5-VL, video VAE) and a
+Flux.2 "dev" pipeline (Mistral-3 text encoder, guidance embedding), each with a VAE with f=8 and 64x64 images (SD:
+4x8x8 latents; SD3/Flux/Chroma/Lumina 2/Qwen-Image: 16x8x8, Flux, Chroma and Qwen-Image pack them into 16 tokens;
+Flux.2: 32x8x8, patchified to 128x4x4). Printed per family, with threads pinned:
 
 - ``generate``: ms per image through :meth:`Lab.generate` (8 steps, guidance 4, batch 8) and the ratio to the
   plain pipeline doing the same images with the same latents in the same run (our overhead), and to SD's time;
@@ -23,7 +24,7 @@ import time
 import torch
 
 #: The families benchmarked, in order.
-FAMILIES = ("sd", "sd3", "flux", "chroma", "lumina2", "flux2")
+FAMILIES = ("sd", "sd3", "flux", "chroma", "lumina2", "qwenimage", "flux2")
 
 
 def build(family: str, *, seed: int = 0):
@@ -45,6 +46,8 @@ def build(family: str, *, seed: int = 0):
         return _flux2(tok)
     if family == "lumina2":
         return _lumina2(tok)
+    if family == "qwenimage":
+        return _qwenimage(tok)
     channels = 4 if family == "sd" else 16
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32),
@@ -135,6 +138,29 @@ def _lumina2(tok):
     return diffusers.Lumina2Pipeline(transformer=transformer, vae=vae, text_encoder=text, tokenizer=tok,
                                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
                                          shift=3.0, use_dynamic_shifting=True))
+
+
+def _qwenimage(tok):
+    import diffusers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=49406,
+                         eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2)))
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                           temperal_downsample=[False, True, True])
+    transformer = diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=32, axes_dims_rope=(8, 12, 12))
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                      max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+                                                      shift_terminal=0.02, time_shift_type="exponential")
+    return diffusers.QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=text, tokenizer=tok,
+                                       transformer=transformer)
 
 
 def _best(fn, repeats: int) -> float:

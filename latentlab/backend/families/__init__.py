@@ -8,6 +8,7 @@
 | ``flux`` | ``FluxPipeline`` (Flux.1 dev and schnell) | (b, 16, h, w); packed 2x2 only inside | embedded / true CFG |
 | ``chroma`` | ``ChromaPipeline`` | (b, 16, h, w); packed 2x2 only inside; text attention mask | CFG |
 | ``lumina2`` | ``Lumina2Pipeline`` | (b, 16, h, w); patched 2x2 inside the transformer; text attention mask | CFG (renormalised) |
+| ``qwenimage`` | ``QwenImagePipeline`` | (b, 16, h, w); one video frame and 2x2 packing only inside; text mask | true CFG (renormalised) |
 | ``flux2`` | ``Flux2Pipeline`` (Flux.2 dev), ``Flux2KleinPipeline`` (klein) | (b, 32, h, w); patchified, normalised and packed only inside | embedded / CFG |
 """
 
@@ -21,6 +22,7 @@ from latentlab.backend.families.chroma import ChromaFamily
 from latentlab.backend.families.flux import FluxFamily
 from latentlab.backend.families.flux2 import Flux2Family
 from latentlab.backend.families.lumina2 import Lumina2Family
+from latentlab.backend.families.qwenimage import QwenImageFamily
 from latentlab.backend.families.sd3 import SD3Family
 from latentlab.backend.families.unet import SDXLFamily, UNetFamily
 
@@ -28,7 +30,7 @@ __all__ = ["FAMILIES", "Family", "adapter_for", "folder_facts", "supported_pipel
 
 #: Every family latentlab speaks, in lookup order.
 FAMILIES: tuple[type[Family], ...] = (UNetFamily, SDXLFamily, SD3Family, FluxFamily, Flux2Family, ChromaFamily,
-                                     Lumina2Family)
+                                     Lumina2Family, QwenImageFamily)
 
 
 def supported_pipelines() -> tuple[str, ...]:
@@ -51,8 +53,7 @@ def folder_facts(folder: str | Path) -> dict | None:
     fam = next((f for f in FAMILIES if name in f.pipelines), None)
     if fam is None:
         return None
-    f = 2 ** (len(vae.get("block_out_channels", [])) - 1)
-    return fam().facts_from_configs(folder, f)
+    return fam().facts_from_configs(folder, fam.vae_factor_from_config(vae))
 
 
 def adapter_for(pipe: Any) -> Family:

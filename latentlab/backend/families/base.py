@@ -25,7 +25,8 @@ class Family:
     """Base class of the family adapters (see the module notes). Subclasses set the class attributes and
     implement the methods that raise ``NotImplementedError`` here."""
 
-    #: Short family name recorded in provenance, manifests and cache keys ("sd", "sdxl", "sd3", "flux", "chroma", "flux2").
+    #: Short family name recorded in provenance, manifests and cache keys ("sd", "sdxl", "sd3", "flux", "chroma",
+    #: "lumina2", "qwenimage", "flux2").
     family: ClassVar[str] = ""
     #: The pipeline attribute of the network that runs every step.
     denoiser_name: ClassVar[str] = "unet"
@@ -124,6 +125,24 @@ class Family:
 
         n = len(seed) if isinstance(seed, (list, tuple)) else 1
         return noise(seed, (n, *shape))
+
+    @staticmethod
+    def vae_factor_from_config(config: dict) -> int:
+        """Image pixels per latent pixel from a VAE config (a dict): ``len(block_out_channels) - 1`` downsamplings
+        (KL autoencoders), or one per ``temperal_downsample`` entry (the Wan/Qwen-Image video VAE)."""
+        if "block_out_channels" in config:
+            return 2 ** (len(config["block_out_channels"]) - 1)
+        return 2 ** len(config.get("temperal_downsample", ()))
+
+    def vae_decode(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the denoiser sees them -> images in [-1, 1] (b, 3, H, W)."""
+        return vae.decode(self.unscale(vae, latents), return_dict=False)[0]
+
+    def vae_encode(self, vae: Any, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> latents as the denoiser sees them (the posterior mean, scaled)."""
+        from latentlab.backend.engine import posterior_mean
+
+        return self.scale(vae, posterior_mean(vae, images))
 
     def vae_factors(self, vae: Any) -> tuple[float, float]:
         """The VAE's (``scaling_factor``, ``shift_factor``): latents as the denoiser sees them =
