@@ -281,6 +281,28 @@ def test_live_widgets_draw_a_preview_while_moving_and_the_full_image_when_the_co
     assert fast.generated and all(n == 1 for n in fast.generated)  # previews at compute batch 1
 
 
+def test_a_strip_asked_for_during_a_drag_does_not_leave_the_preview_on_screen():
+    """Found in the browser: "Strip + diagnostics" clicked right after a drag replaced the pending full image, so the
+    preview stayed on screen under a "preview" label. Only a newer move may drop the final image."""
+    from latentlab.widgets import Interpolator
+
+    full, fast = FakeBackend(), FakeBackend(weight=2.0)
+    w = Interpolator(full, ("a red star", 1), ("a blue ring", 2), clip=None, preview=fast, frames=4)
+    w.settle = 0.3
+    assert w.wait()
+    w.t.value = 0.7
+    w.render_strip()  # while the move's job waits out the settle time
+    assert w.wait()
+    assert "final" in w.frame_state.value and w.drawn["final"] == 2
+    z, cond = w._at(torch.tensor([0.7]), full.noise(1), full.noise(2), full.encode_prompt("a red star"),
+                    full.encode_prompt("a blue ring"))
+    assert w.frame.value == w.png(full.generate(z, cond, batch_size=1))
+    assert len(w.strip.images) == 4  # and the strip ran after it
+    w.t.value = 0.2  # a newer move still drops the older final image: previews, one final at the end
+    w.t.value = 0.3
+    assert w.wait() and w.drawn["final"] == 3
+
+
 def test_preview_model_must_share_the_latent_space_and_auto_is_off_for_other_models():
     from latentlab.widgets import DirectionSliders, Interpolator
     from latentlab.widgets._base import preview_lab

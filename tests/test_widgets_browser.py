@@ -236,6 +236,55 @@ def test_interpolator_slider_drag_changes_the_frame(lab_page):
         path=str(shots / "interpolator.png"))
 
 
+def test_interpolator_draws_previews_while_dragging_and_the_full_image_on_release(lab_page):
+    """A slow 3-second drag of t: count the frames the page actually shows while the mouse is down (previews of the
+    few-step model), then check the full model's image follows the release. (The test before this one clicks
+    "Strip + diagnostics" right after its drag: that used to drop the pending full image, and the page kept the
+    preview under a "preview" label -- this test's first wait found it.)"""
+    from latentlab import embedded
+
+    if not embedded.is_available("embedded-shapes-fast"):
+        pytest.skip("no embedded few-step model in this checkout: previews are off")
+    page, _ = lab_page
+    frame = page.locator("img.ll-frame").first
+    frame.wait_for(timeout=120_000)
+    page.wait_for_function("() => document.querySelector('.ll-frame-state')?.innerText.includes('final')",
+                           timeout=120_000)
+    page.evaluate("""() => {
+        const img = document.querySelector('img.ll-frame'), state = document.querySelector('.ll-frame-state');
+        window.__llFrames = []; window.__llStates = [];
+        new MutationObserver(() => window.__llFrames.push(performance.now()))
+            .observe(img, {attributes: true, attributeFilter: ['src']});
+        new MutationObserver(() => window.__llStates.push([performance.now(), state.innerText]))
+            .observe(state, {childList: true, subtree: true, characterData: true});
+    }""")
+    slider = page.locator(".widget-hslider").filter(
+        has=page.locator("label.widget-label", has_text=re.compile(r"^t$"))).first
+    slider.scroll_into_view_if_needed()
+    handle, track = slider.locator(".noUi-handle").first, slider.locator(".noUi-target").first
+    box, hb = track.bounding_box(), handle.bounding_box()
+    y = hb["y"] + hb["height"] / 2
+    page.mouse.move(hb["x"] + hb["width"] / 2, y)
+    page.mouse.down()
+    t0 = page.evaluate("performance.now()")
+    for i in range(30):  # 30 positions, 100 ms apart: a person scrubbing slowly
+        page.mouse.move(box["x"] + box["width"] * (0.05 + 0.9 * i / 29), y)
+        page.wait_for_timeout(100)
+    t1 = page.evaluate("performance.now()")
+    page.mouse.up()
+    page.wait_for_function("() => window.__llStates.length && "
+                           "window.__llStates[window.__llStates.length - 1][1].includes('final')", timeout=120_000)
+    frames = page.evaluate("window.__llFrames")
+    states = page.evaluate("window.__llStates")
+    during = [f for f in frames if t0 <= f <= t1]
+    rate = len(during) / ((t1 - t0) / 1000)
+    print(f"previews drawn while dragging: {len(during)} in {(t1 - t0) / 1000:.1f} s = {rate:.1f}/s")
+    assert any("preview" in text for when, text in states if t0 <= when <= t1 + 500)
+    assert len(during) >= 6  # the picture follows the drag, not only the release
+    assert "final" in page.locator(".ll-frame-state").first.inner_text()
+    _dismiss_news(page)
+
+
 def test_direction_slider_moves_the_image(lab_page):
     page, _ = lab_page
     img = page.locator("img.ll-frame").nth(1)

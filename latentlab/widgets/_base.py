@@ -51,8 +51,9 @@ class WorkerPanel(widgets.VBox):
     def clear_error(self) -> None:
         self.error.value = ""
 
-    def submit(self, fn) -> None:
-        """Run ``fn`` on this widget's worker (only the latest request waits), clearing the last error first."""
+    def submit(self, fn, *, tag: str | None = None) -> None:
+        """Run ``fn`` on this widget's worker (only the latest request waits), clearing the last error first;
+        ``tag``: the kind of request (:meth:`LatestWorker.submit`; "live" for :meth:`Panel.live` jobs)."""
         def run():
             self.clear_error()
             if self.torch_threads is None:
@@ -61,7 +62,7 @@ class WorkerPanel(widgets.VBox):
                 with _tensors.threads(self.torch_threads):
                     fn()
 
-        self._worker.submit(run)
+        self._worker.submit(run, tag=tag)
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Block until this widget's pending work is done (for scripts and tests)."""
@@ -132,8 +133,9 @@ class Panel(WorkerPanel):
         super().__init__(upscale=upscale, **kw)
 
     def live(self, latents: torch.Tensor, conditioning, draw, sampling: Sampling | None = None) -> None:
-        """From inside a worker job: ``draw(image)`` the preview model's image now (if there is one), then the full
-        model's once no newer request has come for :attr:`settle` seconds (a newer request drops it)."""
+        """From inside a worker job submitted with ``tag="live"``: ``draw(image)`` the preview model's image now (if
+        there is one), then the full model's once no newer live request has come for :attr:`settle` seconds (a newer
+        live request drops it)."""
         if self.preview is not None:
             s = self.preview.sampling(num_inference_steps=self.preview_steps)
             with _tensors.threads(1):  # one image: latency-bound (see WorkerPanel.torch_threads)
@@ -141,7 +143,9 @@ class Panel(WorkerPanel):
             draw(image)
             self._state("preview", f"preview · {html.escape(str(self.preview.model_id))} · {s.num_inference_steps} "
                         "steps (the full image follows when you stop)")
-            if not self._worker.quiet(self.settle):
+            # Only a newer move of the control replaces the final image; another kind of request (a strip, a
+            # render) waits for it, or the preview would stay on screen under a "preview" label.
+            if not self._worker.quiet(self.settle) and "live" in self._worker.pending_tags:
                 return
         draw(self.one(latents, conditioning, sampling))
         s = sampling or self.sampling

@@ -1,9 +1,10 @@
-"""One background worker per widget that keeps only the latest request (widgets layer, private).
+"""One background worker per widget that keeps only the latest request of each kind (widgets layer, private).
 
 A slider dragged across twenty positions queues twenty renders in a naive widget; here a new request replaces the
-one still waiting, so the image always catches up with the last position. Work runs on a daemon thread, never
-blocking the kernel; ``on_busy(True/False)`` drives a busy indicator and exceptions go to ``on_error`` (shown in the
-widget: a traceback in a thread would be lost).
+one of its kind still waiting, so the image always catches up with the last position. Requests of different kinds
+(``tag``: "live" frames that follow a control, a strip, ...) do not drop each other: they wait their turn, in the
+order their kind first asked. Work runs on a daemon thread, never blocking the kernel; ``on_busy(True/False)`` drives
+a busy indicator and exceptions go to ``on_error`` (shown in the widget: a traceback in a thread would be lost).
 """
 
 from __future__ import annotations
@@ -16,23 +17,30 @@ class LatestWorker:
     def __init__(self, on_busy: Callable[[bool], None], on_error: Callable[[BaseException], None]):
         self._on_busy, self._on_error = on_busy, on_error
         self._cond = threading.Condition()
-        self._pending: Callable[[], None] | None = None
+        self._pending: dict[str | None, Callable[[], None]] = {}  # one waiting request per tag, oldest kind first
         self._running = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="latentlab-widget")
         self._thread.start()
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` soon; a request still waiting is dropped in its favour."""
+    def submit(self, fn: Callable[[], None], *, tag: str | None = None) -> None:
+        """Run ``fn`` soon; a request of the same ``tag`` still waiting is dropped in its favour (e.g. "live" for a
+        frame that follows a moving control)."""
         with self._cond:
-            self._pending = fn
+            self._pending[tag] = fn
             self._cond.notify_all()
+
+    @property
+    def pending_tags(self) -> frozenset:
+        """The tags of the requests waiting to run."""
+        with self._cond:
+            return frozenset(self._pending)
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while self._pending is None:
+                while not self._pending:
                     self._cond.wait()
-                fn, self._pending = self._pending, None
+                fn = self._pending.pop(next(iter(self._pending)))
                 self._running = True
             self._on_busy(True)
             try:
@@ -42,18 +50,18 @@ class LatestWorker:
             finally:
                 with self._cond:
                     self._running = False
-                    idle = self._pending is None
+                    idle = not self._pending
                     self._cond.notify_all()
                 if idle:
                     self._on_busy(False)
 
     def quiet(self, seconds: float) -> bool:
         """From inside a job: wait up to ``seconds`` for a new request; True if none came (the user has stopped
-        moving the control), False as soon as one does."""
+        moving the control), False as soon as one does (or one already waits)."""
         with self._cond:
-            return not self._cond.wait_for(lambda: self._pending is not None, seconds)
+            return not self._cond.wait_for(lambda: bool(self._pending), seconds)
 
     def wait(self, timeout: float = 60.0) -> bool:
         """Block until nothing is pending or running (tests and scripts); False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._pending is None and not self._running, timeout)
+            return self._cond.wait_for(lambda: not self._pending and not self._running, timeout)

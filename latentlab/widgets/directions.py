@@ -98,7 +98,7 @@ class DirectionSliders(Panel):
             self.info.value = html.escape(moved)
             self.live(z, cond, lambda image: setattr(self.image, "value", self.png(image)))
 
-        self.submit(work)
+        self.submit(work, tag="live")
 
 
 class Arithmetic(Panel):

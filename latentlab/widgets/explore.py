@@ -217,7 +217,7 @@ class AtlasExplorer(Panel):
                                          f"nearest: {near}")
             self.live(z, cond, lambda image: setattr(self.generated, "value", self.png(image)))
 
-        self.submit(work)
+        self.submit(work, tag="live")
 
     # --- a path on the map -> a morph video -------------------------------------------------------------------
 

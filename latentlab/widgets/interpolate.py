@@ -174,7 +174,7 @@ class Interpolator(Panel):
             plotted: list[bool] = []
             self.live(z, cond, draw)
 
-        self.submit(work)
+        self.submit(work, tag="live")
 
     # --- strip and diagnostics ---------------------------------------------------------------------------------
 
