@@ -236,16 +236,18 @@ def test_interpolator_slider_drag_changes_the_frame(lab_page):
         path=str(shots / "interpolator.png"))
 
 
-def test_interpolator_draws_previews_while_dragging_and_the_full_image_on_release(lab_page):
-    """A slow 3-second drag of t: count the frames the page actually shows while the mouse is down (previews of the
-    few-step model), then check the full model's image follows the release. (The test before this one clicks
-    "Strip + diagnostics" right after its drag: that used to drop the pending full image, and the page kept the
-    preview under a "preview" label -- this test's first wait found it.)"""
+def test_interpolator_draws_previews_while_dragging_and_the_full_image_on_release(lab_page, record_property):
+    """Drag t with the mouse held down: every move is answered by a frame the page actually draws while the mouse is
+    still down (previews of the few-step model), and the full model's image follows the release. The drag waits for
+    each drawn frame before the next move (event-driven, so a busy machine makes it slower, not flaky); the previews
+    drawn per second are reported (``record_property``), not asserted. (The test before this one clicks "Strip +
+    diagnostics" right after its drag: that used to drop the pending full image, and the page kept the preview
+    under a "preview" label -- this test's first wait found it.)"""
     from latentlab import embedded
 
     if not embedded.is_available("embedded-shapes-fast"):
         pytest.skip("no embedded few-step model in this checkout: previews are off")
-    page, _ = lab_page
+    page, shots = lab_page
     frame = page.locator("img.ll-frame").first
     frame.wait_for(timeout=120_000)
     page.wait_for_function("() => document.querySelector('.ll-frame-state')?.innerText.includes('final')",
@@ -267,9 +269,11 @@ def test_interpolator_draws_previews_while_dragging_and_the_full_image_on_releas
     page.mouse.move(hb["x"] + hb["width"] / 2, y)
     page.mouse.down()
     t0 = page.evaluate("performance.now()")
-    for i in range(30):  # 30 positions, 100 ms apart: a person scrubbing slowly
-        page.mouse.move(box["x"] + box["width"] * (0.05 + 0.9 * i / 29), y)
-        page.wait_for_timeout(100)
+    moves = 8
+    for i in range(moves):
+        drawn = page.evaluate("window.__llFrames.length")
+        page.mouse.move(box["x"] + box["width"] * (0.1 + 0.8 * i / (moves - 1)), y, steps=2)
+        page.wait_for_function(f"() => window.__llFrames.length > {drawn}", timeout=120_000)
     t1 = page.evaluate("performance.now()")
     page.mouse.up()
     page.wait_for_function("() => window.__llStates.length && "
@@ -278,11 +282,15 @@ def test_interpolator_draws_previews_while_dragging_and_the_full_image_on_releas
     states = page.evaluate("window.__llStates")
     during = [f for f in frames if t0 <= f <= t1]
     rate = len(during) / ((t1 - t0) / 1000)
+    record_property("previews_per_second", round(rate, 2))
     print(f"previews drawn while dragging: {len(during)} in {(t1 - t0) / 1000:.1f} s = {rate:.1f}/s")
-    assert any("preview" in text for when, text in states if t0 <= when <= t1 + 500)
-    assert len(during) >= 6  # the picture follows the drag, not only the release
+    assert len(during) >= moves  # every move drew a frame while the mouse was down
+    # ... previews (a final image may also land mid-drag when the kernel sees a move later than the settle time)
+    assert any("preview" in text for when, text in states if t0 <= when <= t1)
     assert "final" in page.locator(".ll-frame-state").first.inner_text()
     _dismiss_news(page)
+    frame.locator("xpath=ancestor::div[contains(@class,'widget-vbox')][1]").screenshot(
+        path=str(shots / "interpolator-final-after-drag.png"))
 
 
 def test_direction_slider_moves_the_image(lab_page):
