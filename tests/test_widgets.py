@@ -148,7 +148,7 @@ def test_direction_sliders_move_the_image_and_validate_directions():
     moved = w.image.value
     w.sliders[("prompt", "red→blue")].value = -1.0
     assert w.wait() and w.image.value != moved and "red→blue -1.0" in w.info.value
-    with pytest.raises(ValueError, match=r"noise direction 'bad' must be a tensor of shape \(4, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"`noise_directions\['bad'\]` must be a tensor of shape \(4, 4, 4\)"):
         DirectionSliders(fake, "a", 1, noise_directions={"bad": torch.zeros(3)})
 
 

@@ -192,6 +192,7 @@ def inpaint(lab: Lab, latents: torch.Tensor, conditioning: Conditioning, mask: t
     if mask is None:
         raise TypeError("`mask` must be a tensor (1 = regenerate), got None")
     _checks.choice(output_type, "output_type", ("pt", "latent"))
+    lab.check_request(latents, conditioning)  # the image's expected shape comes from the latents
     if image is not None:
         if output_type == "latent":
             raise ValueError("`image` (a pixel composite) needs output_type='pt'")

@@ -145,6 +145,13 @@ class Engine:
     def comfyui_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-layout latents in the layout of ComfyUI's latent format for this model's family (Flux.2: its 128
         patchified channels); :func:`latentlab.exports.write_comfyui_latent` then applies scale and shift."""
+        _checks.tensor(latents, "latents", min_ndim=4)
+        c = self.adapter.latent_channels(self.pipe)
+        if latents.ndim != 4 or latents.shape[1] != c:
+            raise ValueError(f"`latents` must have shape (batch, {c}, h, w), got {tuple(latents.shape)}")
+        m = self.size_multiple // self.vae_scale_factor
+        if latents.shape[2] % m or latents.shape[3] % m:
+            raise ValueError(f"`latents` height and width must be multiples of {m}, got {tuple(latents.shape)}")
         return self.adapter.comfyui_layout(latents)
 
     @property
@@ -393,12 +400,22 @@ class Engine:
             raise TypeError(f"`conditioning` must be a Conditioning (from encode_prompt), got {type(conditioning).__name__}")
         self.adapter.check_conditioning(self.pipe, conditioning)
         _checks.finite(conditioning.prompt_embeds, "conditioning.prompt_embeds")
+        self._check_widths(conditioning)
         n = latents.shape[0]
         if len(conditioning) == 1 and n > 1:
             conditioning = conditioning.map(lambda t: t.expand(n, *t.shape[1:]))
         if len(conditioning) != n:
             raise ValueError(f"`conditioning` must have 1 or {n} items (one per latent), got {len(conditioning)}")
         return conditioning
+
+    def _check_widths(self, conditioning: Conditioning) -> None:
+        """The conditioning's feature widths are this model's (compared with its encoding of the empty prompt)."""
+        ref = self.encode_prompt("")
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            mine, theirs = getattr(conditioning, name), getattr(ref, name)
+            if mine is not None and theirs is not None and mine.shape[-1] != theirs.shape[-1]:
+                raise ValueError(f"`conditioning.{name}` must have width {theirs.shape[-1]} (this model's text "
+                                 f"encoder), got shape {tuple(mine.shape)}: use lab.encode_prompt of this model")
 
     def generate(
         self,

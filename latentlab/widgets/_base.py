@@ -11,7 +11,7 @@ from pathlib import Path
 import ipywidgets as widgets
 import torch
 
-from latentlab import _tensors
+from latentlab import _checks, _tensors
 from latentlab.backend import Backend
 from latentlab.sampling import Sampling
 from latentlab.video import png_bytes
@@ -32,7 +32,7 @@ class WorkerPanel(widgets.VBox):
     torch_threads: int | None = None
 
     def __init__(self, *, upscale: int = 4, **kw):
-        self.upscale = upscale
+        self.upscale = _checks.positive_int(upscale, "upscale")
         self.busy = widgets.HTML("", layout=widgets.Layout(min_height="20px"))
         self.busy.add_class("ll-busy")
         self.error = widgets.HTML("")
@@ -125,6 +125,8 @@ class Panel(WorkerPanel):
         if not isinstance(lab, Backend):
             raise TypeError(f"`lab` must be a latentlab backend (e.g. latentlab.Lab.default()), got {type(lab).__name__}")
         self.lab = lab
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise TypeError(f"`sampling` must be a latentlab.Sampling or None, got {type(sampling).__name__}")
         self.sampling = lab.sampling(sampling)  # validated and complete before anything is drawn
         self.preview = preview_lab(lab, preview)
         self.frame_state = widgets.HTML("")
@@ -168,6 +170,22 @@ def free_path(folder: Path, stem: str, suffix: str = ".mp4") -> Path:
         if not p.exists() and not p.with_name(p.name + ".json").exists():
             return p
     raise AssertionError("unreachable")
+
+
+def check_key(value: object, name: str) -> tuple[str, int]:
+    """A ``(prompt, seed)`` pair given to a widget (a keyframe): a non-empty prompt and a valid seed."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"`{name}` must be a (prompt, seed) pair, got {value!r}")
+    return check_text(value[0], f"{name}[0]"), _checks.seed(value[1], f"{name}[1]")
+
+
+def check_folder_arg(value: object, name: str):
+    """A folder argument: a str or path-like (it may not exist yet)."""
+    import os
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"`{name}` must be a folder path (str or Path), got {type(value).__name__}")
+    return Path(value)
 
 
 def check_text(prompt: object, name: str = "prompt") -> str:

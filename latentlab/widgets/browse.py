@@ -37,7 +37,11 @@ class SeedBrowser(Panel):
     def __init__(self, lab: Backend, prompt: str, *, first_seed: int = 0, page_size: int = 16, columns: int = 8,
                  variations: int = 8, sampling: Sampling | None = None, upscale: int = 1):
         super().__init__(lab, sampling=sampling, upscale=upscale)
-        self.page_size, self.n_variations = page_size, variations
+        check_text(prompt)
+        _checks.seed(first_seed, "first_seed")
+        self.page_size = _checks.positive_int(page_size, "page_size")
+        self.n_variations = _checks.positive_int(variations, "variations")
+        _checks.positive_int(columns, "columns")
         self.prompt = widgets.Text(value=prompt, description="prompt", continuous_update=False,
                                    layout=widgets.Layout(width="520px"))
         self.first = widgets.IntText(value=first_seed, description="first seed", layout=widgets.Layout(width="200px"))

@@ -12,7 +12,7 @@ from latentlab import _checks
 from latentlab.backend import Backend, Conditioning
 from latentlab.ops import expected_norm, norm_zscore, renormalize
 from latentlab.sampling import Sampling
-from latentlab.widgets._base import Panel, check_text
+from latentlab.widgets._base import Panel, check_key, check_text
 
 
 class DirectionSliders(Panel):
@@ -29,6 +29,12 @@ class DirectionSliders(Panel):
                  prompt_directions: dict | None = None, limit: float = 3.0, sampling: Sampling | None = None,
                  upscale: int = 4, preview: object = "auto"):
         super().__init__(lab, sampling=sampling, upscale=upscale, preview=preview)
+        check_text(prompt)
+        _checks.seed(seed)
+        _checks.real(limit, "limit", low=0.0, low_inclusive=False)
+        for name, value in (("noise_directions", noise_directions), ("prompt_directions", prompt_directions)):
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"`{name}` must be a dict of name -> direction or None, got {type(value).__name__}")
         self.base_prompt = widgets.Text(value=prompt, description="prompt", continuous_update=False,
                                         layout=widgets.Layout(width="460px"))
         self.base_seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="180px"))
@@ -37,11 +43,11 @@ class DirectionSliders(Panel):
         shape = tuple(lab.latent_shape())
         for name, d in self.noise_directions.items():
             if not isinstance(d, torch.Tensor) or tuple(d.shape) != shape:
-                raise ValueError(f"noise direction {name!r} must be a tensor of shape {shape}, got "
+                raise ValueError(f"`noise_directions[{name!r}]` must be a tensor of shape {shape}, got "
                                  f"{tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__}")
         for name, d in self.prompt_directions.items():
             if not isinstance(d, Conditioning):
-                raise TypeError(f"prompt direction {name!r} must be a Conditioning, got {type(d).__name__}")
+                raise TypeError(f"`prompt_directions[{name!r}]` must be a Conditioning, got {type(d).__name__}")
         self.sliders = {}
         for kind, dirs in (("noise", self.noise_directions), ("prompt", self.prompt_directions)):
             for name in dirs:
@@ -109,6 +115,7 @@ class Arithmetic(Panel):
     def __init__(self, lab: Backend, a: tuple[str, int], b: tuple[str, int], c: tuple[str, int], *,
                  sampling: Sampling | None = None, upscale: int = 2):
         super().__init__(lab, sampling=sampling, upscale=upscale)
+        check_key(a, "a"), check_key(b, "b"), check_key(c, "c")
         self.terms = []
         for name, (prompt, seed), w in (("A", a, 1.0), ("B", b, 1.0), ("C", c, 1.0)):
             p = widgets.Text(value=prompt, description=f"{name} prompt", continuous_update=False,

@@ -23,6 +23,9 @@ PREFILL_CHUNK = 4  # images decoded per background turn of the scrubber's worker
 
 def _labs(lab, names) -> dict[str, object]:
     """One model or several as ``{name: lab}``; each must be a latentlab Lab (trajectories and tokens)."""
+    if names is not None and (isinstance(names, str) or not isinstance(names, (list, tuple))
+                              or not all(isinstance(n, str) for n in names)):
+        raise TypeError(f"`names` must be a list of strings (one per model) or None, got {names!r}")
     if isinstance(lab, Mapping):
         items = dict(lab)
     elif isinstance(lab, (list, tuple)):
@@ -338,9 +341,12 @@ class TrajectoryMap(WorkerPanel):
                  size: int = 300):
         super().__init__(upscale=upscale)
         self.labs = _labs(lab, names)
+        for one in self.labs.values():
+            one.sampling(sampling)  # a bad `sampling` is refused here, not later inside the widget
         self.sampling_arg = sampling
         method = _checks.choice(method, "method", ("pca", "umap"))
         check_text(prompt_a, "prompt_a"), check_text(prompt_b, "prompt_b")
+        _checks.positive_int(size, "size", minimum=64)
         lay = widgets.Layout(width="420px")
         self.prompt_a = widgets.Text(value=prompt_a, description="A", continuous_update=False, layout=lay)
         self.prompt_b = widgets.Text(value=prompt_b, description="B", continuous_update=False, layout=lay)

@@ -10,10 +10,11 @@ import ipywidgets as widgets
 import numpy as np
 import torch
 
+from latentlab import _checks
 from latentlab.backend import Backend, Conditioning
 from latentlab.ops import blend
 from latentlab.sampling import Sampling
-from latentlab.widgets._base import Panel, data_url, free_path
+from latentlab.widgets._base import Panel, check_folder_arg, data_url, free_path
 from latentlab.widgets._front import MapView, ThumbGrid
 from latentlab.widgets._worker import LatestWorker
 
@@ -58,9 +59,16 @@ class AtlasExplorer(Panel):
             raise TypeError(f"`atlas` must be a latentlab.atlas.Atlas, got {type(atlas).__name__}")
         if len(atlas) < 3:
             raise ValueError(f"`atlas` must have at least 3 items to draw a map, got {len(atlas)}")
-        self.atlas, self.k = atlas, k
-        self.path_keyframes, self.output_dir = path_keyframes, Path(output_dir)
+        _checks.choice(space, "space", SPACES)
+        _checks.choice(method, "method", METHODS)
+        self.atlas, self.k = atlas, _checks.positive_int(k, "k")
+        self.path_keyframes = _checks.positive_int(path_keyframes, "path_keyframes", minimum=2)
+        _checks.positive_int(path_frames, "path_frames", minimum=2)
+        self.output_dir = check_folder_arg(output_dir, "output_dir")
         keys = sorted(k for k, v in atlas.items[0].items() if isinstance(v, (str, int)))
+        if not isinstance(color_by, str):
+            raise TypeError(f"`color_by` must be the name of an atlas field ({', '.join(keys)}), got "
+                            f"{type(color_by).__name__}")
         self.space = widgets.Dropdown(options=list(SPACES), value=space, description="space")
         self.method = widgets.Dropdown(options=list(METHODS), value=method, description="projection")
         self.color_by = widgets.Dropdown(options=keys, value=color_by if color_by in keys else keys[0],

@@ -16,7 +16,7 @@ from latentlab import _checks
 from latentlab.backend import Backend, Conditioning
 from latentlab.ops import lerp, norm_zscore, slerp
 from latentlab.sampling import Sampling
-from latentlab.widgets._base import Panel, check_text, data_url, free_path
+from latentlab.widgets._base import Panel, check_folder_arg, check_key, check_text, data_url, free_path
 from latentlab.widgets._front import ThumbGrid
 from latentlab.widgets._worker import LatestWorker
 
@@ -80,8 +80,12 @@ class Interpolator(Panel):
                  sampling: Sampling | None = None, upscale: int = 4, output_dir: str | Path = ".",
                  preview: object = "auto"):
         super().__init__(lab, sampling=sampling, upscale=upscale, preview=preview)
+        check_key(a, "a"), check_key(b, "b")
+        _checks.positive_int(frames, "frames", minimum=2)
+        if not (clip is None or clip == "auto" or callable(getattr(clip, "similarity", None))):
+            raise TypeError(f"`clip` must be None, 'auto' or a latentlab CLIP model, got {type(clip).__name__}")
         self._clip, self._clip_arg = None, clip
-        self.output_dir = Path(output_dir)
+        self.output_dir = check_folder_arg(output_dir, "output_dir")
         lay = widgets.Layout(width="380px")
         self.prompt_a = widgets.Text(value=a[0], description="A prompt", continuous_update=False, layout=lay)
         self.seed_a = widgets.IntText(value=a[1], description="A seed", layout=widgets.Layout(width="180px"))

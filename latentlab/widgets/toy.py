@@ -52,6 +52,11 @@ class ToyLab(WorkerPanel):
         self.chunk = _checks.positive_int(chunk, "chunk")
         self.points = _checks.positive_int(points, "points")
         self.seed = _checks.seed(seed)
+        _checks.positive_int(size, "size", minimum=64)
+        if not isinstance(data, str) and not (isinstance(data, torch.Tensor) or hasattr(data, "__array__")
+                                              or isinstance(data, (list, tuple))):
+            raise TypeError(f"`data` must be a preset name ({', '.join(toy2d.PRESETS)}) or (k, 2) points, got "
+                            f"{type(data).__name__}")
         self._lock = threading.Lock()
         self._playing = False
         preset = data if isinstance(data, str) else _DRAW
