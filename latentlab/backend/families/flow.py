@@ -32,7 +32,7 @@ from latentlab.sampling import Sampling
 if TYPE_CHECKING:
     from latentlab.backend.engine import Engine
 
-__all__ = ["FLOW_SCHEDULERS", "SOLVERS", "FlowFamily", "integrate", "model_calls"]
+__all__ = ["FLOW_SCHEDULERS", "SOLVERS", "FlowFamily", "integrate", "model_calls", "renormalised_cfg"]
 
 #: Schedulers a flow model accepts (diffusers' class names).
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -90,6 +90,13 @@ def integrate(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor, *, solv
             on_step(i, x_next, v)
         x = x_next
     return x
+
+
+def renormalised_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance rescaled to the conditional prediction's norm along the last axis (what the Lumina 2
+    and Qwen-Image pipelines do)."""
+    guided = uncond + scale * (cond - uncond)
+    return guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
 
 
 class FlowFamily(Family):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from latentlab.backend.families.flow import FlowFamily
+from latentlab.backend.families.flow import FlowFamily, renormalised_cfg
 from latentlab.backend.records import Conditioning
 from latentlab.sampling import Sampling
 
@@ -121,6 +121,5 @@ class Lumina2Family(FlowFamily):
         out = call(cond)
         if sampling.guidance_scale > 1.0:
             neg = call(negative)
-            guided = neg + sampling.guidance_scale * (out - neg)
-            out = guided * (torch.norm(out, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
+            out = renormalised_cfg(out, neg, sampling.guidance_scale)
         return -out
