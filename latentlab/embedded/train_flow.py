@@ -134,16 +134,32 @@ def train(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ema = copy.deepcopy(model).requires_grad_(False)
 
+    pairs = _load_pairs(args.pairs) if args.pairs else None
+
     def step_fn(step, scale):
-        b = world.sample(args.batch or 64, seed=args.seed * 1_000_003 + step, prompts=world.training_prompts(),
-                         drop_size=0.15, drop_background=0.10, jitter=args.jitter)
+        bsz = args.batch or 64
         g = torch.Generator().manual_seed(20_000_000 + step)
-        captions = ["" if float(torch.rand((), generator=g)) < CAPTION_DROP else c for c in b.captions]
-        emb, pooled = encode(tok, te1, te2, captions)
+        n_pairs = round(bsz * args.pair_fraction) if pairs is not None else 0
+        b = world.sample(bsz - n_pairs, seed=args.seed * 1_000_003 + step, prompts=world.training_prompts(),
+                         drop_size=0.15, drop_background=0.10, jitter=args.jitter)
         with torch.no_grad():
             x0 = vae.encode(b.images * 2 - 1).latent_dist.sample(generator=g) * scaling
-        s = torch.sigmoid(torch.randn(len(x0), generator=g))  # logit-normal(0, 1)
         noise = torch.randn(x0.shape, generator=g)
+        captions = list(b.captions)
+        if n_pairs:
+            # Reflow (Liu et al. 2022): the teacher's own (noise, image) pairs -- a deterministic coupling, so the
+            # target at x_s is (nearly) unique and straight; the teacher's guidance is distilled in with it.
+            idx = torch.randint(len(pairs["noise"]), (n_pairs,), generator=g)
+            x0 = torch.cat([x0, pairs["x0"][idx]])
+            noise = torch.cat([noise, pairs["noise"][idx]])
+            captions += [pairs["captions"][i] for i in idx.tolist()]
+            keep = torch.cat([torch.ones(bsz - n_pairs, dtype=torch.bool), torch.zeros(n_pairs, dtype=torch.bool)])
+        else:
+            keep = torch.ones(bsz, dtype=torch.bool)
+        # Dropped captions only where the target is the data (a teacher pair's image belongs to its caption).
+        captions = ["" if k and float(torch.rand((), generator=g)) < CAPTION_DROP else c for c, k in zip(captions, keep)]
+        emb, pooled = encode(tok, te1, te2, captions)
+        s = torch.sigmoid(torch.randn(len(x0), generator=g))  # logit-normal(0, 1)
         xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
         for group in opt.param_groups:
             group["lr"] = _lr(step, lr) * scale
@@ -156,6 +172,34 @@ def train(args) -> None:
         return loss.item()
 
     _run("flow", args, {"model": model}, opt, step_fn, ema=ema, ema_decay=0.999)
+
+
+def _load_pairs(folder: Path) -> dict:
+    """The teacher's (noise, latent, caption) shards written by ``train_fast data`` (the UNet default model, DDIM 20
+    steps, guidance 4, training prompts only). Both models share the VAE and its scaling, and the flow pipeline
+    starts from unit noise as DDIM does, so a pair means the same in both."""
+    from latentlab.embedded.train_fast import load_data
+
+    noise, x0, captions = load_data(Path(folder).parent if Path(folder).name == "data" else Path(folder))
+    print(json.dumps({"stage": "flow", "teacher_pairs": len(noise)}), flush=True)
+    return {"noise": noise, "x0": x0, "captions": captions}
+
+
+def reset(args) -> None:
+    """Copy another run's weights (model and EMA) into a fresh checkpoint in ``--out``: step 0, fresh optimizer --
+    to start a second phase (e.g. reflow from teacher pairs) from a trained model with its own schedule."""
+    src = Path(args.start_from) / "flow-ckpt"
+    ckpt = args.out / "flow-ckpt"
+    if ckpt.exists():
+        raise FileExistsError(f"{ckpt} exists; reset into an empty folder")
+    ckpt.mkdir(parents=True)
+    for name in ("model.safetensors", "ema.safetensors"):
+        shutil.copy(src / name, ckpt / name)
+    from safetensors.torch import save_file
+
+    save_file({}, ckpt / "optimizer.safetensors")
+    (ckpt / "meta.json").write_text(json.dumps({"step": 0, "elapsed": 0.0, "log": [], "started_from": str(src)}))
+    print(f"fresh checkpoint in {ckpt} from {src}")
 
 
 @torch.no_grad()
@@ -233,7 +277,7 @@ def unpack(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m latentlab.embedded.train_flow", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["train", "package", "unpack", "check"])
+    p.add_argument("stage", choices=["train", "package", "unpack", "reset", "check"])
     p.add_argument("--out", type=Path, default=Path("runs/flow"))
     p.add_argument("--minutes", type=float)
     p.add_argument("--steps", type=int)
@@ -244,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=float, default=120.0)
+    p.add_argument("--pairs", type=Path, help="teacher pair shards (train_fast data) to reflow from")
+    p.add_argument("--pair-fraction", type=float, default=0.75, help="share of each batch from --pairs")
+    p.add_argument("--start-from", type=Path, help="reset: the run folder whose weights start the new run")
     p.add_argument("--package-to", type=Path, default=Path(__file__).parent / "model-flow")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -254,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.stage == "train" and args.minutes is None and args.steps is None:
         p.error("give --minutes or --steps")
-    {"train": train, "package": package, "unpack": unpack}[args.stage](args)
+    {"train": train, "package": package, "unpack": unpack, "reset": reset}[args.stage](args)
 
 
 if __name__ == "__main__":
