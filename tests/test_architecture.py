@@ -31,6 +31,7 @@ LAYERS = {
     "ops": 0, "_checks": 0, "_files": 0, "_tensors": 0, "_quiet": 0, "_version": 0,
     "seeds": 1, "paths": 1, "sampling": 1, "embedded": 1, "embedded.world": 1, "audio": 1,
     "toy2d": 1,  # the 2-D teaching models: pure torch
+    "metrics": 1,  # morph measures (PPL, PDV, 1 - Gini): pure torch
     "backend": 2, "clip": 2, "project": 2, "store": 2, "video": 2, "distributed": 2,
     "morph": 3, "atlas": 3,
     "embedded.evaluate": 3,  # the automatic evaluator: a development tool the benchmarks and notebooks use

@@ -125,3 +125,21 @@ def test_explainers_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     assert "scrubber on embedded-shapes (3 steps, 1 threads): ready in" in out and "toy lab" in out
     rows = [r for r in md.read_text().splitlines() if r.startswith("| embedded-shapes |")]
     assert len(rows) == 1 and len(rows[0].split("|")) == 8
+
+
+def test_morph_modes_benchmark_measures_every_mode_on_the_same_morphs(tmp_path, capsys):
+    from latentlab.benchmarks import morph_modes
+
+    md, js = tmp_path / "modes.md", tmp_path / "modes.json"
+    morph_modes.main(["--pairs", "2", "--frames", "5", "--threads", "1", "--modes", "prompt slerp",
+                      "--no-clip", "--markdown", str(md), "--json", str(js)])
+    rows = [r for r in md.read_text().splitlines() if r.startswith("| ") and "---" not in r]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["default", "prompt slerp"]
+    assert all(len(r.split("|")) == 12 for r in rows)  # 10 cells: no stray pipes
+    assert "+0%" in rows[1]  # the default is its own baseline
+    import json
+
+    res = json.loads(js.read_text())["results"]
+    for r in res.values():
+        assert r["morphs"] == 2 and 0 <= r["clean"] <= 1 and 0 <= r["pixels"]["smoothness"] <= 1
+        assert r["pixels"]["ppl"] > 0

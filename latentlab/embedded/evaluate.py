@@ -397,6 +397,66 @@ def clean_inbetweens(lab, shape_net: ShapeNet, *, pairs: int = 50, frames: int =
             "frames": total}
 
 
+def read_morph(images: torch.Tensor, a: tuple[str, str, str, str], b: tuple[str, str, str, str],
+               shape_net: ShapeNet, *, uniform_tolerance: float = 0.1) -> dict:
+    """Read the frames ``(n, 3, 64, 64)`` of one morph from prompt ``a`` to prompt ``b`` (world prompt tuples).
+
+    - ``clean``: per in-between frame (the endpoints excluded), whether it shows one shape on a uniform background
+      whose background, colour and shape each read as ``a``'s or ``b``'s (no blob pair, no third shape or colour);
+    - ``monotonic``: per attribute (background, colour, shape, size), whether the read values go from ``a``'s to
+      ``b``'s in one change and never back (:func:`latentlab.metrics.monotonic`);
+    - ``endpoints``: whether the first and last frames read all four attributes of ``a`` and ``b``.
+    """
+    from latentlab.metrics import monotonic
+
+    ta, tb = world.attributes(a), world.attributes(b)
+    read = attributes(images, shape_net)
+    border = torch.cat([images[:, :, 0, :], images[:, :, -1, :], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
+    bg = border.median(dim=2).values
+    clean = []
+    for f in range(1, len(images) - 1):
+        uniform = float((border[f] - bg[f][:, None]).norm(dim=0).gt(0.15).float().mean()) < uniform_tolerance
+        dist = (images[f] - bg[f].view(3, 1, 1)).norm(dim=0) > 0.35
+        blob = _largest_blob(dist)
+        one_shape = bool(blob.sum() >= 4) and float(blob.sum()) >= 0.9 * float(dist.sum())
+        known = all(read[f][k] in (ta[k], tb[k]) for k in ("background", "colour", "shape"))
+        clean.append(uniform and one_shape and known)
+    return {"clean": clean,
+            "monotonic": {k: monotonic([r[k] for r in read], ta[k], tb[k]) for k in KEYS},
+            "endpoints": [read[0] == ta, read[-1] == tb]}
+
+
+def one_attribute_pairs(n: int, *, seed: int = 0) -> list[tuple[tuple[str, ...], tuple[str, ...], str]]:
+    """``n`` pairs of held-out prompts that differ in exactly one attribute, as (a, b, attribute), the four
+    attributes taking turns (background, colour, shape, size) so every kind of change is measured equally.
+    Drawn with a seeded generator from every such pair among the held-out prompts (``b`` need not be held out
+    when no held-out prompt differs from ``a`` in that attribute)."""
+    g = torch.Generator().manual_seed(seed)
+    held = world.held_out_prompts()
+    valid = set(world.all_prompts())
+    slot = {"size": 0, "colour": 1, "shape": 2, "background": 3}
+    values = {"size": world.SIZE_NAMES, "colour": world.COLOUR_NAMES, "shape": world.SHAPES,
+              "background": world.COLOUR_NAMES}
+    held_set = set(held)
+    out = []
+    order = ("background", "colour", "shape", "size")
+    while len(out) < n:
+        attr = order[len(out) % 4]
+        a = held[int(torch.randint(len(held), (1,), generator=g))]
+        options = []
+        for v in values[attr]:
+            b = list(a)
+            b[slot[attr]] = v
+            b = tuple(b)
+            if b != a and b in valid:
+                options.append(b)
+        if not options:
+            continue
+        preferred = [b for b in options if b in held_set] or options
+        out.append((a, preferred[int(torch.randint(len(preferred), (1,), generator=g))], attr))
+    return out
+
+
 def _morph_inputs(lab, a, b, k: int, ts: torch.Tensor):
     from latentlab.backend import Conditioning
     from latentlab.ops import lerp, slerp

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from latentlab.backend import Backend, Conditioning
+from latentlab.metrics import embedding_distance, pixel_distance
 from latentlab.morph.settings import MorphSettings
 from latentlab.ops import blend
 from latentlab.paths import ease, path_at, retime, schedule, schedule_at
@@ -64,26 +65,9 @@ class Plan:
         return self.inputs(0, len(self.frames))[1]
 
 
-def pixel_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The weight-free default distance between consecutive frames: RMS pixel difference (images in [0, 1],
-    area-downsampled to at most 64 px so large models' previews cost little). Returns one value per pair."""
-    side = max(a.shape[-2:])
-    if side > 64:
-        size = (max(1, a.shape[-2] * 64 // side), max(1, a.shape[-1] * 64 // side))
-        a = torch.nn.functional.interpolate(a, size=size, mode="area")
-        b = torch.nn.functional.interpolate(b, size=size, mode="area")
-    return (a - b).pow(2).flatten(1).mean(1).sqrt()
-
-
 def clip_distance(clip) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A distance from a :class:`latentlab.clip.CLIP`: ``1 - cos`` of the image embeddings."""
-
-    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        e = clip.embed_images(torch.cat([a, b]))
-        return (1 - (e[: len(a)] * e[len(a) :]).sum(1)).clamp(min=0)
-
-    distance.__name__ = f"clip:{clip.model_id}"
-    return distance
+    return embedding_distance(clip.embed_images, name=f"clip:{clip.model_id}")
 
 
 def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[dict] | None = None) -> Plan:
