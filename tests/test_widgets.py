@@ -200,6 +200,9 @@ def test_atlas_explorer_hover_lasso_grid_click_and_path(tmp_path):
     _front(w.map, {"type": "click", "x": 0.3, "y": -0.2, "index": -1})  # an empty spot
     assert w.wait()
     assert w.generated.value and w.map.marker == [0.3, -0.2] and "PCA plane" in w.generated_info.value
+    # Faithful by default: the image's own noise, projected with the same map, is where the diamond is drawn.
+    assert w.landing is not None and w.map.landed == list(w.landing.landed)
+    assert w.landing.error < 0.05 and "of the map's diagonal from the click" in w.generated_info.value
     w.mode.value = "path"
     c = w.coords
     pts = [c[0].tolist(), c[10].tolist(), c[20].tolist()]

@@ -91,7 +91,13 @@ function render({ model, el }) {
     }
     const mark = model.get("marker");
     if (mark.length === 2) { const [px, py] = toPx(mark[0], mark[1]);
-      ctx.strokeStyle = "#000"; ctx.lineWidth = 2; ctx.beginPath(); ctx.arc(px, py, 7, 0, 2 * Math.PI); ctx.stroke(); }
+      ctx.strokeStyle = "#000"; ctx.lineWidth = 2; ctx.beginPath(); ctx.arc(px, py, 7, 0, 2 * Math.PI); ctx.stroke();
+      // where the generated image really landed (its own embedding, projected with the same map)
+      const land = model.get("landed");
+      if (land.length === 2) { const [lx, ly] = toPx(land[0], land[1]);
+        ctx.setLineDash([3, 3]); ctx.beginPath(); ctx.moveTo(px, py); ctx.lineTo(lx, ly); ctx.stroke(); ctx.setLineDash([]);
+        ctx.fillStyle = "#e03131"; ctx.beginPath(); ctx.moveTo(lx, ly - 6); ctx.lineTo(lx + 6, ly); ctx.lineTo(lx, ly + 6);
+        ctx.lineTo(lx - 6, ly); ctx.closePath(); ctx.fill(); ctx.stroke(); } }
     const path = model.get("path");
     if (path.length > 1) { ctx.strokeStyle = "#e8590c"; ctx.lineWidth = 2; ctx.beginPath();
       path.forEach((p, j) => { const [px, py] = toPx(p[0], p[1]); j ? ctx.lineTo(px, py) : ctx.moveTo(px, py); });
@@ -146,7 +152,7 @@ function render({ model, el }) {
   model.on("change:hover_thumb", () => { const t = model.get("hover_thumb");
     if (t) { tip.src = t; tip.style.display = "block"; } else { tip.style.display = "none"; } });
   model.on("change:coords", load); model.on("change:colors", load);
-  model.on("change:selected", draw); model.on("change:marker", draw); model.on("change:path", draw);
+  model.on("change:selected", draw); model.on("change:marker", draw); model.on("change:landed", draw); model.on("change:path", draw);
   model.on("change:axes", draw);
   load();
 }
@@ -253,6 +259,8 @@ class MapView(anywidget.AnyWidget):
     selected = traitlets.List(traitlets.Int()).tag(sync=True)
     hover_thumb = traitlets.Unicode("").tag(sync=True)
     marker = traitlets.List(traitlets.Float()).tag(sync=True)
+    #: Where the image generated at ``marker`` landed on the map (drawn as a red diamond, dashed from the click).
+    landed = traitlets.List(traitlets.Float()).tag(sync=True)
     path = traitlets.List(traitlets.List(traitlets.Float())).tag(sync=True)
     mode = traitlets.Unicode("select").tag(sync=True)
     axes = traitlets.List(traitlets.Unicode()).tag(sync=True)

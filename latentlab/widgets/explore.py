@@ -39,10 +39,12 @@ class AtlasExplorer(Panel):
       coordinates travel as one binary buffer);
     - **select** mode: lasso points; the selection and the image grid below stay in sync both ways (click a grid
       thumbnail to drop it; unselected points are greyed, not hidden);
-    - **generate** mode: click anywhere -- also an empty spot -- and the image at that point is generated: on a PCA
-      map of noise the nearest item is moved within the PCA plane and put back on the Gaussian shell
-      (:func:`latentlab.project.inverse_pca`); on any other map, the k nearest items' noise is blended spherically
-      and their prompts' conditioning linearly, with inverse-distance weights (:func:`latentlab.project.knn_weights`);
+    - **generate** mode: click anywhere -- also an empty spot -- and the image whose own embedding lands nearest the
+      click is generated (``faithful=True``, :meth:`latentlab.atlas.AtlasMap.generate`: candidates from the nearest
+      items, refined and verified by projecting each with the same map); the map shows where it really landed (a
+      red diamond, dashed from the click) and the readout its distance beside the nearest existing item's. The
+      preview model draws the plain inverse-distance blend of the nearest items meanwhile. ``faithful=False``: only
+      that blend (on a PCA map of noise, the nearest item moved within the PCA plane), with no landing shown;
     - **path** mode: draw a path; keyframes are taken along it (each such a blend, recorded as a
       :class:`~latentlab.morph.Mix`) and a morph video is rendered with the same renderer, manifest and resume as
       the command line.
@@ -51,7 +53,7 @@ class AtlasExplorer(Panel):
     def __init__(self, lab: Backend, atlas, *, space: str = "image_embeds", method: str = "pca",
                  color_by: str = "prompt", k: int = 8, path_keyframes: int = 5, path_frames: int = 48,
                  sampling: Sampling | None = None, upscale: int = 4, output_dir: str | Path = ".",
-                 preview: object = "auto"):
+                 preview: object = "auto", faithful: bool = True, clip=None):
         from latentlab.atlas import Atlas
 
         super().__init__(lab, sampling=sampling, upscale=upscale, preview=preview)
@@ -62,6 +64,12 @@ class AtlasExplorer(Panel):
         _checks.choice(space, "space", SPACES)
         _checks.choice(method, "method", METHODS)
         self.atlas, self.k = atlas, _checks.positive_int(k, "k")
+        if not isinstance(faithful, bool):
+            raise TypeError(f"`faithful` must be a bool, got {type(faithful).__name__}")
+        if clip is not None and not callable(getattr(clip, "embed_images", None)):
+            raise TypeError(f"`clip` must be a latentlab.CLIP (or have embed_images), got {type(clip).__name__}")
+        self.faithful, self._clip = faithful, clip
+        self.landing = None  # the last generated image's Landing (faithful mode)
         self.path_keyframes = _checks.positive_int(path_keyframes, "path_keyframes", minimum=2)
         _checks.positive_int(path_frames, "path_frames", minimum=2)
         self.output_dir = check_folder_arg(output_dir, "output_dir")
@@ -94,6 +102,7 @@ class AtlasExplorer(Panel):
         self._render_worker = LatestWorker(lambda busy: None, self.show_error)
         self.coords: torch.Tensor | None = None
         self._pca = None
+        self._atlas_map = None
         has_thumbs = atlas.thumbnails.shape[-1] > 0
         self.children = [
             widgets.HBox([self.space, self.method, self.color_by]), widgets.HBox([self.mode, self.busy]), self.error,
@@ -121,20 +130,15 @@ class AtlasExplorer(Panel):
         space, method = self.space.value, self.method.value
 
         def work():
-            from latentlab.project import PCA, UMAP
+            from latentlab.atlas import AtlasMap
 
-            x = getattr(self.atlas, space).float().flatten(1)
-            if method == "pca":
-                self._pca = PCA(2).fit(x)
-                coords = self._pca.transform(x)
-            else:
-                self._pca = None
-                coords = UMAP(n_neighbors=min(15, len(x) - 1)).fit_transform(x)
-            self.coords = coords.float()
+            m = AtlasMap(self.atlas, space=space, method=method, clip=self._clip)
+            self._atlas_map, self._pca = m, m.projector_ if method == "pca" else None
+            self.coords = m.coords_
             name = {"image_embeds": "CLIP image", "noise": "noise", "latents": "latent"}[space]
             self.map.axes = [f"{name} {method.upper()}-1", f"{name} {method.upper()}-2"]
             self.map.coords = self.coords.numpy().astype(np.float32).tobytes()
-            self.map.marker, self.map.path = [], []
+            self.map.marker, self.map.landed, self.map.path = [], [], []
 
         self.submit(work)
 
@@ -214,44 +218,47 @@ class AtlasExplorer(Panel):
         return z, cond, how
 
     def generate_at(self, point: tuple[float, float]) -> None:
-        self.map.marker = [float(point[0]), float(point[1])]
+        self.map.marker, self.map.landed = [float(point[0]), float(point[1])], []
 
         def work():
             z, cond, how = self.point_inputs(point)
             top = sorted(zip(how["weights"], how["items"]), reverse=True)[:3]
             near = ", ".join(f"{html.escape(str(self.atlas.items[i]['prompt']))} (seed {self.atlas.items[i]['seed']}, "
                              f"w {wt:.2f})" for wt, i in top)
-            self.generated_info.value = (f"at ({point[0]:.2f}, {point[1]:.2f}): {html.escape(how['noise'])}; "
-                                         f"nearest: {near}")
-            self.live(z, cond, lambda image: setattr(self.generated, "value", self.png(image)))
+            head = f"at ({point[0]:.2f}, {point[1]:.2f})"
+            if not self.faithful:
+                self.generated_info.value = f"{head}: {html.escape(how['noise'])}; nearest: {near}"
+                self.live(z, cond, lambda image: setattr(self.generated, "value", self.png(image)))
+                return
+            self.generated_info.value = f"{head}: searching for the image that lands here...; nearest: {near}"
+            if self.preview is not None:
+                s = self.preview.sampling(num_inference_steps=self.preview_steps)
+                self.generated.value = self.png(self.preview.generate(z, cond, sampling=s, batch_size=1))
+                self._state("preview", "preview · the nearest items' blend (searching for the faithful image)")
+            image, landing = self._atlas_map.generate(self.lab, point, k=self.k, sampling=self.sampling)
+            self.landing = landing
+            self.generated.value = self.png(image)
+            self.map.landed = [float(v) for v in landing.landed]
+            verdict = "nearer than" if landing.beats_nearest_item else "not nearer than"
+            self.generated_info.value = (
+                f"{head}: landed <b>{landing.error:.3f}</b> of the map's diagonal from the click, {verdict} the nearest "
+                f"existing item ({landing.nearest_item:.3f}) · {html.escape(landing.how['construction'])}, best of "
+                f"{landing.candidates} candidates · nearest: {near}")
+            self._state("final", f"final · {(self.sampling or self.lab.sampling()).num_inference_steps} steps · "
+                        f"landed {landing.error:.3f} from the click")
 
         self.submit(work, tag="live")
 
     # --- a path on the map -> a morph video -------------------------------------------------------------------
 
     def path_keyframes_at(self, points: list[tuple[float, float]]):
-        """``path_keyframes`` points evenly spaced by arc length along ``points``, each as a Mix keyframe."""
-        from latentlab.morph import Keyframe, Mix
-        from latentlab.project import knn_weights
-
+        """``path_keyframes`` points evenly spaced by arc length along ``points``, each as a Mix keyframe
+        (:meth:`latentlab.atlas.AtlasMap.path_keyframes`)."""
+        if self._atlas_map is None:
+            raise RuntimeError("the map is still being computed")
         if len(points) < 2:
             raise ValueError("draw a path of at least two points")
-        p = torch.tensor(points, dtype=torch.float64)
-        seg = (p[1:] - p[:-1]).norm(dim=1)
-        cum = torch.cat([torch.zeros(1, dtype=torch.float64), seg.cumsum(0)])
-        if float(cum[-1]) == 0:
-            raise ValueError("the path has no length")
-        keys = []
-        for s in torch.linspace(0, float(cum[-1]), self.path_keyframes).tolist():
-            j = min(int(torch.searchsorted(cum, torch.tensor(s, dtype=torch.float64), right=True)) - 1, len(seg) - 1)
-            f = 0.0 if seg[j] == 0 else (s - float(cum[j])) / float(seg[j])
-            q = (p[j] + f * (p[j + 1] - p[j])).tolist()
-            idx, w = knn_weights(self.coords, q, k=self.k)
-            items = [self.atlas.items[i] for i in idx.tolist()]
-            ws = tuple(round(float(v), 6) for v in w)
-            keys.append(Keyframe(mix=Mix(seeds=tuple(int(it["seed"]) for it in items), seed_weights=ws,
-                                         prompts=tuple(str(it["prompt"]) for it in items), prompt_weights=ws)))
-        return tuple(keys)
+        return self._atlas_map.path_keyframes([tuple(q) for q in points], self.path_keyframes, k=self.k)
 
     def render_path(self, points: list[tuple[float, float]]) -> Path | None:
         from latentlab.morph import MorphSettings, manifest_path, render_morph

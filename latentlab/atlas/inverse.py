@@ -1,0 +1,306 @@
+"""The generative map: a 2-D map of an atlas, and the way back from any point of it to an image that lands there.
+
+One responsibility: given a click on a PCA or UMAP map of an atlas space (CLIP image embeddings, final latents or
+initial noise), make the image whose own embedding, projected with the *same* fitted map, lands as near the click
+as possible -- and say where it really landed. A blend of the nearest items (inverse-distance weights) is a guess:
+measured on the embedded model, its image lands a median 0.14 of the map's diagonal away from the click, and
+nearer than the nearest existing item only 23 % of the time. So :meth:`AtlasMap.generate` searches:
+
+1. **Candidates**: several constructions from the ``k`` nearest items -- inverse-distance blends of their noise
+   (spherical) and conditioning (linear) at several sharpnesses, the nearest items themselves, blended
+   conditioning over a nearest item's own noise, and on a PCA map of noise the exact in-plane move
+   (:func:`latentlab.project.inverse_pca`). All are generated in one batch, embedded and projected.
+2. **Refinement**: the landings of the candidates give a local linear model from blend weights to map position
+   (least squares); the weights it predicts for the click, and mixes of them with the best candidate's, are
+   generated and measured too.
+3. **Pick**: the candidate that landed nearest the click. The result carries where it landed and the error as a
+   share of the map's diagonal, so a user sees the truth (and the nearest existing item's distance beside it).
+
+This is inverse projection by search in the model's own input space (noise, conditioning weights) with the
+forward map as the judge, as in inverse-projection research (iLAMP, NNInv) but verified per click.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from latentlab import _checks
+from latentlab.backend import Backend, Conditioning
+from latentlab.ops import blend
+
+__all__ = ["SPACES", "AtlasMap", "Landing"]
+
+_FRESH = 1_000_000_007  # first seed of the fresh-noise candidates (far from any seed range people use for atlases)
+
+#: The atlas spaces a map can be drawn of (and generated back from).
+SPACES: tuple[str, ...] = ("image_embeds", "latents", "noise")
+METHODS: tuple[str, ...] = ("pca", "umap")
+
+
+@dataclass(frozen=True)
+class Landing:
+    """Where an image generated for a map ``point`` really landed.
+
+    ``error`` and ``nearest_item`` are distances as a share of the map's diagonal: from the click to the image's
+    own projected position, and from the click to the nearest existing atlas item. ``how`` records the chosen
+    candidate's construction (items, weights, noise), enough to re-create it.
+    """
+
+    point: tuple[float, float]
+    landed: tuple[float, float]
+    error: float
+    nearest_item: float
+    candidates: int
+    how: dict = field(default_factory=dict)
+
+    @property
+    def beats_nearest_item(self) -> bool:
+        return self.error < self.nearest_item
+
+
+class AtlasMap:
+    """A 2-D map (PCA or UMAP) of one space of an :class:`~latentlab.atlas.Atlas`, fitted once, and the way back.
+
+    Parameters
+    ----------
+    atlas : Atlas
+        The items (their ``space`` vectors are what the map is fitted on).
+    space : {"image_embeds", "latents", "noise"}
+    method : {"pca", "umap"}
+    clip : CLIP, optional
+        The image encoder of ``image_embeds`` (default: the embedded CLIP, what ``build_atlas`` uses by default).
+    random_state : int
+        Seed of the projection (UMAP's layout, PCA's randomized solver).
+
+    Attributes
+    ----------
+    coords_ : (N, 2) tensor
+        The items' map coordinates.
+    diagonal_ : float
+        The length of the diagonal of the items' bounding box (the unit of every error).
+
+    Examples
+    --------
+    >>> from latentlab import Lab
+    >>> from latentlab.atlas import build_atlas
+    >>> lab = Lab.default()
+    >>> atlas = build_atlas(lab, ["a red star", "a blue ring"], [1, 2, 3], progress=False)
+    >>> m = AtlasMap(atlas, space="image_embeds")
+    >>> image, landing = m.generate(lab, m.coords_[:2].mean(0).tolist(), candidates=4, refine=0)
+    >>> image.shape, landing.candidates, landing.error >= 0
+    (torch.Size([1, 3, 64, 64]), 4, True)
+    """
+
+    def __init__(self, atlas, *, space: str = "image_embeds", method: str = "pca", clip=None,
+                 random_state: int = 0):
+        from latentlab.atlas.core import Atlas
+        from latentlab.project import PCA, UMAP
+
+        if not isinstance(atlas, Atlas):
+            raise TypeError(f"`atlas` must be a latentlab.atlas.Atlas, got {type(atlas).__name__}")
+        if len(atlas) < 3:
+            raise ValueError(f"`atlas` must have at least 3 items to draw a map, got {len(atlas)}")
+        _checks.choice(space, "space", SPACES)
+        _checks.choice(method, "method", METHODS)
+        self.atlas, self.space, self.method, self._clip = atlas, space, method, clip
+        x = getattr(atlas, space).float().flatten(1)
+        if method == "pca":
+            self.projector_ = PCA(2, random_state=random_state).fit(x)
+            coords = self.projector_.transform(x)
+        else:
+            self.projector_ = UMAP(n_neighbors=min(15, len(x) - 1), random_state=random_state).fit(x)
+            coords = self.projector_.embedding_
+        self.coords_ = coords.float()
+        self.diagonal_ = float((self.coords_.max(0).values - self.coords_.min(0).values).norm()) or 1.0
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            from latentlab.clip import CLIP
+
+            self._clip = CLIP.default()
+        return self._clip
+
+    def transform(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Map coordinates (n, 2) of new vectors of this map's space."""
+        return self.projector_.transform(vectors.float().flatten(1)).float()
+
+    def embed(self, noise: torch.Tensor, latents: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The vectors of this map's space for generated items (their initial noise, final latents, images)."""
+        if self.space == "noise":
+            return noise.float().flatten(1)
+        if self.space == "latents":
+            return latents.float().flatten(1)
+        return self.clip.embed_images(images).float()
+
+    def nearest_item_distance(self, point) -> float:
+        """Distance from ``point`` to the nearest atlas item, as a share of the map's diagonal."""
+        return float((self.coords_ - _point(point)).norm(dim=1).min()) / self.diagonal_
+
+    # --- candidates ----------------------------------------------------------------------------------------
+
+    def blend_inputs(self, lab: Backend, point, *, k: int = 8, power: float = 2.0):
+        """One guess (the explorer's former click): the ``k`` nearest items' noise blended spherically and their
+        conditioning linearly, with inverse-distance weights. Returns ``(noise (1, C, h, w), conditioning, how)``."""
+        from latentlab.project import knn_weights
+
+        idx, w = knn_weights(self.coords_, _point(point).tolist(), k=k, power=power)
+        return self._noise(lab, idx, [w]), self._conditioning(lab, idx, [w]), {"items": idx.tolist(), "weights": _r(w)}
+
+    def _noise(self, lab, idx, specs) -> torch.Tensor:
+        """Initial noise per candidate: a spherical blend of the items' noise (weights), or a fresh seed's (int)."""
+        noise = self.atlas.noise[idx].float()
+        shape = tuple(noise.shape[-3:])
+        out = []
+        for spec in specs:
+            if isinstance(spec, torch.Tensor) and spec.ndim > 1:  # ready noise (the in-plane PCA move)
+                out.append(spec.float().reshape(1, *shape))
+            elif isinstance(spec, int):
+                out.append(lab.noise(spec, height=shape[1] * lab.vae_scale_factor, width=shape[2] * lab.vae_scale_factor
+                                     ).float().cpu())
+            else:
+                out.append(blend(noise.unsqueeze(1), spec.to(torch.float32)))
+        return torch.cat(out)
+
+    def _conditioning(self, lab, idx, weights) -> Conditioning:
+        enc = lab.encode_prompt([str(self.atlas.items[i]["prompt"]) for i in idx.tolist()])
+        return Conditioning.cat([enc.weighted_sum(w.to(torch.float64)) for w in weights])
+
+    def _candidates(self, point, k: int, n: int, seed: int):
+        """Up to ``n`` (conditioning weights, noise weights or a fresh seed, label) over the ``k`` nearest items,
+        most promising first (the plain inverse-distance blend always first)."""
+        from latentlab.project import knn_weights
+
+        idx, _ = knn_weights(self.coords_, point.tolist(), k=k)
+        d = (self.coords_[idx] - point).norm(dim=1).double().clamp_min(1e-9)
+
+        def inv(p, m=None):
+            m = len(idx) if m is None else m
+            w = torch.zeros(len(idx), dtype=torch.float64)
+            w[:m] = d[:m].pow(-p)
+            return w / w.sum()
+
+        def one(j):
+            w = torch.zeros(len(idx), dtype=torch.float64)
+            w[min(j, len(idx) - 1)] = 1.0
+            return w
+
+        fresh = [_FRESH + 16 * seed + j for j in range(4)]  # new noise: other layouts of the same content
+        out = [(inv(2), inv(2), "blend"), (one(0), one(0), "nearest item"), (inv(2), one(0), "nearest noise"),
+               (inv(4), inv(4), "sharp blend"), (inv(4), fresh[0], "sharp blend, new noise"),
+               (one(0), fresh[1], "nearest prompt, new noise"), (inv(2, 3), inv(2, 3), "3-nearest blend"),
+               (inv(1), fresh[2], "soft blend, new noise"), (inv(1), inv(1), "soft blend"),
+               (inv(2), one(1), "2nd-nearest noise"), (one(1), one(1), "2nd-nearest item"),
+               (one(0), fresh[3], "nearest prompt, new noise")]
+        if self.space == "noise" and self.method == "pca":
+            from latentlab.project import inverse_pca
+
+            z = inverse_pca(self.projector_, point.tolist(), self.atlas.noise.float(), self.coords_)
+            out.insert(0, (inv(2), z, "nearest item moved in the PCA plane, on the Gaussian shell"))
+        return idx, out[:n]
+
+    def path_keyframes(self, points, n_keyframes: int = 5, *, k: int = 8) -> tuple:
+        """``n_keyframes`` points evenly spaced by arc length along a drawn path ``points`` [(x, y), ...], each as a
+        :class:`~latentlab.morph.Keyframe` whose :class:`~latentlab.morph.Mix` blends the ``k`` nearest items
+        (inverse-distance weights), so a manifest re-creates every frame."""
+        from latentlab.morph import Keyframe, Mix
+        from latentlab.project import knn_weights
+
+        if not isinstance(points, (list, tuple)) or len(points) < 2:
+            raise ValueError("draw a path of at least two points")
+        n_keyframes = _checks.positive_int(n_keyframes, "n_keyframes", minimum=2)
+        p = torch.stack([_point(q).double() for q in points])
+        seg = (p[1:] - p[:-1]).norm(dim=1)
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), seg.cumsum(0)])
+        if float(cum[-1]) == 0:
+            raise ValueError("the path has no length")
+        keys = []
+        for s in torch.linspace(0, float(cum[-1]), n_keyframes).tolist():
+            j = min(int(torch.searchsorted(cum, torch.tensor(s, dtype=torch.float64), right=True)) - 1, len(seg) - 1)
+            f = 0.0 if seg[j] == 0 else (s - float(cum[j])) / float(seg[j])
+            q = (p[j] + f * (p[j + 1] - p[j])).tolist()
+            idx, w = knn_weights(self.coords_, q, k=k)
+            items = [self.atlas.items[i] for i in idx.tolist()]
+            ws = tuple(round(float(v), 6) for v in w)
+            keys.append(Keyframe(mix=Mix(seeds=tuple(int(it["seed"]) for it in items), seed_weights=ws,
+                                         prompts=tuple(str(it["prompt"]) for it in items), prompt_weights=ws)))
+        return tuple(keys)
+
+    # --- the search ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, lab: Backend, point, *, k: int = 8, candidates: int = 8, refine: int = 2, seed: int = 0,
+                 sampling=None) -> tuple[torch.Tensor, Landing]:
+        """The image (1, 3, H, W) whose own embedding lands nearest ``point`` among the candidates, and its
+        :class:`Landing`. ``candidates`` first guesses, then ``refine`` rounds of four more from the local linear
+        model (0: none); every candidate is one image, each round generated as one batch. ``seed`` picks the
+        fresh noise some candidates try (recorded in the landing's ``how``)."""
+        pt = _point(point)
+        k = _checks.positive_int(k, "k", minimum=1)
+        n = _checks.positive_int(candidates, "candidates", minimum=1)
+        refine = _checks.positive_int(refine, "refine", minimum=0)
+        idx, cands = self._candidates(pt, k, n, _checks.seed(seed, "seed"))
+        tried = self._try(lab, idx, cands, sampling)
+        for _ in range(refine if len(cands) >= 3 else 0):
+            more = self._refined(pt, cands, tried)
+            if not more:
+                break
+            extra = self._try(lab, idx, more, sampling)
+            cands = cands + more
+            tried = {key: torch.cat([tried[key], extra[key]]) for key in tried}
+        err = (tried["landed"] - pt).norm(dim=1)
+        best = int(err.argmin())
+        cw, nw, label = cands[best]
+        how = {"items": idx.tolist(), "prompt_weights": _r(cw),
+               "noise": nw if isinstance(nw, int) else "in-plane move" if nw.ndim > 1 else _r(nw),
+               "construction": label,
+               "seeds": [int(self.atlas.items[i]["seed"]) for i in idx.tolist()]}
+        landing = Landing(tuple(map(float, pt)), tuple(map(float, tried["landed"][best])),
+                          float(err[best]) / self.diagonal_, self.nearest_item_distance(pt), len(cands), how)
+        return tried["images"][best : best + 1], landing
+
+    def _try(self, lab, idx, cands, sampling) -> dict:
+        noise = self._noise(lab, idx, [c[1] for c in cands])
+        cond = self._conditioning(lab, idx, [c[0] for c in cands])
+        s = lab.sampling(sampling)
+        latents = lab.generate(noise, cond, sampling=s, output_type="latent")
+        images = lab.decode(latents)
+        landed = self.transform(self.embed(noise, latents, images))
+        return {"images": images, "landed": landed}
+
+    def _refined(self, pt, cands, tried) -> list:
+        """One refinement round: the weights a least-squares linear model (from the candidates' conditioning
+        weights to where they landed; weights on the simplex, so the model is affine) predicts for the click --
+        the least change from the best candidate's weights that the model says lands on the click, clipped to the
+        simplex -- with the best candidate's noise and with blended noise, and two steps part of the way."""
+        W = torch.stack([c[0] for c in cands])  # (n, k) float64
+        Y = tried["landed"].double()  # (n, 2)
+        A = torch.linalg.lstsq(W, Y).solution  # (k, 2): Y ~ W @ A
+        best = int((Y - pt.double()).norm(dim=1).argmin())
+        w0 = W[best]
+        C = torch.cat([A.T, torch.ones(1, W.shape[1], dtype=torch.float64)])  # (3, k): position and sum(w)
+        r = torch.cat([pt.double(), torch.ones(1, dtype=torch.float64)]) - C @ w0
+        step = C.T @ torch.linalg.solve(C @ C.T + 1e-9 * torch.eye(3, dtype=torch.float64), r)
+        out = []
+        for a, label in ((1.0, "fitted"), (0.5, "half-way to fitted"), (0.25, "quarter-way to fitted")):
+            w = (w0 + a * step).clamp_min(0)
+            if float(w.sum()) <= 0:
+                continue
+            w = w / w.sum()
+            out.append((w, cands[best][1], f"{label}, best noise"))
+            if a == 1.0:
+                out.append((w, w, f"{label}, blended noise"))
+        return out
+
+
+def _point(point) -> torch.Tensor:
+    pt = torch.as_tensor(point, dtype=torch.float32).flatten()
+    if pt.shape != (2,) or not bool(torch.isfinite(pt).all()):
+        raise ValueError(f"`point` must be two finite numbers (x, y), got {point!r}")
+    return pt
+
+
+def _r(w: torch.Tensor) -> list[float]:
+    return [round(float(v), 4) for v in w]

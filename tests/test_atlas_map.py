@@ -1,0 +1,99 @@
+"""The generative map (latentlab.atlas.AtlasMap): a click -> the image that lands there, verified by projection."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fakes import FakeBackend, FakeCLIP
+from latentlab.atlas import AtlasMap, build_atlas
+
+PROMPTS = ["a red star", "a blue ring", "a green square", "a white cross", "a black circle"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    lab = FakeBackend()
+    atlas = build_atlas(lab, PROMPTS, [1, 2, 3, 4], clip=FakeCLIP(), progress=False)
+    return lab, atlas
+
+
+def _own_landing(m, lab, image, noise=None, latents=None):
+    return m.transform(m.embed(noise, latents, image))[0]
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.floats(0, 1), st.floats(0, 1))
+def test_the_search_lands_where_it_says_and_never_worse_than_the_blend(setup, u, v):
+    lab, atlas = setup
+    m = AtlasMap(atlas, space="image_embeds", clip=FakeCLIP())
+    lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
+    point = (lo + (hi - lo) * torch.tensor([u, v])).tolist()
+    image, landing = m.generate(lab, point, candidates=6, refine=1)
+    # the reported landing is the shown image's own embedding, projected with the same map
+    torch.testing.assert_close(_own_landing(m, lab, image), torch.tensor(landing.landed), rtol=0, atol=1e-5)
+    assert landing.error == pytest.approx(float((torch.tensor(landing.landed) - torch.tensor(point)).norm())
+                                          / m.diagonal_, rel=1e-5)
+    z, c, _ = m.blend_inputs(lab, point)
+    blend_img = lab.decode(lab.generate(z, c, output_type="latent"))
+    blend_err = float((_own_landing(m, lab, blend_img) - torch.tensor(point)).norm()) / m.diagonal_
+    assert landing.error <= blend_err + 1e-6  # the blend is the first candidate: the pick is never worse
+    assert landing.nearest_item == pytest.approx(m.nearest_item_distance(point))
+    assert landing.candidates >= 6 and landing.how["construction"]
+
+
+def test_a_click_on_an_item_reproduces_it_and_the_noise_map_moves_in_the_pca_plane(setup):
+    lab, atlas = setup
+    m = AtlasMap(atlas, space="latents", method="pca")
+    _, landing = m.generate(lab, m.coords_[7].tolist(), candidates=3, refine=0)
+    assert landing.error < 1e-5 and landing.nearest_item < 1e-6
+    n = AtlasMap(atlas, space="noise", method="pca")
+    point = (n.coords_[0] * 0.5 + n.coords_[9] * 0.5).tolist()
+    _, landing = n.generate(lab, point, candidates=4, refine=0)
+    assert "PCA plane" in landing.how["construction"] and landing.error < 0.02
+    assert landing.beats_nearest_item
+
+
+def test_generation_is_deterministic_and_records_how(setup):
+    lab, atlas = setup
+    m = AtlasMap(atlas, space="image_embeds", clip=FakeCLIP())
+    a = m.generate(lab, (0.1, -0.2), candidates=8, refine=2, seed=3)
+    b = m.generate(lab, (0.1, -0.2), candidates=8, refine=2, seed=3)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    assert a[1] == b[1]
+    how = a[1].how
+    assert len(how["items"]) == len(how["prompt_weights"]) == len(how["seeds"]) == 8
+    assert sum(how["prompt_weights"]) == pytest.approx(1, abs=1e-3)
+
+
+def test_path_keyframes_are_mixes_along_the_stroke(setup):
+    lab, atlas = setup
+    m = AtlasMap(atlas, space="latents")
+    keys = m.path_keyframes([m.coords_[0].tolist(), m.coords_[5].tolist()], 4, k=3)
+    assert len(keys) == 4 and all(k.mix is not None and len(k.mix.seeds) == 3 for k in keys)
+    assert keys[0].mix.seed_weights[0] == 1.0 and keys[0].mix.seeds[0] == atlas.items[0]["seed"]
+    with pytest.raises(ValueError, match="at least two points"):
+        m.path_keyframes([(0.0, 0.0)])
+    with pytest.raises(ValueError, match="no length"):
+        m.path_keyframes([(0.0, 0.0), (0.0, 0.0)])
+
+
+def test_bad_input_is_refused_by_name_before_any_generation(setup):
+    lab, atlas = setup
+    with pytest.raises(TypeError, match="`atlas` must be a latentlab.atlas.Atlas, got list"):
+        AtlasMap([])
+    with pytest.raises(ValueError, match="`space` must be one of"):
+        AtlasMap(atlas, space="pixels")
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        AtlasMap(atlas, method="tsne")
+    m = AtlasMap(atlas, space="latents")
+    before = len(lab.generated)
+    for bad, err, match in [((1.0,), ValueError, "`point` must be two finite numbers"),
+                            ((float("nan"), 0.0), ValueError, "`point` must be two finite numbers")]:
+        with pytest.raises(err, match=match):
+            m.generate(lab, bad)
+    with pytest.raises(ValueError, match="`candidates` must be"):
+        m.generate(lab, (0.0, 0.0), candidates=0)
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        m.generate(lab, (0.0, 0.0), seed=1.5)
+    assert len(lab.generated) == before
