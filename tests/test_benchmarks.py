@@ -143,3 +143,20 @@ def test_morph_modes_benchmark_measures_every_mode_on_the_same_morphs(tmp_path, 
     for r in res.values():
         assert r["morphs"] == 2 and 0 <= r["clean"] <= 1 and 0 <= r["pixels"]["smoothness"] <= 1
         assert r["pixels"]["ppl"] > 0
+
+
+def test_map_fidelity_benchmark_measures_clicks_held_out_items_and_a_path(tmp_path):
+    import json
+
+    from latentlab.benchmarks import map_fidelity
+
+    md, js = tmp_path / "map.md", tmp_path / "map.json"
+    map_fidelity.main(["--prompts", "4", "--seeds", "1", "2", "--clicks", "2", "--spaces", "latents", "--methods",
+                       "pca", "--candidates", "3", "--refine", "1", "--held-out", "0.25", "--path-frames", "4",
+                       "--threads", "1", "--markdown", str(md), "--json", str(js)])
+    row = [r for r in md.read_text().splitlines() if r.startswith("| latents/pca |")]
+    assert len(row) == 1 and len(row[0].split("|")) == 8  # 6 cells: no stray pipes
+    r = json.loads(js.read_text())["results"]["latents/pca"]
+    assert r["clicks"]["clicks"] == 2 and r["held_out"]["held_out"] == 2 and r["path"]["frames"] == 4
+    # the search includes the blend as a candidate: its median error is never above the blend's
+    assert r["clicks"]["search"]["median_error"] <= r["clicks"]["baseline"]["median_error"] + 1e-9

@@ -231,7 +231,7 @@ class AtlasMap:
     # --- the search ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, lab: Backend, point, *, k: int = 8, candidates: int = 8, refine: int = 2, seed: int = 0,
+    def generate(self, lab: Backend, point, *, k: int = 8, candidates: int = 12, refine: int = 2, seed: int = 0,
                  sampling=None) -> tuple[torch.Tensor, Landing]:
         """The image (1, 3, H, W) whose own embedding lands nearest ``point`` among the candidates, and its
         :class:`Landing`. ``candidates`` first guesses, then ``refine`` rounds of four more from the local linear

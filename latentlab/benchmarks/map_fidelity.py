@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clicks", type=int, default=50)
     p.add_argument("--spaces", nargs="+", default=["image_embeds", "latents"])
     p.add_argument("--methods", nargs="+", default=["pca", "umap"])
-    p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--candidates", type=int, default=12)
     p.add_argument("--refine", type=int, default=2)
     p.add_argument("--held-out", type=float, default=0.1)
     p.add_argument("--path-frames", type=int, default=24)
