@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from latentlab import _checks
+
 __all__ = [
     "PathScores",
     "consecutive_distances",
@@ -196,7 +198,9 @@ def _distances(distances) -> torch.Tensor:
 
 
 def _check_images(x, name: str) -> None:
+    """Images (N, C, H, W): a floating tensor, finite (the NaN policy, :func:`latentlab._checks.tensor`)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor of images (N, C, H, W), got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"`{name}` must be images (N, C, H, W), got shape {tuple(x.shape)}")
+    _checks.tensor(x, name, min_ndim=4)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from fakes import FakeBackend, FakeCLIP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fakes import FakeBackend, FakeCLIP
 from latentlab.atlas import AtlasMap, build_atlas
 
 PROMPTS = ["a red star", "a blue ring", "a green square", "a white cross", "a black circle"]
@@ -67,7 +67,7 @@ def test_generation_is_deterministic_and_records_how(setup):
 
 
 def test_path_keyframes_are_mixes_along_the_stroke(setup):
-    lab, atlas = setup
+    _lab, atlas = setup
     m = AtlasMap(atlas, space="latents")
     keys = m.path_keyframes([m.coords_[0].tolist(), m.coords_[5].tolist()], 4, k=3)
     assert len(keys) == 4 and all(k.mix is not None and len(k.mix.seeds) == 3 for k in keys)

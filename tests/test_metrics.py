@@ -116,3 +116,17 @@ def test_bad_frames_are_refused_by_name():
         metrics.pixel_distance(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
     with pytest.raises(TypeError, match="`embed` must be callable"):
         metrics.embedding_distance("clip")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_frames_are_refused_naming_the_argument(bad):
+    f = torch.rand(4, 3, 8, 8)
+    f[2, 0, 1, 1] = bad
+    with pytest.raises(ValueError, match="`frames` must be finite, got 1 NaN/infinite value"):
+        metrics.path_scores(f)
+    with pytest.raises(ValueError, match="`b` must be finite"):
+        metrics.pixel_distance(torch.rand(1, 3, 8, 8), f[2:3])
+    with pytest.raises(TypeError, match="`frames` must have a floating-point dtype, got torch.uint8"):
+        metrics.path_scores((f.nan_to_num(0) * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="`frames` is empty"):
+        metrics.path_scores(torch.zeros(2, 3, 0, 8))
