@@ -8,6 +8,8 @@ is one new module with a subclass of :class:`Family` and its tiny parity test ag
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -18,7 +20,22 @@ from latentlab.sampling import Sampling
 if TYPE_CHECKING:
     from latentlab.backend.engine import Engine
 
-__all__ = ["Family"]
+__all__ = ["Family", "PromptTokens"]
+
+
+class PromptTokens:
+    """The tokens a family's text encoder actually reads for a prompt -- its template, system prompt or chat format
+    applied (what :meth:`latentlab.Lab.tokens` and the truncation warning count), made by ``ids(prompt)``. Looks like
+    a tokenizer to the engine: ``tok(prompt).input_ids`` and ``tok.convert_ids_to_tokens``."""
+
+    def __init__(self, tokenizer: Any, ids: Callable[[str], list[int]], *, padding_side: str = "right"):
+        self.tokenizer, self._ids, self.padding_side = tokenizer, ids, padding_side
+
+    def __call__(self, prompt: str, **_: Any) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=list(self._ids(prompt)))
+
+    def convert_ids_to_tokens(self, ids):
+        return self.tokenizer.convert_ids_to_tokens(ids)
 
 
 class Family:

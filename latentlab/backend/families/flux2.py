@@ -20,12 +20,12 @@ One responsibility: Flux.2's side of the adapter interface --
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from latentlab.backend.families.base import PromptTokens
 from latentlab.backend.families.flow import FlowFamily
 from latentlab.backend.families.flux import pack, unpack
 from latentlab.backend.records import Conditioning
@@ -65,33 +65,23 @@ def _ids(coords: list[torch.Tensor], b: int, device) -> torch.Tensor:
     return torch.cartesian_prod(*coords).unsqueeze(0).expand(b, -1, -1).to(device)
 
 
-class TemplatedTokenizer:
-    """The tokens the text encoder actually sees for a prompt: the pipeline's chat template applied, then its
-    tokenizer (what :meth:`latentlab.Lab.tokens` and the truncation warning count). Looks like a tokenizer to the
-    engine: ``tok(prompt).input_ids`` and ``tok.convert_ids_to_tokens``."""
+def templated_tokens(pipe: Any, klein: bool) -> PromptTokens:
+    """The tokens the text encoder sees: the pipeline's chat template applied, then its tokenizer."""
+    tok = pipe.tokenizer
 
-    def __init__(self, pipe: Any, klein: bool):
-        self.pipe, self.klein = pipe, klein
-        tok = pipe.tokenizer
-        self.tokenizer = getattr(tok, "tokenizer", tok)  # a processor (Pixtral) holds its tokenizer
-        self.padding_side = getattr(self.tokenizer, "padding_side", "right")
-
-    def __call__(self, prompt: str, **_: Any) -> SimpleNamespace:
-        tok = self.pipe.tokenizer
-        if self.klein:
+    def ids(prompt: str) -> list[int]:
+        if klein:
             text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                            add_generation_prompt=True, enable_thinking=False)
-            ids = tok(text).input_ids
-        else:
-            from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+            return tok(text).input_ids
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
-            messages = format_input(prompts=[prompt], system_message=self.pipe.system_message)
-            ids = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
-                                          return_dict=True)["input_ids"][0]
-        return SimpleNamespace(input_ids=list(ids))
+        messages = format_input(prompts=[prompt], system_message=pipe.system_message)
+        return tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
+                                       return_dict=True)["input_ids"][0]
 
-    def convert_ids_to_tokens(self, ids):
-        return self.tokenizer.convert_ids_to_tokens(ids)
+    inner = getattr(tok, "tokenizer", tok)  # a processor (Pixtral) holds its tokenizer
+    return PromptTokens(inner, ids, padding_side=getattr(inner, "padding_side", "right"))
 
 
 class Flux2Family(FlowFamily):
@@ -143,7 +133,7 @@ class Flux2Family(FlowFamily):
     # --- prompts ------------------------------------------------------------------------------------------------
 
     def token_limit(self, pipe: Any):
-        return TemplatedTokenizer(pipe, self.klein(pipe)), FLUX2_MAX_SEQUENCE_LENGTH
+        return templated_tokens(pipe, self.klein(pipe)), FLUX2_MAX_SEQUENCE_LENGTH
 
     def display_tokenizer(self, pipe: Any):
         return self.token_limit(pipe)

@@ -16,12 +16,12 @@ One responsibility: Lumina 2's side of the adapter interface --
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from latentlab.backend.families.base import PromptTokens
 from latentlab.backend.families.flow import FlowFamily, renormalised_cfg
 from latentlab.backend.records import Conditioning
 from latentlab.sampling import Sampling
@@ -33,22 +33,6 @@ __all__ = ["Lumina2Family"]
 
 #: The Gemma length Lumina2Pipeline uses when called without ``max_sequence_length``.
 LUMINA2_MAX_SEQUENCE_LENGTH = 256
-
-
-class SystemPromptedTokenizer:
-    """The tokens the text encoder reads for a prompt: the pipeline's system prompt, ``" <Prompt Start> "`` and the
-    prompt (what :meth:`latentlab.Lab.tokens` and the truncation warning count)."""
-
-    def __init__(self, pipe: Any):
-        self.pipe, self.tokenizer = pipe, pipe.tokenizer
-        self.padding_side = "right"  # the pipeline sets it
-
-    def __call__(self, prompt: str, **kw: Any) -> SimpleNamespace:
-        text = f"{self.pipe.system_prompt} <Prompt Start> {prompt}"
-        return SimpleNamespace(input_ids=list(self.tokenizer(text).input_ids))
-
-    def convert_ids_to_tokens(self, ids):
-        return self.tokenizer.convert_ids_to_tokens(ids)
 
 
 class Lumina2Family(FlowFamily):
@@ -79,7 +63,9 @@ class Lumina2Family(FlowFamily):
     # --- prompts ------------------------------------------------------------------------------------------------
 
     def token_limit(self, pipe: Any):
-        return SystemPromptedTokenizer(pipe), LUMINA2_MAX_SEQUENCE_LENGTH
+        # the tokens the text encoder reads: the pipeline's system prompt, " <Prompt Start> " and the prompt
+        return PromptTokens(pipe.tokenizer, lambda prompt: pipe.tokenizer(
+            f"{pipe.system_prompt} <Prompt Start> {prompt}").input_ids), LUMINA2_MAX_SEQUENCE_LENGTH
 
     def display_tokenizer(self, pipe: Any):
         return self.token_limit(pipe)

@@ -18,12 +18,12 @@ One responsibility: Qwen-Image's side of the adapter interface --
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from latentlab.backend.families.base import PromptTokens
 from latentlab.backend.families.flow import FlowFamily, renormalised_cfg
 from latentlab.backend.families.flux import pack, unpack
 from latentlab.backend.records import Conditioning
@@ -33,22 +33,6 @@ if TYPE_CHECKING:
     from latentlab.backend.engine import Engine
 
 __all__ = ["QwenImageFamily"]
-
-
-class TemplateTokenizer:
-    """The tokens whose hidden states become ``prompt_embeds``: the pipeline's template around the prompt, its first
-    ``prompt_template_encode_start_idx`` tokens dropped."""
-
-    def __init__(self, pipe: Any):
-        self.pipe, self.tokenizer = pipe, pipe.tokenizer
-        self.padding_side = "right"
-
-    def __call__(self, prompt: str, **kw: Any) -> SimpleNamespace:
-        ids = self.tokenizer(self.pipe.prompt_template_encode.format(prompt)).input_ids
-        return SimpleNamespace(input_ids=list(ids[self.pipe.prompt_template_encode_start_idx:]))
-
-    def convert_ids_to_tokens(self, ids):
-        return self.tokenizer.convert_ids_to_tokens(ids)
 
 
 class QwenImageFamily(FlowFamily):
@@ -76,7 +60,10 @@ class QwenImageFamily(FlowFamily):
     # --- prompts ------------------------------------------------------------------------------------------------
 
     def token_limit(self, pipe: Any):
-        return TemplateTokenizer(pipe), int(pipe.tokenizer_max_length)
+        # the tokens whose hidden states become prompt_embeds: the template around the prompt, its first
+        # prompt_template_encode_start_idx tokens dropped
+        return PromptTokens(pipe.tokenizer, lambda prompt: pipe.tokenizer(pipe.prompt_template_encode.format(prompt))
+                            .input_ids[pipe.prompt_template_encode_start_idx:]), int(pipe.tokenizer_max_length)
 
     def display_tokenizer(self, pipe: Any):
         return self.token_limit(pipe)
