@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from latentlab.backend.families.flow import FlowFamily
+from latentlab.backend.families.flow import FlowFamily, integrate
 from latentlab.backend.records import Conditioning
 
 if TYPE_CHECKING:
@@ -148,6 +148,17 @@ class SD3Family(FlowFamily):
             return super().generate(engine, z, cond, negative, sampling)
         with repeated_last_token(engine.pipe.transformer, n):
             return super().generate(engine, z, self._drop(cond, n), self._drop(negative, n), sampling)
+
+    def _solve(self, engine, z, cond, negative, sampling, solver, sigmas, on_step=None):
+        """The flow solve with the trailing zero tokens collapsed once for the whole solve (swapping the attention
+        processors at every step cost about a sixth of a 20-step trajectory on the embedded flow twin)."""
+        n = self._collapsible(engine.pipe, cond, negative, sampling)
+        if not n:
+            return super()._solve(engine, z, cond, negative, sampling, solver, sigmas, on_step=on_step)
+        c, neg = self._drop(cond, n), self._drop(negative, n)
+        with repeated_last_token(engine.pipe.transformer, n):
+            return integrate(lambda x, s: self._velocity(engine, x, s, c, neg, sampling), z, sigmas, solver=solver,
+                             on_step=on_step)
 
     def velocity(self, engine, x, sigma, cond, negative, sampling):
         n = self._collapsible(engine.pipe, cond, negative, sampling)
