@@ -11,13 +11,39 @@ import errno
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "check_input", "check_output", "disk_full_hint", "partial_path"]
+__all__ = ["atomic_write", "atomic_write_text", "check_input", "check_output", "disk_full_hint", "partial_path",
+           "remove_stale_partials"]
 
 
 def partial_path(path: Path, *, suffix: str | None = None) -> Path:
     """The temporary name of ``path`` while it is written: hidden, beside it, unique to this process."""
     suffix = path.suffix if suffix is None else suffix
     return path.with_name(f".{path.stem}.{os.getpid()}.partial{suffix}")
+
+
+def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of ``path`` (see :func:`partial_path`) left by processes that no longer run -- a
+    writer killed with SIGKILL cannot clean up after itself. A partial file of a live process (another rank writing
+    now) is kept. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    for p in path.parent.glob(f".{path.stem}.*.partial*"):
+        pid = p.name[len(path.stem) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _umask() -> int:

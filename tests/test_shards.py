@@ -97,3 +97,69 @@ def test_two_processes_build_disjoint_shards_of_the_same_atlas(tmp_path):
     assert [two.shard(k).provenance["rank"] for k in range(5)] == [0, 1, 0, 1, 0]
     for c in COLUMNS:
         torch.testing.assert_close(getattr(two.to_atlas(), c), getattr(one, c), rtol=0, atol=0)
+
+
+_KILLED_BUILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from fakes import FakeBackend, FakeCLIP
+from latentlab.atlas import build_atlas_shards
+lab = FakeBackend()
+generate = lab.generate
+def slow(*a, **k):
+    time.sleep(0.05)
+    return generate(*a, **k)
+lab.generate = slow
+print("started", flush=True)
+build_atlas_shards(lab, {prompts!r}, {seeds!r}, {folder!r}, shard_size=2, clip=FakeCLIP(), progress=False)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draw", range(3))
+def test_kill_9_at_a_random_point_of_a_build_resumes_to_the_same_atlas_with_no_temp_file_left(tmp_path, draw):
+    """SIGKILL a sharded build at a seeded random moment (mid-shard, mid-save or between shards), then resume in
+    this process: the same atlas bit for bit as an uninterrupted build, no process left, no partial file left."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = random.Random(1000 + draw)
+    whole = build_atlas_shards(FakeBackend(), PROMPTS, SEEDS, tmp_path / "whole", shard_size=2, clip=FakeCLIP(),
+                               progress=False).to_atlas()
+    folder = tmp_path / "killed"
+    code = _KILLED_BUILD.format(tests=str(Path(__file__).parent), prompts=PROMPTS, seeds=SEEDS, folder=str(folder))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    target = rng.randrange(0, 10)  # kill once this many shards exist, after a random part of the next one
+    deadline = time.monotonic() + 120
+    while len(list(folder.glob("shard-*.safetensors"))) < target and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, 0.12))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL  # killed mid-build, not finished
+    assert len(list(folder.glob("shard-*.safetensors"))) < 11 and not (folder / "index.json").exists()
+    resumed = build_atlas_shards(FakeBackend(), PROMPTS, SEEDS, folder, shard_size=2, clip=FakeCLIP(),
+                                 progress=False).to_atlas()
+    for c in ("noise", "latents", "image_embeds", "prompt_embeds", "thumbnails"):
+        torch.testing.assert_close(getattr(resumed, c), getattr(whole, c), rtol=0, atol=0)
+    assert resumed.items == whole.items
+    assert not [p.name for p in folder.iterdir() if ".partial" in p.name]
+
+
+def test_a_dead_writers_partial_file_is_removed_and_a_live_ones_kept(tmp_path):
+    import os
+
+    from latentlab._files import remove_stale_partials
+
+    target = tmp_path / "shard-000001.safetensors"
+    dead = tmp_path / ".shard-000001.999999999.partial.safetensors"  # no such pid
+    live = tmp_path / f".shard-000001.{os.getppid()}.partial.safetensors"
+    other = tmp_path / ".shard-000002.999999999.partial.safetensors"
+    for p in (dead, live, other):
+        p.write_bytes(b"half")
+    assert remove_stale_partials(target) == [dead]
+    assert not dead.exists() and live.exists() and other.exists()
