@@ -4,7 +4,9 @@ developer's job: see latentlab/embedded/MODEL_CARD.md)."""
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
 import torch
 
 from latentlab.embedded import evaluate, train, world
@@ -184,3 +186,92 @@ def test_fast_model_recipe_smoke_data_student_tiny_package_load(tmp_path):
     image = pipe("a red star", num_inference_steps=2, guidance_scale=1.0, output_type="pt").images
     assert type(pipe.vae).__name__ == "AutoencoderTiny" and image.shape == (1, 3, 64, 64)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_a_kill_at_any_moment_of_a_checkpoint_save_leaves_a_complete_checkpoint(tmp_path):
+    """The three moments a kill can hit save_checkpoint: while writing the new folder (the old one stays), after the
+    old one stepped aside (the finished new one is taken), after the swap (the old one is swept)."""
+    import shutil
+
+    from latentlab.embedded.train import load_checkpoint, save_checkpoint
+
+    def state(v):
+        m = torch.nn.Linear(2, 2)
+        torch.nn.init.constant_(m.weight, v)
+        return m, torch.optim.AdamW(m.parameters())
+
+    path = tmp_path / "unet-ckpt"
+    m, opt = state(1.0)
+    save_checkpoint(path, {"model": m}, opt, {"step": 1})
+    m, opt = state(2.0)
+    save_checkpoint(path, {"model": m}, opt, {"step": 2})
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    assert not tmp.exists() and not old.exists()
+
+    def loaded():
+        m, opt = state(0.0)
+        meta = load_checkpoint(path, {"model": m}, opt)
+        return meta["step"], float(m.weight[0, 0].detach())
+
+    # 1. killed while writing step 3: a .tmp without meta.json beside the complete step 2
+    shutil.copytree(path, tmp)
+    (tmp / "meta.json").unlink()
+    assert loaded() == (2, 2.0) and not tmp.exists()
+    # 2. killed after step 2 stepped aside as .old, before the finished .tmp (step 3) took its name
+    m, opt = state(3.0)
+    save_checkpoint(tmp_path / "scratch", {"model": m}, opt, {"step": 3})
+    os.replace(path, old)
+    os.replace(tmp_path / "scratch", tmp)
+    assert loaded() == (3, 3.0) and not tmp.exists() and not old.exists()
+    # 3. killed before the finished .tmp was written: only .old is left
+    os.replace(path, old)
+    assert loaded() == (3, 3.0) and not old.exists()
+    # 4. killed after the new folder was complete, before the old one stepped aside: the newer one wins
+    m, opt = state(4.0)
+    save_checkpoint(tmp_path / "scratch", {"model": m}, opt, {"step": 4})
+    os.replace(tmp_path / "scratch", tmp)
+    assert loaded() == (4, 4.0) and not tmp.exists()
+
+
+_KILLED_TRAINING = """
+import sys
+from latentlab.embedded import train_flow
+train_flow.main(["train", "--out", {out!r}, "--steps", "6", "--batch", "2", "--save-every", "0", "--threads", "1"])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_at_a_random_point_of_a_training_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL the flow twin's recipe at a seeded random moment (mid-step or mid-save: it saves every step), then
+    resume: the weights after 6 steps equal an uninterrupted run's bit for bit, and no .tmp/.old folder is left."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from latentlab.embedded import train_flow
+
+    torch.set_num_threads(1)
+    whole = tmp_path / "whole"
+    train_flow.main(["train", "--out", str(whole), "--steps", "6", "--batch", "2", "--threads", "1"])
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_TRAINING.format(out=str(killed))])
+    rng = random.Random(7)
+    target = rng.randrange(1, 5)
+    deadline = time.monotonic() + 300
+    meta = killed / "flow-ckpt" / "meta.json"
+    while proc.poll() is None and not (meta.exists() and json.loads(meta.read_text())["step"] >= target):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    train_flow.main(["train", "--out", str(killed), "--steps", "6", "--batch", "2", "--threads", "1"])
+    assert json.loads(meta.read_text())["step"] == 6
+    for name in ("model", "ema"):
+        a, b = load_file(whole / "flow-ckpt" / f"{name}.safetensors"), load_file(killed / "flow-ckpt" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in killed.iterdir()) == ["flow-ckpt"]

@@ -196,22 +196,52 @@ def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
 
 
 def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], opt, meta: dict) -> None:
+    """Write a checkpoint folder so that a kill at any moment leaves a complete one: everything goes to
+    ``NAME.tmp`` (``meta.json`` last, so a folder with it is complete), the old folder steps aside to ``NAME.old``,
+    the new one takes its name, then the old one goes. :func:`load_checkpoint` recovers from any of these states."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp, old = _ckpt_siblings(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a killed save's leftovers
+    tmp.mkdir(parents=True)
     for name, m in modules.items():
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
     save_file(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if path.exists():
-        shutil.rmtree(path)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
     os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _ckpt_siblings(path: Path) -> tuple[Path, Path]:
+    return path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+
+
+def recover_checkpoint(path: Path) -> None:
+    """After a kill during :func:`save_checkpoint`, leave ``path`` as the newest complete checkpoint and no sibling:
+    a finished ``.tmp`` is the newest, then ``path`` itself, then the ``.old`` that stepped aside."""
+    tmp, old = _ckpt_siblings(path)
+    for cand in (tmp, path, old):
+        if (cand / "meta.json").exists():
+            if cand != path:
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(cand, path)
+            break
+    for sibling in (tmp, old):
+        if sibling.exists():
+            shutil.rmtree(sibling)
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], opt) -> dict | None:
     from safetensors.torch import load_file
 
+    recover_checkpoint(path)
     if not (path / "meta.json").exists():
         return None
     for name, m in modules.items():
