@@ -62,7 +62,8 @@ def _umask() -> int:
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp)`` to write a temporary file beside ``path``, then rename it to ``path``: readers see the
-    old file or the whole new one, never a half-written one, and a failed write leaves nothing behind. The file
+    old file or the whole new one, never a half-written one, and a failed write leaves nothing behind (a writer
+    killed with SIGKILL leaves its temporary file, which the next write of the same file removes). The file
     gets the permissions a plain ``open(path, "w")`` would give (the user's umask), whatever the writer chose
     (safetensors writes 0600)."""
     path = Path(path)
@@ -70,6 +71,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         raise IsADirectoryError(f"{path} is a folder, not a file")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder to write {path.name} into does not exist: {path.parent}")
+    remove_stale_partials(path)  # what a killed writer of this file left
     tmp = partial_path(path)
     try:
         write(tmp)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from latentlab import _checks
-from latentlab._files import atomic_write, check_input, check_output, partial_path
+from latentlab._files import atomic_write, check_input, check_output, partial_path, remove_stale_partials
 
 __all__ = ["AUDIO_FORMATS", "FORMATS", "IMAGE_FORMATS", "VideoWriter", "decode_audio", "image_grid", "mux_audio",
            "png_bytes", "read_image", "read_video", "write_image", "write_video"]
@@ -84,6 +84,7 @@ class VideoWriter:
         fps = _checks.real(fps, "fps", low=0.0, high=240.0, low_inclusive=False)
         self.upscale = _checks.positive_int(upscale, "upscale")
         self.fps, self.quality = float(fps), int(quality)
+        remove_stale_partials(self.path)  # a killed render's half-encoded video
         self.tmp = partial_path(self.path)
         self._gen = None
         self._size: tuple[int, int] | None = None
@@ -297,6 +298,7 @@ def mux_audio(video: str | os.PathLike, audio: str | os.PathLike, *, offset: flo
     from ``offset`` as AAC, starting together and cut to the video's length. Atomic (a temporary file beside
     ``output``, checked, then renamed); ``OSError`` if ffmpeg fails, with nothing replaced."""
     output = check_output(output, "output", overwrite=overwrite, suffixes=(".mp4",))
+    remove_stale_partials(output)
     tmp = partial_path(output)
     code, _, err = _ffmpeg(["-y", "-i", str(video), "-ss", f"{float(offset):.6f}", "-t", f"{float(duration):.6f}",
                             "-i", str(audio), "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac",

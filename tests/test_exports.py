@@ -114,3 +114,54 @@ def test_cli_export_of_a_rendered_morph(tmp_path, capsys):
     assert exports.read_deforum_schedule(folder / "deforum.json").keyframes == s.keyframes
     assert cli.main(["export", f"{out}.json", "-o", str(folder)]) == 2  # no silent overwrite
     assert "exists" in capsys.readouterr().err
+
+
+_KILLED_EXPORTS = """
+import os, sys, time
+import torch
+from pathlib import Path
+import latentlab._files as files
+from latentlab.exports import write_comfyui_latent
+calls = [0]
+real_replace = os.replace
+def replace(src, dst):  # the moment between a complete temporary file and its rename: where the kill lands
+    calls[0] += 1
+    if calls[0] == {stop}:
+        print("renaming", flush=True)
+        time.sleep(600)
+    real_replace(src, dst)
+files.os.replace = replace
+for i in range(10_000):
+    z = torch.full((16, 4, 64, 64), float(i % 5))
+    write_comfyui_latent(z, Path({folder!r}) / f"out-{{i % 5}}.latent", scaling_factor=1.0, overwrite=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draw", range(3))
+def test_kill_9_mid_export_leaves_only_whole_files_and_the_next_export_cleans_up(tmp_path, draw):
+    """SIGKILL a process that keeps re-exporting ComfyUI latents at a seeded random export, just before its
+    temporary file would be renamed: every file under a final name reads back whole and right, the killed
+    writer's temporary file is there, and the next export of that name removes it."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    stop = random.Random(500 + draw).randrange(1, 12)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_EXPORTS.format(folder=str(tmp_path), stop=stop)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "renaming"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    assert len(list(tmp_path.glob(".*.partial.latent"))) == 1
+    finals = sorted(tmp_path.glob("out-*.latent"))
+    assert len(finals) == min(5, stop - 1)
+    for f in finals:
+        k = int(f.stem.split("-")[1])
+        z = exports.read_comfyui_latent(f, scaling_factor=1.0)
+        assert z.shape == (16, 4, 64, 64) and bool((z == k).all())
+    for k in range(5):
+        exports.write_comfyui_latent(torch.zeros(1, 4, 8, 8), tmp_path / f"out-{k}.latent", scaling_factor=1.0,
+                                     overwrite=True)
+    assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name]
