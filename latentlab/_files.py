@@ -77,9 +77,27 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError:
+        raise
+    except Exception as e:
+        # Writers outside Python's io report OS errors in their own types (safetensors: "SafetensorError: I/O
+        # error: No space left on device (os error 28)"); give them back as the OSError they are, so a full disk
+        # gets its hint (disk_full_hint) and callers need one except clause.
+        code = _os_error_code(str(e))
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _os_error_code(message: str) -> int | None:
+    """The errno in a Rust-style "(os error N)" message, if any."""
+    import re
+
+    m = re.search(r"\(os error (\d+)\)", message)
+    return int(m.group(1)) if m else None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

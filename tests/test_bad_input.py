@@ -359,3 +359,49 @@ def test_info_says_what_a_bug_report_needs(capsys):
         assert needle in out, needle
     assert cli.main(["info", "--fingerprint"]) == 0
     assert "embedded model fingerprint: " in capsys.readouterr().out
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 1 MiB tmpfs (where the machine allows mounting one: root in CI here), unmounted after the test."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=False,
+                             capture_output=True)
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root); the patched-write test stands in")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False, capture_output=True)
+
+
+def test_a_real_full_disk_mid_render_keeps_the_previous_video_and_the_frames_then_resumes(small_disk, monkeypatch,
+                                                                                          capsys):
+    """A render onto a 1 MiB tmpfs that fills mid-way (256 px frames): exit 1 with the designed message, the user's
+    previous video and its manifest untouched, no partial file, the finished frames kept; with room made, the same
+    command resumes and replaces the video."""
+    import subprocess
+
+    from fakes import FakeBackend
+
+    from latentlab.morph import cache_dir
+
+    monkeypatch.setattr(cli, "_load_lab", lambda model: FakeBackend(latent_size=64, factor=4))
+    out = small_disk / "m.mp4"
+    out.write_bytes(b"the previous video")
+    (small_disk / "m.mp4.json").write_text('{"previous": true}')
+    argv = ["morph", "a", "b", "--frames", "24", "--steps", "1", "--model", "x", "-o", str(out), "--overwrite"]
+    assert cli.main(argv) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "is full" in err and "free some space and run the same command again" in err
+    assert out.read_bytes() == b"the previous video" and json.loads((small_disk / "m.mp4.json").read_text()) == {
+        "previous": True}
+    assert not [p.name for p in small_disk.iterdir() if ".partial" in p.name]
+    kept = len(list(cache_dir(out).glob("*.safetensors")))
+    assert 0 < kept < 24
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert cli.main(argv) == 0
+    assert out.read_bytes()[:20] != b"the previous video"[:20] and out.stat().st_size > 1000
