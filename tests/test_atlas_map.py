@@ -97,3 +97,21 @@ def test_bad_input_is_refused_by_name_before_any_generation(setup):
     with pytest.raises(TypeError, match="`seed` must be an int"):
         m.generate(lab, (0.0, 0.0), seed=1.5)
     assert len(lab.generated) == before
+
+
+def test_faithful_path_keyframes_re_create_the_searched_images(setup):
+    """With a backend, each keyframe is the searched candidate as a Mix: rendering the keyframe gives (up to the
+    weights' rounding) the image the search picked."""
+    from latentlab.morph import MorphSettings, plan
+
+    lab, atlas = setup
+    m = AtlasMap(atlas, space="image_embeds", clip=FakeCLIP())
+    stroke = [m.coords_[0].tolist(), m.coords_[10].tolist()]
+    keys = m.path_keyframes(stroke, 3, lab=lab, candidates=6, refine=1)
+    assert len(keys) == 3 and all(k.mix is not None for k in keys)
+    p = plan(lab, MorphSettings(keyframes=keys, n_frames=3))
+    lat, cond = p.inputs(0, 3)
+    images = lab.decode(lab.generate(lat, cond, output_type="latent"))
+    mid = (torch.tensor(stroke[0]) + torch.tensor(stroke[1])) / 2
+    searched, _ = m.generate(lab, mid.tolist(), candidates=6, refine=1)
+    torch.testing.assert_close(images[1:2], searched, atol=1e-4, rtol=0)

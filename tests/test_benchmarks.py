@@ -157,6 +157,6 @@ def test_map_fidelity_benchmark_measures_clicks_held_out_items_and_a_path(tmp_pa
     row = [r for r in md.read_text().splitlines() if r.startswith("| latents/pca |")]
     assert len(row) == 1 and len(row[0].split("|")) == 8  # 6 cells: no stray pipes
     r = json.loads(js.read_text())["results"]["latents/pca"]
-    assert r["clicks"]["clicks"] == 2 and r["held_out"]["held_out"] == 2 and r["path"]["frames"] == 4
+    assert r["clicks"]["clicks"] == 2 and r["held_out"]["held_out"] == 2 and r["path"]["search"]["frames"] == 4
     # the search includes the blend as a candidate: its median error is never above the blend's
     assert r["clicks"]["search"]["median_error"] <= r["clicks"]["baseline"]["median_error"] + 1e-9

@@ -201,10 +201,15 @@ class AtlasMap:
             out.insert(0, (inv(2), z, "nearest item moved in the PCA plane, on the Gaussian shell"))
         return idx, out[:n]
 
-    def path_keyframes(self, points, n_keyframes: int = 5, *, k: int = 8) -> tuple:
+    def path_keyframes(self, points, n_keyframes: int = 5, *, k: int = 8, lab: Backend | None = None,
+                       candidates: int = 12, refine: int = 2, sampling=None) -> tuple:
         """``n_keyframes`` points evenly spaced by arc length along a drawn path ``points`` [(x, y), ...], each as a
-        :class:`~latentlab.morph.Keyframe` whose :class:`~latentlab.morph.Mix` blends the ``k`` nearest items
-        (inverse-distance weights), so a manifest re-creates every frame."""
+        :class:`~latentlab.morph.Keyframe` whose :class:`~latentlab.morph.Mix` re-creates it from the manifest.
+
+        Without ``lab``: the ``k`` nearest items blended with inverse-distance weights (a guess). With ``lab``: the
+        candidate :meth:`generate` finds for each point (the one whose image lands nearest it), as a Mix of the
+        items' prompts and of their noise or a fresh seed's (the in-plane PCA move, which no Mix can express, falls
+        back to the blend)."""
         from latentlab.morph import Keyframe, Mix
         from latentlab.project import knn_weights
 
@@ -223,9 +228,21 @@ class AtlasMap:
             q = (p[j] + f * (p[j + 1] - p[j])).tolist()
             idx, w = knn_weights(self.coords_, q, k=k)
             items = [self.atlas.items[i] for i in idx.tolist()]
+            seeds, prompts = tuple(int(it["seed"]) for it in items), tuple(str(it["prompt"]) for it in items)
             ws = tuple(round(float(v), 6) for v in w)
-            keys.append(Keyframe(mix=Mix(seeds=tuple(int(it["seed"]) for it in items), seed_weights=ws,
-                                         prompts=tuple(str(it["prompt"]) for it in items), prompt_weights=ws)))
+            mix = Mix(seeds=seeds, seed_weights=ws, prompts=prompts, prompt_weights=ws)
+            if lab is not None:
+                _, landing = self.generate(lab, q, k=k, candidates=candidates, refine=refine, sampling=sampling)
+                how = landing.how
+                pw = tuple(round(float(v), 6) for v in how["prompt_weights"])
+                if isinstance(how["noise"], int):
+                    mix = Mix(seeds=(how["noise"],), seed_weights=(1.0,), prompts=prompts, prompt_weights=pw)
+                elif isinstance(how["noise"], list):
+                    mix = Mix(seeds=seeds, seed_weights=tuple(round(float(v), 6) for v in how["noise"]),
+                              prompts=prompts, prompt_weights=pw)
+                else:
+                    mix = Mix(seeds=seeds, seed_weights=ws, prompts=prompts, prompt_weights=pw)
+            keys.append(Keyframe(mix=mix))
         return tuple(keys)
 
     # --- the search ------------------------------------------------------------------------------------------

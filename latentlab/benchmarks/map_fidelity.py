@@ -99,14 +99,15 @@ def held_out(lab, atlas, space: str, method: str, *, share: float, seed: int, ca
                               for key in ("background", "colour", "shape")}}
 
 
-def path(lab, m, *, frames: int, keyframes: int) -> dict:
+def path(lab, m, *, frames: int, keyframes: int, faithful: bool) -> dict:
 
     from latentlab.morph import MorphSettings, plan
 
     c = m.coords_
     i, j = int(c[:, 0].argmin()), int(c[:, 0].argmax())  # across the whole map
     stroke = [c[i].tolist(), c[j].tolist()]
-    settings = MorphSettings(keyframes=m.path_keyframes(stroke, keyframes), n_frames=frames)
+    keys = m.path_keyframes(stroke, keyframes, lab=lab if faithful else None)
+    settings = MorphSettings(keyframes=keys, n_frames=frames)
     p = plan(lab, settings)
     lat0, cond = p.inputs(0, frames)
     lat = lab.generate(lat0, cond, output_type="latent")
@@ -147,13 +148,16 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             t0 = time.perf_counter()
             m = AtlasMap(atlas, space=space, method=method)
-            r = {"clicks": clicks(lab, m, args.clicks, seed=args.seed + 1, candidates=args.candidates,
-                                  refine=args.refine)}
+            r = {}
+            if args.clicks:
+                r["clicks"] = clicks(lab, m, args.clicks, seed=args.seed + 1, candidates=args.candidates,
+                                     refine=args.refine)
             if args.held_out > 0:
                 r["held_out"] = held_out(lab, atlas, space, method, share=args.held_out, seed=args.seed + 2,
                                          candidates=args.candidates, refine=args.refine)
             if args.path_frames:
-                r["path"] = path(lab, m, frames=args.path_frames, keyframes=5)
+                r["path"] = {"blend": path(lab, m, frames=args.path_frames, keyframes=5, faithful=False),
+                             "search": path(lab, m, frames=args.path_frames, keyframes=5, faithful=True)}
             r["seconds"] = time.perf_counter() - t0
             results[f"{space}/{method}"] = r
             print(json.dumps({f"{space}/{method}": r}), flush=True)
@@ -166,13 +170,17 @@ def main(argv: list[str] | None = None) -> None:
              "frames from the stroke | s per click, blend → search |"),
              "| --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
-        c = r["clicks"]
+        c = r.get("clicks")
         h = r.get("held_out")
         held = f"{h['background']:.0%} / {h['colour']:.0%} / {h['shape']:.0%} (n={h['held_out']})" if h else "—"
-        pa = f"{r['path']['mean_distance']:.3f}" if "path" in r else "—"
-        lines.append(f"| {name} | {c['baseline']['median_error']:.3f} → {c['search']['median_error']:.3f} | "
-                     f"{c['baseline']['beats_nearest']:.0%} → {c['search']['beats_nearest']:.0%} | {held} | {pa} | "
-                     f"{c['baseline']['seconds'] / c['clicks']:.2f} → {c['search']['seconds'] / c['clicks']:.2f} |")
+        pa = (f"{r['path']['blend']['mean_distance']:.3f} → {r['path']['search']['mean_distance']:.3f}"
+              if "path" in r else "—")
+        if c:
+            lines.append(f"| {name} | {c['baseline']['median_error']:.3f} → {c['search']['median_error']:.3f} | "
+                         f"{c['baseline']['beats_nearest']:.0%} → {c['search']['beats_nearest']:.0%} | {held} | {pa} | "
+                         f"{c['baseline']['seconds'] / c['clicks']:.2f} → {c['search']['seconds'] / c['clicks']:.2f} |")
+        else:
+            lines.append(f"| {name} | — | — | {held} | {pa} | — |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.json:
