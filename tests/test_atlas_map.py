@@ -29,7 +29,7 @@ def test_the_search_lands_where_it_says_and_never_worse_than_the_blend(setup, u,
     m = AtlasMap(atlas, space="image_embeds", clip=FakeCLIP())
     lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
     point = (lo + (hi - lo) * torch.tensor([u, v])).tolist()
-    image, landing = m.generate(lab, point, candidates=6, refine=1)
+    image, landing = m.generate(lab, point, candidates=6, refine=1, slack=0.0)
     # the reported landing is the shown image's own embedding, projected with the same map
     torch.testing.assert_close(_own_landing(m, lab, image), torch.tensor(landing.landed), rtol=0, atol=1e-5)
     assert landing.error == pytest.approx(float((torch.tensor(landing.landed) - torch.tensor(point)).norm())
@@ -40,6 +40,9 @@ def test_the_search_lands_where_it_says_and_never_worse_than_the_blend(setup, u,
     assert landing.error <= blend_err + 1e-6  # the blend is the first candidate: the pick is never worse
     assert landing.nearest_item == pytest.approx(m.nearest_item_distance(point))
     assert landing.candidates >= 6 and landing.how["construction"]
+    # with slack, a candidate landing a little further but more like the neighbourhood may be shown
+    _, relaxed = m.generate(lab, point, candidates=6, refine=1, slack=0.05)
+    assert relaxed.error <= landing.error + 0.05 + 1e-6
 
 
 def test_a_click_on_an_item_reproduces_it_and_the_noise_map_moves_in_the_pca_plane(setup):
@@ -115,3 +118,18 @@ def test_faithful_path_keyframes_re_create_the_searched_images(setup):
     mid = (torch.tensor(stroke[0]) + torch.tensor(stroke[1])) / 2
     searched, _ = m.generate(lab, mid.tolist(), candidates=6, refine=1)
     torch.testing.assert_close(images[1:2], searched, atol=1e-4, rtol=0)
+
+
+def test_among_equally_good_landings_the_one_like_the_neighbourhood_is_shown(setup):
+    _, atlas = setup
+    m = AtlasMap(atlas, space="latents")
+    pt = m.coords_[3]
+    from latentlab.project import knn_weights
+
+    idx, w = knn_weights(m.coords_, pt.tolist(), k=4)
+    target = (w.float()[:, None] * atlas.latents[idx].flatten(1)).sum(0)
+    vectors = torch.stack([target + 5, target + 0.1, target])
+    err = torch.tensor([0.0, 0.005, 0.5]) * m.diagonal_
+    assert m._pick(pt, idx, err, vectors, 0.01) == 1  # lands within slack and is most like the neighbourhood
+    assert m._pick(pt, idx, err, vectors, 0.0) == 0  # no slack: the nearest landing
+    assert m._pick(pt, idx, err, vectors, 1.0) == 2

@@ -249,15 +249,18 @@ class AtlasMap:
 
     @torch.no_grad()
     def generate(self, lab: Backend, point, *, k: int = 8, candidates: int = 12, refine: int = 2, seed: int = 0,
-                 sampling=None) -> tuple[torch.Tensor, Landing]:
+                 slack: float = 0.01, sampling=None) -> tuple[torch.Tensor, Landing]:
         """The image (1, 3, H, W) whose own embedding lands nearest ``point`` among the candidates, and its
         :class:`Landing`. ``candidates`` first guesses, then ``refine`` rounds of four more from the local linear
         model (0: none); every candidate is one image, each round generated as one batch. ``seed`` picks the
-        fresh noise some candidates try (recorded in the landing's ``how``)."""
+        fresh noise some candidates try (recorded in the landing's ``how``). Among the candidates landing within
+        ``slack`` (share of the diagonal) of the nearest landing, the one most like the click's neighbourhood in
+        the full space is shown (``slack=0``: the nearest landing, whatever it shows)."""
         pt = _point(point)
         k = _checks.positive_int(k, "k", minimum=1)
         n = _checks.positive_int(candidates, "candidates", minimum=1)
         refine = _checks.positive_int(refine, "refine", minimum=0)
+        slack = _checks.real(slack, "slack", low=0.0)
         idx, cands = self._candidates(pt, k, n, _checks.seed(seed, "seed"))
         tried = self._try(lab, idx, cands, sampling)
         for _ in range(refine if len(cands) >= 3 else 0):
@@ -268,7 +271,7 @@ class AtlasMap:
             cands = cands + more
             tried = {key: torch.cat([tried[key], extra[key]]) for key in tried}
         err = (tried["landed"] - pt).norm(dim=1)
-        best = int(err.argmin())
+        best = self._pick(pt, idx, err, tried["vectors"], slack)
         cw, nw, label = cands[best]
         how = {"items": idx.tolist(), "prompt_weights": _r(cw),
                "noise": nw if isinstance(nw, int) else "in-plane move" if nw.ndim > 1 else _r(nw),
@@ -284,8 +287,24 @@ class AtlasMap:
         s = lab.sampling(sampling)
         latents = lab.generate(noise, cond, sampling=s, output_type="latent")
         images = lab.decode(latents)
-        landed = self.transform(self.embed(noise, latents, images))
-        return {"images": images, "landed": landed}
+        vectors = self.embed(noise, latents, images)
+        return {"images": images, "landed": self.transform(vectors), "vectors": vectors.float()}
+
+    def _pick(self, pt, idx, err, vectors, slack: float) -> int:
+        """The candidate to show: among those that land within ``slack`` (a share of the diagonal) of the nearest
+        landing, the one whose full embedding is nearest what the click's neighbourhood holds (the inverse-distance
+        mean of the nearest items' embeddings). A 2-D map forgets most of the space, so many different images land
+        on one point; this keeps the landing and picks the one that belongs there."""
+        from latentlab.project import knn_weights
+
+        ok = err <= err.min() + slack * self.diagonal_
+        if int(ok.sum()) == 1 or slack == 0:
+            return int(err.argmin())
+        _, w = knn_weights(self.coords_, pt.tolist(), k=len(idx))
+        target = (w.float()[:, None] * getattr(self.atlas, self.space)[idx].float().flatten(1)).sum(0)
+        d = (vectors - target).norm(dim=1)
+        d[~ok] = float("inf")
+        return int(d.argmin())
 
     def _refined(self, pt, cands, tried) -> list:
         """One refinement round: the weights a least-squares linear model (from the candidates' conditioning
