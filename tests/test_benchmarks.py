@@ -127,6 +127,7 @@ def test_explainers_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     assert len(rows) == 1 and len(rows[0].split("|")) == 8
 
 
+@pytest.mark.slow
 def test_morph_modes_benchmark_measures_every_mode_on_the_same_morphs(tmp_path, capsys):
     from latentlab.benchmarks import morph_modes
 
@@ -145,6 +146,7 @@ def test_morph_modes_benchmark_measures_every_mode_on_the_same_morphs(tmp_path, 
         assert r["pixels"]["ppl"] > 0
 
 
+@pytest.mark.slow
 def test_map_fidelity_benchmark_measures_clicks_held_out_items_and_a_path(tmp_path):
     import json
 
