@@ -72,13 +72,15 @@ def test_generation_is_deterministic_and_records_how(setup):
 def test_path_keyframes_are_mixes_along_the_stroke(setup):
     _lab, atlas = setup
     m = AtlasMap(atlas, space="latents")
-    keys = m.path_keyframes([m.coords_[0].tolist(), m.coords_[5].tolist()], 4, k=3)
+    from latentlab.morph import Keyframe, Mix
+
+    keys = [Keyframe(mix=Mix(**b)) for b in m.path_blends([m.coords_[0].tolist(), m.coords_[5].tolist()], 4, k=3)]
     assert len(keys) == 4 and all(k.mix is not None and len(k.mix.seeds) == 3 for k in keys)
     assert keys[0].mix.seed_weights[0] == 1.0 and keys[0].mix.seeds[0] == atlas.items[0]["seed"]
     with pytest.raises(ValueError, match="at least two points"):
-        m.path_keyframes([(0.0, 0.0)])
+        m.path_blends([(0.0, 0.0)])
     with pytest.raises(ValueError, match="no length"):
-        m.path_keyframes([(0.0, 0.0), (0.0, 0.0)])
+        m.path_blends([(0.0, 0.0), (0.0, 0.0)])
 
 
 def test_bad_input_is_refused_by_name_before_any_generation(setup):
@@ -105,12 +107,12 @@ def test_bad_input_is_refused_by_name_before_any_generation(setup):
 def test_faithful_path_keyframes_re_create_the_searched_images(setup):
     """With a backend, each keyframe is the searched candidate as a Mix: rendering the keyframe gives (up to the
     weights' rounding) the image the search picked."""
-    from latentlab.morph import MorphSettings, plan
+    from latentlab.morph import Keyframe, Mix, MorphSettings, plan
 
     lab, atlas = setup
     m = AtlasMap(atlas, space="image_embeds", clip=FakeCLIP())
     stroke = [m.coords_[0].tolist(), m.coords_[10].tolist()]
-    keys = m.path_keyframes(stroke, 3, lab=lab, candidates=6, refine=1)
+    keys = tuple(Keyframe(mix=Mix(**b)) for b in m.path_blends(stroke, 3, lab=lab, candidates=6, refine=1))
     assert len(keys) == 3 and all(k.mix is not None for k in keys)
     p = plan(lab, MorphSettings(keyframes=keys, n_frames=3))
     lat, cond = p.inputs(0, 3)

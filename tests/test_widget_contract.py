@@ -27,6 +27,7 @@ BY_ANNOTATION = {
     "Sequence[str] | None": [3, [3], "name"],
     "object": [3],
     "str | object": ["nope", 3],
+    "bool": [1, "yes", None],
 }
 #: Bad values per parameter name, where the annotation says too little.
 BY_NAME = {

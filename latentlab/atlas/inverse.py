@@ -201,16 +201,17 @@ class AtlasMap:
             out.insert(0, (inv(2), z, "nearest item moved in the PCA plane, on the Gaussian shell"))
         return idx, out[:n]
 
-    def path_keyframes(self, points, n_keyframes: int = 5, *, k: int = 8, lab: Backend | None = None,
-                       candidates: int = 12, refine: int = 2, sampling=None) -> tuple:
-        """``n_keyframes`` points evenly spaced by arc length along a drawn path ``points`` [(x, y), ...], each as a
-        :class:`~latentlab.morph.Keyframe` whose :class:`~latentlab.morph.Mix` re-creates it from the manifest.
+    def path_blends(self, points, n_keyframes: int = 5, *, k: int = 8, lab: Backend | None = None,
+                    candidates: int = 12, refine: int = 2, sampling=None) -> list[dict]:
+        """``n_keyframes`` points evenly spaced by arc length along a drawn path ``points`` [(x, y), ...], each as
+        the fields of a :class:`~latentlab.morph.Mix` (``seeds``, ``seed_weights``, ``prompts``, ``prompt_weights``)
+        that re-creates it from a manifest: ``Keyframe(mix=Mix(**blend))`` (the morph layer sits beside this one,
+        so the caller builds the keyframes).
 
         Without ``lab``: the ``k`` nearest items blended with inverse-distance weights (a guess). With ``lab``: the
         candidate :meth:`generate` finds for each point (the one whose image lands nearest it), as a Mix of the
         items' prompts and of their noise or a fresh seed's (the in-plane PCA move, which no Mix can express, falls
         back to the blend)."""
-        from latentlab.morph import Keyframe, Mix
         from latentlab.project import knn_weights
 
         if not isinstance(points, (list, tuple)) or len(points) < 2:
@@ -230,20 +231,20 @@ class AtlasMap:
             items = [self.atlas.items[i] for i in idx.tolist()]
             seeds, prompts = tuple(int(it["seed"]) for it in items), tuple(str(it["prompt"]) for it in items)
             ws = tuple(round(float(v), 6) for v in w)
-            mix = Mix(seeds=seeds, seed_weights=ws, prompts=prompts, prompt_weights=ws)
+            mix = {"seeds": seeds, "seed_weights": ws, "prompts": prompts, "prompt_weights": ws}
             if lab is not None:
                 _, landing = self.generate(lab, q, k=k, candidates=candidates, refine=refine, sampling=sampling)
                 how = landing.how
                 pw = tuple(round(float(v), 6) for v in how["prompt_weights"])
                 if isinstance(how["noise"], int):
-                    mix = Mix(seeds=(how["noise"],), seed_weights=(1.0,), prompts=prompts, prompt_weights=pw)
+                    mix = {"seeds": (how["noise"],), "seed_weights": (1.0,), "prompts": prompts, "prompt_weights": pw}
                 elif isinstance(how["noise"], list):
-                    mix = Mix(seeds=seeds, seed_weights=tuple(round(float(v), 6) for v in how["noise"]),
-                              prompts=prompts, prompt_weights=pw)
+                    mix = {"seeds": seeds, "seed_weights": tuple(round(float(v), 6) for v in how["noise"]),
+                           "prompts": prompts, "prompt_weights": pw}
                 else:
-                    mix = Mix(seeds=seeds, seed_weights=ws, prompts=prompts, prompt_weights=pw)
-            keys.append(Keyframe(mix=mix))
-        return tuple(keys)
+                    mix = {"seeds": seeds, "seed_weights": ws, "prompts": prompts, "prompt_weights": pw}
+            keys.append(mix)
+        return keys
 
     # --- the search ------------------------------------------------------------------------------------------
 

@@ -101,12 +101,12 @@ def held_out(lab, atlas, space: str, method: str, *, share: float, seed: int, ca
 
 def path(lab, m, *, frames: int, keyframes: int, faithful: bool) -> dict:
 
-    from latentlab.morph import MorphSettings, plan
+    from latentlab.morph import Keyframe, Mix, MorphSettings, plan
 
     c = m.coords_
     i, j = int(c[:, 0].argmin()), int(c[:, 0].argmax())  # across the whole map
     stroke = [c[i].tolist(), c[j].tolist()]
-    keys = m.path_keyframes(stroke, keyframes, lab=lab if faithful else None)
+    keys = tuple(Keyframe(mix=Mix(**b)) for b in m.path_blends(stroke, keyframes, lab=lab if faithful else None))
     settings = MorphSettings(keyframes=keys, n_frames=frames)
     p = plan(lab, settings)
     lat0, cond = p.inputs(0, frames)
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     import torch
 
-    from latentlab import Lab
     from latentlab.atlas import AtlasMap
+    from latentlab.backend import Lab
 
     torch.set_num_threads(args.threads)
     lab = Lab.default()

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     import torch
 
-    from latentlab import CLIP, Lab
+    from latentlab.backend import Lab
+    from latentlab.clip import CLIP
     from latentlab.embedded import evaluate, world
 
     torch.set_num_threads(args.threads)

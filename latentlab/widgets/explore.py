@@ -258,8 +258,11 @@ class AtlasExplorer(Panel):
             raise RuntimeError("the map is still being computed")
         if len(points) < 2:
             raise ValueError("draw a path of at least two points")
-        return self._atlas_map.path_keyframes([tuple(q) for q in points], self.path_keyframes, k=self.k,
-                                              lab=self.lab if self.faithful else None, sampling=self.sampling)
+        from latentlab.morph import Keyframe, Mix
+
+        blends = self._atlas_map.path_blends([tuple(q) for q in points], self.path_keyframes, k=self.k,
+                                             lab=self.lab if self.faithful else None, sampling=self.sampling)
+        return tuple(Keyframe(mix=Mix(**b)) for b in blends)
 
     def render_path(self, points: list[tuple[float, float]]) -> Path | None:
         from latentlab.morph import MorphSettings, manifest_path, render_morph
