@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from latentlab import _checks
-from latentlab._files import atomic_write_text, remove_stale_partials
+from latentlab._files import atomic_write_text
 from latentlab.atlas.core import COLUMNS, Atlas, _check_request, _collect, _items, _provenance
 from latentlab.backend import Backend
 from latentlab.sampling import Sampling
@@ -88,7 +88,6 @@ def build_atlas_shards(lab: Backend, prompts: Sequence[str], seeds: Sequence[int
                   disable=not progress) as bar:
             for k in mine:
                 path = folder / _shard_name(k)
-                remove_stale_partials(path)  # a killed run's half-written shard
                 if not _complete(path, request):
                     pairs = _pairs(prompts, seeds, range(k * shard_size, min(n, (k + 1) * shard_size)))
                     noise, latents, image_embeds, thumbs = _collect(lab, pairs, clip, sampling, batch_size, thumbnail,
