@@ -30,13 +30,25 @@ from latentlab import _checks
 from latentlab.backend import Backend, Conditioning
 from latentlab.ops import blend
 
-__all__ = ["SPACES", "AtlasMap", "Landing"]
+__all__ = ["METHODS", "SPACES", "AtlasMap", "Landing", "check_map_request"]
 
 _FRESH = 1_000_000_007  # first seed of the fresh-noise candidates (far from any seed range people use for atlases)
 
 #: The atlas spaces a map can be drawn of (and generated back from).
-SPACES: tuple[str, ...] = ("image_embeds", "latents", "noise")
+SPACES: tuple[str, ...] = ("image_embeds", "noise", "latents")
 METHODS: tuple[str, ...] = ("pca", "umap")
+
+
+def check_map_request(atlas, space: str, method: str) -> None:
+    """Refuse, by name, what no map can be drawn of: not an Atlas, fewer than 3 items, an unknown space or method."""
+    from latentlab.atlas.core import Atlas
+
+    if not isinstance(atlas, Atlas):
+        raise TypeError(f"`atlas` must be a latentlab.atlas.Atlas, got {type(atlas).__name__}")
+    if len(atlas) < 3:
+        raise ValueError(f"`atlas` must have at least 3 items to draw a map, got {len(atlas)}")
+    _checks.choice(space, "space", SPACES)
+    _checks.choice(method, "method", METHODS)
 
 
 @dataclass(frozen=True)
@@ -95,15 +107,9 @@ class AtlasMap:
 
     def __init__(self, atlas, *, space: str = "image_embeds", method: str = "pca", clip=None,
                  random_state: int = 0):
-        from latentlab.atlas.core import Atlas
         from latentlab.project import PCA, UMAP
 
-        if not isinstance(atlas, Atlas):
-            raise TypeError(f"`atlas` must be a latentlab.atlas.Atlas, got {type(atlas).__name__}")
-        if len(atlas) < 3:
-            raise ValueError(f"`atlas` must have at least 3 items to draw a map, got {len(atlas)}")
-        _checks.choice(space, "space", SPACES)
-        _checks.choice(method, "method", METHODS)
+        check_map_request(atlas, space, method)
         self.atlas, self.space, self.method, self._clip = atlas, space, method, clip
         x = getattr(atlas, space).float().flatten(1)
         if method == "pca":

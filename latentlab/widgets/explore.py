@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from latentlab import _checks
+from latentlab.atlas.inverse import METHODS, SPACES, check_map_request
 from latentlab.backend import Backend, Conditioning
 from latentlab.ops import blend
 from latentlab.sampling import Sampling
@@ -18,8 +19,6 @@ from latentlab.widgets._base import Panel, check_folder_arg, data_url, free_path
 from latentlab.widgets._front import MapView, ThumbGrid
 from latentlab.widgets._worker import LatestWorker
 
-SPACES = ("image_embeds", "noise", "latents")
-METHODS = ("pca", "umap")
 #: Categorical colours (Tableau 10 then 10 lighter ones).
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac", "#a0cbe8", "#ffbe7d", "#ff9d9a", "#8cd17d", "#f1ce63", "#86bcb6", "#d4a6c8", "#fabfd2",
@@ -54,15 +53,8 @@ class AtlasExplorer(Panel):
                  color_by: str = "prompt", k: int = 8, path_keyframes: int = 5, path_frames: int = 48,
                  sampling: Sampling | None = None, upscale: int = 4, output_dir: str | Path = ".",
                  preview: object = "auto", faithful: bool = True, clip=None):
-        from latentlab.atlas import Atlas
-
         super().__init__(lab, sampling=sampling, upscale=upscale, preview=preview)
-        if not isinstance(atlas, Atlas):
-            raise TypeError(f"`atlas` must be a latentlab.atlas.Atlas, got {type(atlas).__name__}")
-        if len(atlas) < 3:
-            raise ValueError(f"`atlas` must have at least 3 items to draw a map, got {len(atlas)}")
-        _checks.choice(space, "space", SPACES)
-        _checks.choice(method, "method", METHODS)
+        check_map_request(atlas, space, method)
         self.atlas, self.k = atlas, _checks.positive_int(k, "k")
         if not isinstance(faithful, bool):
             raise TypeError(f"`faithful` must be a bool, got {type(faithful).__name__}")
