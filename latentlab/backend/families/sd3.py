@@ -115,8 +115,6 @@ class SD3Family(FlowFamily):
                                                num_images_per_prompt=1, do_classifier_free_guidance=False)
         return Conditioning(emb, pooled)
 
-
-
     def call_kwargs(self, engine: Engine, cond: Conditioning, negative: Conditioning, sampling: Sampling) -> dict:
         b, dev = len(cond), engine.device
         kw: dict[str, Any] = {"prompt_embeds": cond.prompt_embeds.to(dev),
@@ -141,31 +139,33 @@ class SD3Family(FlowFamily):
     def _drop(c: Conditioning, n: int) -> Conditioning:
         return Conditioning(c.prompt_embeds[:, : c.prompt_embeds.shape[1] - n + 1], c.pooled_prompt_embeds)
 
-    def generate(self, engine, z, cond, negative, sampling):
-        n = self._collapsible(engine.pipe, cond, negative, sampling) if sampling.scheduler == \
-            "FlowMatchEulerDiscreteScheduler" else 0
+    @contextlib.contextmanager
+    def _collapsed(self, pipe, cond: Conditioning, negative: Conditioning, sampling):
+        """``(cond, negative)`` with their trailing zero tokens collapsed into one, the transformer running the
+        repeated-token bias meanwhile; unchanged where there is nothing to collapse."""
+        n = self._collapsible(pipe, cond, negative, sampling)
         if not n:
-            return super().generate(engine, z, cond, negative, sampling)
-        with repeated_last_token(engine.pipe.transformer, n):
-            return super().generate(engine, z, self._drop(cond, n), self._drop(negative, n), sampling)
+            yield cond, negative
+            return
+        with repeated_last_token(pipe.transformer, n):
+            yield self._drop(cond, n), self._drop(negative, n)
+
+    def generate(self, engine, z, cond, negative, sampling):
+        if sampling.scheduler != "FlowMatchEulerDiscreteScheduler":
+            return super().generate(engine, z, cond, negative, sampling)  # our own solve: collapses in _solve
+        with self._collapsed(engine.pipe, cond, negative, sampling) as (c, neg):
+            return super().generate(engine, z, c, neg, sampling)
 
     def _solve(self, engine, z, cond, negative, sampling, solver, sigmas, on_step=None):
         """The flow solve with the trailing zero tokens collapsed once for the whole solve (swapping the attention
         processors at every step cost about a sixth of a 20-step trajectory on the embedded flow twin)."""
-        n = self._collapsible(engine.pipe, cond, negative, sampling)
-        if not n:
-            return super()._solve(engine, z, cond, negative, sampling, solver, sigmas, on_step=on_step)
-        c, neg = self._drop(cond, n), self._drop(negative, n)
-        with repeated_last_token(engine.pipe.transformer, n):
+        with self._collapsed(engine.pipe, cond, negative, sampling) as (c, neg):
             return integrate(lambda x, s: self._velocity(engine, x, s, c, neg, sampling), z, sigmas, solver=solver,
                              on_step=on_step)
 
     def velocity(self, engine, x, sigma, cond, negative, sampling):
-        n = self._collapsible(engine.pipe, cond, negative, sampling)
-        if n:
-            with repeated_last_token(engine.pipe.transformer, n):
-                return self._velocity(engine, x, sigma, self._drop(cond, n), self._drop(negative, n), sampling)
-        return self._velocity(engine, x, sigma, cond, negative, sampling)
+        with self._collapsed(engine.pipe, cond, negative, sampling) as (c, neg):
+            return self._velocity(engine, x, sigma, c, neg, sampling)
 
     def _velocity(self, engine, x, sigma, cond, negative, sampling):
         pipe, b = engine.pipe, len(x)
