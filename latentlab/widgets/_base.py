@@ -139,12 +139,7 @@ class Panel(WorkerPanel):
         there is one), then the full model's once no newer live request has come for :attr:`settle` seconds (a newer
         live request drops it)."""
         if self.preview is not None:
-            s = self.preview.sampling(num_inference_steps=self.preview_steps)
-            with _tensors.threads(1):  # one image: latency-bound (see WorkerPanel.torch_threads)
-                image = self.preview.generate(latents, conditioning, sampling=s, batch_size=1)
-            draw(image)
-            self._state("preview", f"preview · {html.escape(str(self.preview.model_id))} · {s.num_inference_steps} "
-                        "steps (the full image follows when you stop)")
+            self._draw_preview(latents, conditioning, draw, "the full image follows when you stop")
             # Only a newer move of the control replaces the final image; another kind of request (a strip, a
             # render) waits for it, or the preview would stay on screen under a "preview" label.
             if not self._worker.quiet(self.settle) and "live" in self._worker.pending_tags:
@@ -152,6 +147,16 @@ class Panel(WorkerPanel):
         draw(self.one(latents, conditioning, sampling))
         s = sampling or self.sampling
         self._state("final", f"final · {s.num_inference_steps} steps")
+
+    def _draw_preview(self, latents: torch.Tensor, conditioning, draw, then: str) -> None:
+        """``draw`` the preview model's image of one item (one thread: latency-bound, see
+        WorkerPanel.torch_threads) and label it a preview, saying what follows (``then``)."""
+        s = self.preview.sampling(num_inference_steps=self.preview_steps)
+        with _tensors.threads(1):
+            image = self.preview.generate(latents, conditioning, sampling=s, batch_size=1)
+        draw(image)
+        self._state("preview", f"preview · {html.escape(str(self.preview.model_id))} · {s.num_inference_steps} "
+                    f"steps ({then})")
 
     def _state(self, state: str, text: str) -> None:
         self.drawn[state] += 1

@@ -13,7 +13,6 @@ import torch
 from latentlab import _checks
 from latentlab.atlas.inverse import METHODS, SPACES, check_map_request
 from latentlab.backend import Backend, Conditioning
-from latentlab.ops import blend
 from latentlab.sampling import Sampling
 from latentlab.widgets._base import Panel, check_folder_arg, data_url, free_path
 from latentlab.widgets._front import MapView, ThumbGrid
@@ -191,22 +190,19 @@ class AtlasExplorer(Panel):
     # --- inverse projection: the image at a point ------------------------------------------------------------
 
     def point_inputs(self, point: tuple[float, float]) -> tuple[torch.Tensor, Conditioning, dict]:
-        """Initial noise and conditioning at a map point (see the class notes), plus how they were made."""
-        from latentlab.project import inverse_pca, knn_weights
-
-        if self.coords is None:
+        """Initial noise and conditioning at a map point (see the class notes), plus how they were made: the map's
+        inverse-distance blend (:meth:`latentlab.atlas.AtlasMap.blend_inputs`), with the in-plane move for noise
+        on a PCA map."""
+        if self._atlas_map is None:
             raise RuntimeError("the map is still being computed")
-        idx, w = knn_weights(self.coords, point, k=self.k)
-        prompts = [self.atlas.items[i]["prompt"] for i in idx.tolist()]
-        enc = self.lab.encode_prompt(prompts)
-        cond = enc.weighted_sum(w)
+        z, cond, how = self._atlas_map.blend_inputs(self.lab, point, k=self.k)
         if self._pca is not None and self.space.value == "noise":
+            from latentlab.project import inverse_pca
+
             z = inverse_pca(self._pca, point, self.atlas.noise.float(), self.coords)[None]
-            how = {"noise": "nearest item moved in the PCA plane, on the Gaussian shell"}
+            how["noise"] = "nearest item moved in the PCA plane, on the Gaussian shell"
         else:
-            z = blend(self.atlas.noise[idx].float().unsqueeze(1), w)
-            how = {"noise": f"spherical blend of the {len(idx)} nearest items"}
-        how.update(items=idx.tolist(), weights=[round(float(v), 3) for v in w])
+            how["noise"] = f"spherical blend of the {len(how['items'])} nearest items"
         return z, cond, how
 
     def generate_at(self, point: tuple[float, float]) -> None:
@@ -224,9 +220,8 @@ class AtlasExplorer(Panel):
                 return
             self.generated_info.value = f"{head}: searching for the image that lands here...; nearest: {near}"
             if self.preview is not None:
-                s = self.preview.sampling(num_inference_steps=self.preview_steps)
-                self.generated.value = self.png(self.preview.generate(z, cond, sampling=s, batch_size=1))
-                self._state("preview", "preview · the nearest items' blend (searching for the faithful image)")
+                self._draw_preview(z, cond, lambda image: setattr(self.generated, "value", self.png(image)),
+                                   "the nearest items' blend; searching for the faithful image")
             image, landing = self._atlas_map.generate(self.lab, point, k=self.k, sampling=self.sampling)
             self.landing = landing
             self.generated.value = self.png(image)
