@@ -38,6 +38,9 @@ def test_the_search_lands_where_it_says_and_never_worse_than_the_blend(setup, u,
     blend_img = lab.decode(lab.generate(z, c, output_type="latent"))
     blend_err = float((_own_landing(m, lab, blend_img) - torch.tensor(point)).norm()) / m.diagonal_
     assert landing.error <= blend_err + 1e-6  # the blend is the first candidate: the pick is never worse
+    images, landed = m.land(lab, z, c)  # the public "where does this land" agrees with doing it by hand
+    torch.testing.assert_close(images, blend_img, rtol=0, atol=0)
+    torch.testing.assert_close(landed[0], _own_landing(m, lab, blend_img), rtol=0, atol=1e-6)
     assert landing.nearest_item == pytest.approx(m.nearest_item_distance(point))
     assert landing.candidates >= 6 and landing.how["construction"]
     # with slack, a candidate landing a little further but more like the neighbourhood may be shown

@@ -289,14 +289,22 @@ class AtlasMap:
                           float(err[best]) / self.diagonal_, self.nearest_item_distance(pt), len(cands), how)
         return tried["images"][best : best + 1], landing
 
-    def _try(self, lab, idx, cands, sampling) -> dict:
-        noise = self._noise(lab, idx, [c[1] for c in cands])
-        cond = self._conditioning(lab, idx, [c[0] for c in cands])
-        s = lab.sampling(sampling)
-        latents = lab.generate(noise, cond, sampling=s, output_type="latent")
+    def land(self, lab: Backend, noise: torch.Tensor, conditioning: Conditioning, *, sampling=None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generate ``(noise, conditioning)`` as one batch and say where each image lands on this map: ``(images
+        (n, 3, H, W), map points (n, 2))`` -- each image embedded and projected with the map's own fit."""
+        out = self._land(lab, noise, conditioning, sampling)
+        return out["images"], out["landed"]
+
+    def _land(self, lab, noise, cond, sampling) -> dict:
+        latents = lab.generate(noise, cond, sampling=lab.sampling(sampling), output_type="latent")
         images = lab.decode(latents)
         vectors = self.embed(noise, latents, images)
         return {"images": images, "landed": self.transform(vectors), "vectors": vectors.float()}
+
+    def _try(self, lab, idx, cands, sampling) -> dict:
+        return self._land(lab, self._noise(lab, idx, [c[1] for c in cands]),
+                          self._conditioning(lab, idx, [c[0] for c in cands]), sampling)
 
     def _pick(self, pt, idx, err, vectors, slack: float) -> int:
         """The candidate to show: among those that land within ``slack`` (a share of the diagonal) of the nearest

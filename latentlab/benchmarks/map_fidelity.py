@@ -51,9 +51,8 @@ def _landing_of(m, lab, noise, cond, point) -> float:
     """Where a plain generation of (noise, cond) lands, as an error share of the diagonal."""
     import torch
 
-    lat = lab.generate(noise, cond, output_type="latent")
-    landed = m.transform(m.embed(noise, lat, lab.decode(lat)))[0]
-    return float((landed - torch.as_tensor(point, dtype=torch.float32)).norm()) / m.diagonal_
+    _, landed = m.land(lab, noise, cond)
+    return float((landed[0] - torch.as_tensor(point, dtype=torch.float32)).norm()) / m.diagonal_
 
 
 def clicks(lab, m, n: int, *, seed: int, candidates: int, refine: int) -> dict:
@@ -110,8 +109,7 @@ def path(lab, m, *, frames: int, keyframes: int, faithful: bool) -> dict:
     settings = MorphSettings(keyframes=keys, n_frames=frames)
     p = plan(lab, settings)
     lat0, cond = p.inputs(0, frames)
-    lat = lab.generate(lat0, cond, output_type="latent")
-    landed = m.transform(m.embed(lat0, lat, lab.decode(lat))).double()
+    landed = m.land(lab, lat0, cond)[1].double()
     a, b = c[i].double(), c[j].double()
     ab = b - a
     s = ((landed - a) @ ab / (ab @ ab)).clamp(0, 1)
