@@ -43,6 +43,38 @@ def _same_image(png, lab, latent) -> bool:
     return shown.shape == want.shape and np.abs(shown - want).max() <= 2
 
 
+def test_a_scrub_or_a_new_prompt_made_while_images_decode_is_never_dropped(unet):
+    """The background decoding continues itself chunk by chunk on the widget's worker; a step or a prompt the user
+    sets meanwhile waits on the same worker and must still run (a browser drag right after "ready" once showed
+    nothing). The race, made deterministic: the worker held, a request queued, then a chunk finishing."""
+    import threading
+    import time
+
+    from latentlab.sampling import Sampling
+    from latentlab.widgets import TimestepScrubber
+
+    w = TimestepScrubber(unet, PROMPT, 5, sampling=Sampling(num_inference_steps=6))
+    assert w.wait()
+
+    def race(request):
+        for run in w.runs:
+            run.png.clear()  # work left for the background decoding
+        gate = threading.Event()
+        w.submit(gate.wait, tag="test-gate")
+        time.sleep(0.2)  # the worker is inside the gate
+        request()  # the user's request waits
+        w._prefill(w._generation)  # a decode chunk finishing, as on the worker: it queues the next chunk
+        gate.set()
+        assert w.wait()
+
+    race(lambda: setattr(w.step, "value", 4))
+    assert "step 4/6" in w.rows[0]["info"].value
+    first = w.runs[0].xt[-1].clone()
+    race(lambda: setattr(w.prompt, "value", "a small green ring on a black background"))
+    assert not torch.equal(w.runs[0].xt[-1], first)  # the new prompt was computed
+    assert w.error.value == ""
+
+
 def test_scrubber_shows_the_models_own_trajectory_step_by_step(unet, flow):
     from latentlab.sampling import Sampling
     from latentlab.widgets import TimestepScrubber

@@ -39,10 +39,22 @@ def test_latest_worker_drops_stale_requests_and_reports_errors():
     w.submit(lambda: (started.set(), gate.wait(30), ran.append(0)))
     assert started.wait(30)  # the first request is running: the next ones queue behind it
     for i in range(1, 10):
-        w.submit(lambda i=i: ran.append(i))
+        w.submit(lambda i=i: ran.append(i), tag="frame")
     gate.set()
     assert w.wait(10)
-    assert ran == [0, 9]  # the eight stale requests never ran
+    assert ran == [0, 9]  # the eight stale requests of the kind never ran
+    # untagged requests are never dropped; kinds do not drop each other; order of first asking is kept
+    gate.clear(), started.clear(), ran.clear()
+    w.submit(lambda: (started.set(), gate.wait(30), ran.append("first")))
+    assert started.wait(30)
+    w.submit(lambda: ran.append("a"))
+    w.submit(lambda: ran.append("s1"), tag="step")
+    w.submit(lambda: ran.append("b"))
+    w.submit(lambda: ran.append("s2"), tag="step")
+    assert w.pending_tags == {"step"}
+    gate.set()
+    assert w.wait(10)
+    assert ran == ["first", "a", "s2", "b"]
     w.submit(lambda: 1 / 0)
     assert w.wait(10)
     assert isinstance(errors[0], ZeroDivisionError) and busy[-1] is False

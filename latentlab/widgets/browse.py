@@ -92,7 +92,7 @@ class SeedBrowser(Panel):
             self.grid.images = [data_url(im, upscale=self.upscale) for im in images]
             self.grid.selected = [i for i, s in enumerate(seeds) if s in self.picked]
 
-        self.submit(work)
+        self.submit(work, tag="page")
 
     def _grid_changed(self, change) -> None:
         on_page = {self._page_seeds[i] for i in change["new"] if i < len(self._page_seeds)}
@@ -116,7 +116,7 @@ class SeedBrowser(Panel):
             self.variation_grid.labels = [f"{seed}→{s} @{strength:.2f}" for s in subseeds]
             self.variation_grid.images = [data_url(im, upscale=self.upscale) for im in images]
 
-        self.submit(work)
+        self.submit(work, tag="variations")
 
     def code_lines(self) -> list[str]:
         """Library code that re-creates the picked images."""

@@ -182,4 +182,4 @@ class Arithmetic(Panel):
                                 f"{expected_norm(z[0].numel()):.1f}, got {float(z.norm()):.1f})<br>"
                                 f"prompt embedding norm: {ratio:.2f}× A's")
 
-        self.submit(work)
+        self.submit(work, tag="score")

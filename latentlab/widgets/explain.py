@@ -179,7 +179,7 @@ class TimestepScrubber(WorkerPanel):
                                  "(one trajectory per model, then lookups)</span>")
             self._prefill(generation)
 
-        self.submit(job)
+        self.submit(job, tag="trajectories")
 
     def _decode(self, run: _Run, keys: list[tuple[str, int]]) -> None:
         todo = [k for k in keys if k not in run.png]
@@ -211,7 +211,9 @@ class TimestepScrubber(WorkerPanel):
             missing = [(kind, k) for k in order for kind in ("xt", "x0") if (kind, k) not in run.png]
             if missing:
                 self._decode(run, missing[:PREFILL_CHUNK])
-                self.submit(lambda: self._prefill(generation))
+                # its own tag: the next chunk must never take the place of a waiting user request (a step or a
+                # new prompt submitted meanwhile), which a same-tag submit would drop
+                self.submit(lambda: self._prefill(generation), tag="prefill")
                 return
 
     def show(self) -> None:
@@ -225,7 +227,7 @@ class TimestepScrubber(WorkerPanel):
             self._draw(self.step.value)
             self._prefill(generation)
 
-        self.submit(job)
+        self.submit(job, tag="show")
 
     def decoded(self) -> int:
         """How many step images are decoded so far (all: 2 (n + 1) per model)."""
@@ -302,7 +304,7 @@ class TokenView(WorkerPanel):
                 heat.value = self.png(_heatmap(res.embeds))
             self.results = results
 
-        self.submit(job)
+        self.submit(job, tag="tokens")
 
 
 def _heatmap(embeds: torch.Tensor, width: int = 64) -> torch.Tensor:
@@ -371,7 +373,7 @@ class TrajectoryMap(WorkerPanel):
         self._runs: list[tuple[_Run, _Run, torch.Tensor]] = []
         for w in (self.prompt_a, self.prompt_b, self.seed, self.method, self.space):
             w.observe(lambda _: self.recompute(), "value")
-        self.step.observe(lambda _: self.submit(self._draw), "value")
+        self.step.observe(lambda _: self.submit(self._draw, tag="show"), "value")
         self.recompute()
 
     def recompute(self) -> None:
@@ -405,7 +407,7 @@ class TrajectoryMap(WorkerPanel):
             self.step.max = max(r[0].n for r in runs)
             self._draw()
 
-        self.submit(job)
+        self.submit(job, tag="trajectories")
 
     def _project(self, pts: torch.Tensor) -> torch.Tensor:
         from latentlab.project import PCA, UMAP

@@ -131,7 +131,7 @@ class AtlasExplorer(Panel):
             self.map.coords = self.coords.numpy().astype(np.float32).tobytes()
             self.map.marker, self.map.landed, self.map.path = [], [], []
 
-        self.submit(work)
+        self.submit(work, tag="map")
 
     def _colour(self) -> None:
         labels = [str(v) for v in self.atlas.labels(self.color_by.value)]

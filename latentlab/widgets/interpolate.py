@@ -243,7 +243,7 @@ class Interpolator(Panel):
             self.diagnostics.value = f"<table class='ll-diag'>{head}{''.join(body)}</table>{note}"
             self._show_estimate()
 
-        self.submit(work)
+        self.submit(work, tag="strip")
 
     def _show_estimate(self) -> None:
         if self._seconds_per_frame is None:

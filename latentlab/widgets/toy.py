@@ -104,12 +104,12 @@ class ToyLab(WorkerPanel):
         self.data_canvas.observe(lambda _: self._on_drawn(), "drawn")
         self.play_button.observe(lambda ch: self._on_play(ch["new"]), "value")
         self.step_button.on_click(lambda _: self.submit(lambda: self._train_chunk(self.chunk)))
-        self.reset_button.on_click(lambda _: self.submit(self._reset))
+        self.reset_button.on_click(lambda _: self.submit(self._reset, tag="reset"))
         self.reflow_button.on_click(lambda _: self.submit(self._reflow))
         for w in (self.t, self.steps, self.view):
-            w.observe(lambda _: self.submit(self._draw_models), "value")
+            w.observe(lambda _: self.submit(self._draw_models, tag="draw"), "value")
         self.data_canvas.drawable = preset == _DRAW
-        self.submit(self._reset)
+        self.submit(self._reset, tag="reset")
 
     # --- data -----------------------------------------------------------------------------------------------------
 
@@ -124,7 +124,7 @@ class ToyLab(WorkerPanel):
         self.data_canvas.drawable = drawing
         if not drawing:
             self.data = toy2d.sample(self.preset.value, 4096, seed=self.seed)
-            self.submit(self._reset)
+            self.submit(self._reset, tag="reset")
         elif len(self.data_canvas.drawn) < 3:
             self._draw_data(hint="drag on this canvas to draw points")
 
@@ -140,7 +140,7 @@ class ToyLab(WorkerPanel):
             return
         self.play_button.value = False
         self.data = toy2d.from_points(drawn, 4096, seed=self.seed)
-        self.submit(self._reset)
+        self.submit(self._reset, tag="reset")
 
     # --- training ---------------------------------------------------------------------------------------------
 
@@ -176,7 +176,7 @@ class ToyLab(WorkerPanel):
             def loop():
                 while self._playing:
                     self._train_chunk(self.chunk)
-            self.submit(loop)
+            self.submit(loop, tag="train")
 
     def train(self, steps: int) -> None:
         """Train both models ``steps`` more steps now (blocking; what the buttons do in the background)."""
