@@ -162,3 +162,29 @@ def test_map_fidelity_benchmark_measures_clicks_held_out_items_and_a_path(tmp_pa
     assert r["clicks"]["clicks"] == 2 and r["held_out"]["held_out"] == 2 and r["path"]["search"]["frames"] == 4
     # the search includes the blend as a candidate: its median error is never above the blend's
     assert r["clicks"]["search"]["median_error"] <= r["clicks"]["baseline"]["median_error"] + 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_map_fps_benchmark_drives_the_real_canvas_at_each_size(tmp_path):
+    """The map's own front-end module in chromium: every size is drawn whole, zoom and pan redraw it, and the table
+    has one row per size with the baseline's ratio 1 (smoke: small sizes, short runs)."""
+    import os
+    import shutil
+
+    from latentlab.benchmarks import map_fps
+
+    if shutil.which("chromium") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the map fps benchmark needs Debian's chromium (.ci/run installs it)")
+        pytest.skip("no chromium here")
+    rows = map_fps.measure((2_000, 20_000), seconds=0.5)
+    assert [r["points"] for r in rows] == [2_000, 20_000]
+    for r in rows:
+        assert r["first_draw_ms"] > 0
+        for kind in ("zoom", "pan"):
+            assert r[kind]["fps"] > 0 and r[kind]["median_ms"] >= 0
+    assert rows[0]["zoom"]["vs_baseline"] == rows[0]["pan"]["vs_baseline"] == 1.0
+    md = tmp_path / "fps.md"
+    map_fps.main(["--sizes", "1000", "--seconds", "0.3", "--markdown", str(md)])
+    assert md.read_text().count("| 1,000 |") == 1

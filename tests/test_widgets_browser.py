@@ -63,6 +63,14 @@ tokens""",
     """trajmap = TrajectoryMap({"UNet": lab, "flow twin": flow}, "a large red star on a blue background",
                         "a small green ring on a black background", 2, sampling=fast)
 trajmap""",
+    """import numpy as np
+from latentlab.widgets._front import MapView
+rng = np.random.default_rng(0)
+which = np.arange(1_000_000) % 12
+big = MapView(coords=(rng.uniform(-10, 10, (12, 2))[which] + rng.normal(0, 0.6, (1_000_000, 2))).astype("float32").tobytes(),
+              colors=rng.integers(0, 256, (12, 3), dtype=np.uint8)[which].tobytes(), axes=["PC1", "PC2"])
+big.add_class("ll-big-map")
+big""",
     """toy = ToyLab("moons", chunk=50, points=384)
 W.VBox([toy, probe("drawn", toy.data_canvas, "drawn", lambda v: f"drawn={len(v)}")])""",
 ]
@@ -517,3 +525,67 @@ def test_course_notebook_05_runs_in_the_browser(lab_page):
             path=str(shots / "course-05-toylab.png"))
     finally:
         tab.close()
+
+
+def _view(canvas) -> list[float]:
+    return json.loads(canvas.get_attribute("data-view"))
+
+
+def test_a_million_point_map_zooms_pans_and_resets(lab_page, record_property):
+    """The map at 1,000,000 points: the wheel zooms about the cursor (the point under it stays put), shift-drag
+    pans by exactly the dragged distance, "reset view" returns to the whole map, and every view is redrawn. The
+    frame rate is recorded, not asserted (timings belong in benchmarks: ``python -m latentlab.benchmarks.map_fps``)."""
+    page, shots = lab_page
+    canvas = page.locator(".ll-big-map canvas.ll-map").first
+    canvas.scroll_into_view_if_needed()
+    handle = canvas.element_handle(timeout=120_000)
+    page.wait_for_function("(el) => Number(el.dataset.points) === 1000000", arg=handle, timeout=120_000)
+    v0 = _view(canvas)
+    box = canvas.bounding_box()
+    cx, cy = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.7  # off centre: zoom about the cursor shows
+    inner_w, inner_h = box["width"] - 2 - 32, box["height"] - 2 - 32  # border 1 px, padding 16 px
+
+    def data_at(v, px, py):  # canvas pixel -> data, as the page maps it
+        return (v[0] + (px - 16) / inner_w * (v[1] - v[0]), v[2] + (inner_h + 16 - py) / inner_h * (v[3] - v[2]))
+
+    page.mouse.move(cx, cy)
+    before = data_at(v0, cx - box["x"] - 1, cy - box["y"] - 1)
+    for _ in range(2):  # each wheel notch zooms by exp(0.002 * deltaY), deltaY capped at 300
+        page.mouse.wheel(0, -300)
+    page.wait_for_function("([el, w]) => { const v = JSON.parse(el.dataset.view); return v[1] - v[0] < w / 2; }",
+                           arg=[handle, v0[1] - v0[0]], timeout=30_000)
+    page.wait_for_timeout(200)
+    v1 = _view(canvas)
+    after = data_at(v1, cx - box["x"] - 1, cy - box["y"] - 1)
+    px_data = (v0[1] - v0[0]) / inner_w  # one pixel of the whole view, in data units (event rounding: 2 px)
+    assert after == pytest.approx(before, abs=2 * px_data)  # the point under the cursor stayed there
+    # (zooming about the centre instead would have moved it ~100 px)
+    drawn = int(canvas.get_attribute("data-points"))
+    assert 0 < drawn < 1_000_000  # zoomed in: only the points in view are drawn
+    page.keyboard.down("Shift")
+    page.mouse.down()
+    page.mouse.move(cx + 100, cy + 40, steps=10)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    page.wait_for_timeout(200)
+    v2 = _view(canvas)
+    dx, dy = 100 / inner_w * (v1[1] - v1[0]), 40 / inner_h * (v1[3] - v1[2])
+    assert v2 == pytest.approx([v1[0] - dx, v1[1] - dx, v1[2] + dy, v1[3] + dy], abs=1.5 * (v1[1] - v1[0]) / inner_w)
+    shot = page.locator(".ll-big-map").first
+    _dismiss_news(page)
+    shot.screenshot(path=str(shots / "map-1m-zoomed.png"))
+    # frames while zooming, driven by real wheel events one per animation frame (recorded, not asserted)
+    fps = page.evaluate("""(el) => new Promise((done) => {
+        const r = el.getBoundingClientRect(), d0 = Number(el.dataset.draws), t0 = performance.now(); let f = 0;
+        const tick = () => { if (performance.now() - t0 > 2000) return done((Number(el.dataset.draws) - d0) * 1000 / (performance.now() - t0));
+          el.dispatchEvent(new WheelEvent("wheel", { clientX: r.left + r.width / 2, clientY: r.top + r.height / 2,
+                                                     deltaY: (Math.floor(f / 30) % 2) ? 40 : -40, bubbles: true, cancelable: true }));
+          f++; requestAnimationFrame(tick); };
+        requestAnimationFrame(tick); })""", handle)
+    record_property("map_1m_zoom_fps", round(fps, 1))
+    page.locator(".ll-big-map .ll-map-reset").first.click()
+    page.wait_for_function("([el, v]) => JSON.parse(el.dataset.view).every((x, j) => x === v[j])", arg=[handle, v0],
+                           timeout=30_000)
+    assert int(canvas.get_attribute("data-points")) == 1_000_000
+    assert not page.locator(".ll-big-map .ll-map-reset").first.is_visible()
+
