@@ -33,8 +33,9 @@ class AtlasExplorer(Panel):
     """Explore an :class:`~latentlab.atlas.Atlas` on a 2-D map (PCA or UMAP of its noise, final latents or CLIP
     image embeddings), coloured by any item attribute.
 
-    - **hover**: the item's thumbnail (fetched lazily, one at a time: the map stays smooth at 100,000 points, whose
-      coordinates travel as one binary buffer);
+    - **zoom and pan** in every mode: the mouse wheel zooms about the cursor, shift-drag (or the right button) pans,
+      "reset view" shows the whole map again; the canvas stays at 60 frames/s at 1,000,000 points (BENCHMARKS.md);
+    - **hover**: the item's thumbnail (fetched lazily, one at a time; the coordinates travel as one binary buffer);
     - **select** mode: lasso points; the selection and the image grid below stay in sync both ways (click a grid
       thumbnail to drop it; unselected points are greyed, not hidden);
     - **generate** mode: click anywhere -- also an empty spot -- and the image whose own embedding lands nearest the
