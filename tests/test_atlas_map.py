@@ -138,3 +138,25 @@ def test_among_equally_good_landings_the_one_like_the_neighbourhood_is_shown(set
     assert m._pick(pt, idx, err, vectors, 0.01) == 1  # lands within slack and is most like the neighbourhood
     assert m._pick(pt, idx, err, vectors, 0.0) == 0  # no slack: the nearest landing
     assert m._pick(pt, idx, err, vectors, 1.0) == 2
+
+
+def test_a_map_of_prompt_text_places_images_through_the_modality_gap(setup):
+    """A map of the prompts' CLIP text embeddings: a generated image lands where its image embedding, moved by the
+    atlas's modality gap (mean text - mean image) and normalised, projects; the search still never does worse than
+    the blend, and the landing reported is the shown image's own."""
+    lab, atlas = setup
+    clip = FakeCLIP()
+    m = AtlasMap(atlas, space="prompt_embeds", clip=clip)
+    gap = (torch.nn.functional.normalize(atlas.prompt_embeds.float(), dim=-1).mean(0)
+           - torch.nn.functional.normalize(atlas.image_embeds.float(), dim=-1).mean(0))
+    torch.testing.assert_close(m.gap_, gap)
+    point = (m.coords_[0] * 0.6 + m.coords_[5] * 0.4).tolist()
+    image, landing = m.generate(lab, point, candidates=6, refine=1)
+    own = torch.nn.functional.normalize(clip.embed_images(image).float() + gap, dim=-1)
+    torch.testing.assert_close(m.transform(own)[0], torch.tensor(landing.landed), rtol=0, atol=1e-5)
+    z, c, _ = m.blend_inputs(lab, point)
+    _, blend_landed = m.land(lab, z, c)
+    assert landing.error <= float((blend_landed[0] - torch.tensor(point)).norm()) / m.diagonal_ + 1e-6
+    # the items of one prompt share its text point
+    same = [i for i, it in enumerate(atlas.items) if it["prompt"] == atlas.items[0]["prompt"]]
+    assert len(same) > 1 and torch.allclose(m.coords_[same], m.coords_[same[0]].expand(len(same), 2), atol=1e-5)

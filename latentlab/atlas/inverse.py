@@ -1,7 +1,7 @@
 """The generative map: a 2-D map of an atlas, and the way back from any point of it to an image that lands there.
 
-One responsibility: given a click on a PCA or UMAP map of an atlas space (CLIP image embeddings, final latents or
-initial noise), make the image whose own embedding, projected with the *same* fitted map, lands as near the click
+One responsibility: given a click on a PCA or UMAP map of an atlas space (CLIP image embeddings, CLIP text
+embeddings of the prompts, final latents or initial noise), make the image whose own embedding, projected with the *same* fitted map, lands as near the click
 as possible -- and say where it really landed. A blend of the nearest items (inverse-distance weights) is a guess:
 measured on the embedded model, its image lands a median 0.14 of the map's diagonal away from the click, and
 nearer than the nearest existing item only 23 % of the time. So :meth:`AtlasMap.generate` searches:
@@ -35,7 +35,7 @@ __all__ = ["METHODS", "SPACES", "AtlasMap", "Landing", "check_map_request"]
 _FRESH = 1_000_000_007  # first seed of the fresh-noise candidates (far from any seed range people use for atlases)
 
 #: The atlas spaces a map can be drawn of (and generated back from).
-SPACES: tuple[str, ...] = ("image_embeds", "noise", "latents")
+SPACES: tuple[str, ...] = ("image_embeds", "noise", "latents", "prompt_embeds")
 METHODS: tuple[str, ...] = ("pca", "umap")
 
 
@@ -79,7 +79,12 @@ class AtlasMap:
     ----------
     atlas : Atlas
         The items (their ``space`` vectors are what the map is fitted on).
-    space : {"image_embeds", "latents", "noise"}
+    space : {"image_embeds", "noise", "latents", "prompt_embeds"}
+        ``prompt_embeds``: a map of the prompts' CLIP text embeddings. An image has no text embedding of its own, so
+        it is placed through CLIP's shared space: its image embedding moved by the modality gap (the mean text
+        embedding minus the mean image embedding of the atlas's items; Liang et al. 2022, "Mind the Gap") and
+        normalised again. The items sit at their prompts' points; a generated image is judged by where its own
+        picture reads.
     method : {"pca", "umap"}
     clip : CLIP, optional
         The image encoder of ``image_embeds`` (default: the embedded CLIP, what ``build_atlas`` uses by default).
@@ -119,6 +124,10 @@ class AtlasMap:
             self.projector_ = UMAP(n_neighbors=min(15, len(x) - 1), random_state=random_state).fit(x)
             coords = self.projector_.embedding_
         self.coords_ = coords.float()
+        self.gap_ = None
+        if space == "prompt_embeds":
+            n = torch.nn.functional.normalize
+            self.gap_ = n(atlas.prompt_embeds.float(), dim=-1).mean(0) - n(atlas.image_embeds.float(), dim=-1).mean(0)
         self.diagonal_ = float((self.coords_.max(0).values - self.coords_.min(0).values).norm()) or 1.0
 
     @property
@@ -139,7 +148,10 @@ class AtlasMap:
             return noise.float().flatten(1)
         if self.space == "latents":
             return latents.float().flatten(1)
-        return self.clip.embed_images(images).float()
+        vectors = self.clip.embed_images(images).float()
+        if self.space == "prompt_embeds":  # into the text side of CLIP's space (see the class notes)
+            vectors = torch.nn.functional.normalize(vectors + self.gap_, dim=-1)
+        return vectors
 
     def nearest_item_distance(self, point) -> float:
         """Distance from ``point`` to the nearest atlas item, as a share of the map's diagonal."""

@@ -30,8 +30,8 @@ def _rgb(hex_colour: str) -> tuple[int, int, int]:
 
 
 class AtlasExplorer(Panel):
-    """Explore an :class:`~latentlab.atlas.Atlas` on a 2-D map (PCA or UMAP of its noise, final latents or CLIP
-    image embeddings), coloured by any item attribute.
+    """Explore an :class:`~latentlab.atlas.Atlas` on a 2-D map (PCA or UMAP of its noise, final latents, CLIP image
+    embeddings or the prompts' CLIP text embeddings), coloured by any item attribute.
 
     - **zoom and pan** in every mode: the mouse wheel zooms about the cursor, shift-drag (or the right button) pans,
       "reset view" shows the whole map again; the canvas stays at 60 frames/s at 1,000,000 points (BENCHMARKS.md);
@@ -127,7 +127,7 @@ class AtlasExplorer(Panel):
             m = AtlasMap(self.atlas, space=space, method=method, clip=self._clip)
             self._atlas_map, self._pca = m, m.projector_ if method == "pca" else None
             self.coords = m.coords_
-            name = {"image_embeds": "CLIP image", "noise": "noise", "latents": "latent"}[space]
+            name = {"image_embeds": "CLIP image", "noise": "noise", "latents": "latent", "prompt_embeds": "CLIP text"}[space]
             self.map.axes = [f"{name} {method.upper()}-1", f"{name} {method.upper()}-2"]
             self.map.coords = self.coords.numpy().astype(np.float32).tobytes()
             self.map.marker, self.map.landed, self.map.path = [], [], []
