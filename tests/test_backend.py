@@ -431,3 +431,34 @@ def test_optimize_is_opt_in_recorded_and_keeps_images_close(tiny_lab):
     torch.testing.assert_close(tiny_lab.generate(z, cond), plain, atol=1e-4, rtol=0)
     tiny_lab.optimize(channels_last=True)  # idempotent
     assert tiny_lab.provenance()["optimizations"] == ["channels_last"]
+
+
+def _streamed(lab, z, cond, **kw):
+    seen = []
+    traj = lab.trajectory(z, cond, on_step=lambda i, start, lat, x0: seen.append((i, start, lat, x0)), **kw)
+    return traj, seen
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_trajectory_reports_each_step_as_it_ends(tiny_lab, batch_size):
+    """``on_step`` sees every step of every compute batch (padding never shown), and what it sees is the
+    trajectory's own record; a callback error surfaces; a non-callable is refused before any model work."""
+    z = tiny_lab.noise([3, 4, 5])
+    cond = tiny_lab.encode_prompt(["a red star", "a blue ring", "a green square"])
+    traj, seen = _streamed(tiny_lab, z, cond, num_inference_steps=4, batch_size=batch_size)
+    starts = sorted({s for _, s, _, _ in seen})
+    assert starts == list(range(0, 3, batch_size))
+    for i, start, lat, x0 in seen:
+        n = lat.shape[0]
+        assert n == min(batch_size, 3 - start) and lat.dtype == x0.dtype == torch.float32
+        torch.testing.assert_close(lat, traj.latents[i, start : start + n], rtol=0, atol=0)
+        torch.testing.assert_close(x0, traj.x0[i, start : start + n], rtol=0, atol=0)
+    assert len(seen) == 4 * len(starts)
+    with pytest.raises(TypeError, match="`on_step` must be callable"):
+        tiny_lab.trajectory(z, cond, on_step=3)
+
+    def stop(i, start, lat, x0):
+        raise KeyboardInterrupt("stop here")
+
+    with pytest.raises(KeyboardInterrupt, match="stop here"):  # a caller can stop a trajectory from its callback
+        tiny_lab.trajectory(z, cond, on_step=stop)

@@ -478,3 +478,15 @@ def test_sd3_without_t5_runs_its_empty_t5_tokens_as_one(tiny_sd3_path):
         hook.remove()
     assert seen == [17, 17]
     assert all(type(p) is JointAttnProcessor2_0 for p in lab.pipe.transformer.attn_processors.values())
+
+
+def test_flow_trajectory_reports_each_step_as_it_ends(flow_lab):
+    lab = flow_lab
+    z = lab.noise([7, 8], height=_size(lab), width=_size(lab))
+    cond = lab.encode_prompt(["a green square", "a red star"])
+    seen = []
+    traj = lab.trajectory(z, cond, num_inference_steps=3, on_step=lambda i, s, lat, x0: seen.append((i, s, lat, x0)))
+    assert [(i, s) for i, s, _, _ in seen] == [(0, 0), (1, 0), (2, 0)]
+    for i, _, lat, x0 in seen:
+        torch.testing.assert_close(lat, traj.latents[i], rtol=0, atol=0)
+        torch.testing.assert_close(x0, traj.x0[i], rtol=0, atol=0)

@@ -165,11 +165,11 @@ class Lab(Engine):
         return lab
 
     def trajectory(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
-                   batch_size: int | None = None, **overrides: Any) -> Trajectory:
-        """Denoise like :meth:`generate` and record every step's latents and predicted clean latent (x0); see
-        :func:`latentlab.backend.trajectory.trajectory`."""
+                   batch_size: int | None = None, on_step=None, **overrides: Any) -> Trajectory:
+        """Denoise like :meth:`generate` and record every step's latents and predicted clean latent (x0), optionally
+        reporting each step as it ends (``on_step``); see :func:`latentlab.backend.trajectory.trajectory`."""
         return trajectory.trajectory(self, latents, conditioning, sampling=sampling, batch_size=batch_size,
-                                     **overrides)
+                                     on_step=on_step, **overrides)
 
     # --- latent edits (composed from diffusers in latentlab.backend.edits) -------------------------------------
 

@@ -228,9 +228,10 @@ class Family:
         raise NotImplementedError
 
     def trajectory(self, engine: Engine, z: torch.Tensor, cond: Conditioning, negative: Conditioning,
-                   sampling: Sampling):
+                   sampling: Sampling, on_step=None):
         """(timesteps, latents after each step, predicted x0 at each step, final latents) for one compute batch;
-        the stacked tensors are ``(batch, steps, C, h, w)`` float32 on the CPU."""
+        the stacked tensors are ``(batch, steps, C, h, w)`` float32 on the CPU. ``on_step(i, latents, x0)``, if
+        given, is called as step ``i`` ends with that step's two ``(batch, C, h, w)`` tensors."""
         raise NotImplementedError
 
     def invert(self, engine: Engine, z0: torch.Tensor, cond: Conditioning, negative: Conditioning,

@@ -234,19 +234,21 @@ class FlowFamily(Family):
         sigma = timesteps[step] / scheduler.config.num_train_timesteps
         return (1 - sigma) * z0 + sigma * noise
 
-    def trajectory(self, engine, z, cond, negative, sampling):
+    def trajectory(self, engine, z, cond, negative, sampling, on_step=None):
         """Euler or Heun on the pipeline's sigmas, recording each step's latent and ``x0 = x - sigma v``."""
         lats, x0s = [], []
         solver = "euler" if sampling.scheduler == "FlowMatchEulerDiscreteScheduler" else "heun"
         state = {"x": z}
 
-        def on_step(i, x_next, v):
+        def record(i, x_next, v):
             x0s.append((state["x"].double() - sigmas[i].double() * v.double()).float().cpu())
             lats.append(x_next.float().cpu())
             state["x"] = x_next
+            if on_step is not None:
+                on_step(i, lats[-1], x0s[-1])
 
         sigmas = self._grid(engine, z, sampling)
-        final = self._solve(engine, z, cond, negative, sampling, solver, sigmas, on_step=on_step)
+        final = self._solve(engine, z, cond, negative, sampling, solver, sigmas, on_step=record)
         steps = tuple(float(s) * engine.pipe.scheduler.config.num_train_timesteps for s in sigmas[:-1])
         return steps, torch.stack(lats, 1), torch.stack(x0s, 1), final.float().cpu()
 

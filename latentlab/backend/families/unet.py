@@ -234,7 +234,7 @@ class UNetFamily(Family):
         emb = both.prompt_embeds.to(engine.device, engine.dtype)
         return guided, emb, None
 
-    def trajectory(self, engine, z, cond, negative, sampling):
+    def trajectory(self, engine, z, cond, negative, sampling, on_step=None):
         """x0 from the UNet's own output (read with a forward hook; nothing is patched), combined for classifier-free
         guidance as the pipeline combines it, and converted with the scheduler's cumulative alphas:
         ``x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)`` for epsilon prediction, ``sqrt(a) x_t - sqrt(1 - a) v`` for v."""
@@ -265,6 +265,8 @@ class UNetFamily(Family):
 
         def on_step_end(p, i, t, callback_kwargs):
             lats.append(callback_kwargs["latents"].float().cpu())
+            if on_step is not None:
+                on_step(i, lats[-1], x0s[-1])
             return {}
 
         f = engine.vae_scale_factor
