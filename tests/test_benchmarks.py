@@ -122,9 +122,9 @@ def test_explainers_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     explainers.main(["--threads", "1", "--repeats", "1", "--steps", "3", "--toy-steps", "20",
                      "--models", "embedded-shapes", "--markdown", str(md)])
     out = capsys.readouterr().out
-    assert "scrubber on embedded-shapes (3 steps, 1 threads): ready in" in out and "toy lab" in out
+    assert "scrubber on embedded-shapes (3 steps, 1 threads): on screen in" in out and "toy lab" in out
     rows = [r for r in md.read_text().splitlines() if r.startswith("| embedded-shapes |")]
-    assert len(rows) == 1 and len(rows[0].split("|")) == 8
+    assert len(rows) == 1 and len(rows[0].split("|")) == 9
 
 
 @pytest.mark.slow

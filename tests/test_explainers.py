@@ -211,3 +211,52 @@ def test_explainers_work_on_any_family(flow_lab, tiny_lab, tiny_sdxl_path):
     m = TrajectoryMap(labs, "a red star", "a blue ring", 1)
     assert m.wait() and m.error.value == "", m.error.value
     assert all(info["steps"] == 3 for info in m.summary)
+
+
+class _Counting:
+    """A Lab that counts the steps its trajectories report and can act at a given step (from the worker)."""
+
+    def __init__(self, lab, at=None):
+        self.lab, self.steps, self.at = lab, [], at
+
+    def __getattr__(self, name):
+        return getattr(self.lab, name)
+
+    def trajectory(self, *args, on_step=None, **kw):
+        self.steps.append(0)
+
+        def count(*a):
+            self.steps[-1] += 1
+            if self.at is not None:
+                self.at(self)
+            on_step(*a)
+
+        return self.lab.trajectory(*args, on_step=count, **kw)
+
+
+def test_the_scrubber_draws_the_sliders_step_as_soon_as_it_is_computed_and_drops_a_superseded_prompt(unet):
+    from latentlab.sampling import Sampling
+    from latentlab.widgets import TimestepScrubber
+
+    lab = _Counting(unet)
+    w = TimestepScrubber(lab, PROMPT, 5, sampling=Sampling(num_inference_steps=6))
+    assert w.wait()
+    drawn_at = []
+    w.rows[0]["x0"].observe(lambda _: drawn_at.append(lab.steps[-1]), "value")
+    w.step.value = 1
+    assert w.wait()
+    drawn_at.clear()
+    w.seed.value = 6  # a new trajectory, the slider at step 1
+    assert w.wait()
+    assert drawn_at[0] == 2  # on screen after the trajectory's second step, not its sixth
+    assert w.ready_seconds is not None and w.done_seconds is not None and w.ready_seconds <= w.done_seconds
+    assert "step 1/6" in w.rows[0]["info"].value and w.error.value == ""
+    # a newer prompt while a trajectory runs stops it at its next step; only the newest is computed to the end
+    newer = "a small green ring on a black background"
+    lab.at = lambda c: (setattr(w.prompt, "value", newer), setattr(c, "at", None)) if c.steps[-1] == 3 else None
+    w.seed.value = 7
+    assert w.wait()
+    assert lab.steps[-2:] == [3, 6] and w.error.value == ""  # stopped at the step the newer prompt came
+    ref = unet.trajectory(unet.noise(7), unet.encode_prompt(newer), sampling=unet.sampling(num_inference_steps=6),
+                          batch_size=1)
+    torch.testing.assert_close(w.runs[0].xt[-1], ref.latents[-1, 0])

@@ -69,6 +69,10 @@ class _Run:
         return self._chord_ratio
 
 
+class _Superseded(Exception):
+    """Raised from a trajectory's step callback when a newer request has come: the old trajectory stops."""
+
+
 class TimestepScrubber(WorkerPanel):
     """Scrub through the denoising of a new prompt: at every step, the noisy latent x_t and the clean image the model
     predicts from it, for one model or several side by side.
@@ -144,6 +148,7 @@ class TimestepScrubber(WorkerPanel):
                          self.error, widgets.HBox(boxes)]
         self.runs: list[_Run] = []
         self.ready_seconds: float | None = None
+        self.done_seconds: float | None = None
         self._generation = 0
         for w in (self.prompt, self.seed, self.guidance, self.n_steps):
             w.observe(lambda _: self.recompute(), "value")
@@ -153,7 +158,9 @@ class TimestepScrubber(WorkerPanel):
     # --- work -------------------------------------------------------------------------------------------------
 
     def recompute(self) -> None:
-        """New trajectories for the current prompt, seed, guidance and steps (in the background)."""
+        """New trajectories for the current prompt, seed, guidance and steps (in the background). Each model's
+        images at the slider's step are drawn as soon as its trajectory reaches that step (``ready_seconds``: every
+        model's pair on screen); the rest of the steps follow (``done_seconds``), then background decoding."""
         self._generation += 1
         generation = self._generation
 
@@ -161,25 +168,56 @@ class TimestepScrubber(WorkerPanel):
             start = time.perf_counter()
             prompt = check_text(self.prompt.value)
             seed = _checks.seed(self.seed.value)
-            runs = []
-            for lab in self.labs.values():
-                s = lab.sampling(num_inference_steps=int(self.n_steps.value), guidance_scale=float(self.guidance.value))
+            n_req, self.ready_seconds, self.done_seconds = int(self.n_steps.value), None, None
+            runs, shown = [], {}
+            for j, lab in enumerate(self.labs.values()):
+                s = lab.sampling(num_inference_steps=n_req, guidance_scale=float(self.guidance.value))
                 z = lab.noise(seed)
-                traj = lab.trajectory(z, lab.encode_prompt(prompt), sampling=s, batch_size=1)
+                on_step = self._streamer(j, lab, z, min(int(self.step.value), n_req), n_req, generation, shown, start)
+                try:
+                    traj = lab.trajectory(z, lab.encode_prompt(prompt), sampling=s, batch_size=1, on_step=on_step)
+                except _Superseded:
+                    return  # a newer request waits: stop computing for this one
                 runs.append(_Run(lab, z, traj))
             if generation != self._generation:
                 return
-            self.runs = runs
             n = runs[0].n
+            for j, run in enumerate(runs):  # the streamed pair is already decoded
+                run.png.update(shown.get(j, {}))
+            self.runs = runs
             self.step.max = self.player.max = n
             self.step.value = min(self.step.value, n)
             self._draw(self.step.value)
-            self.ready_seconds = time.perf_counter() - start
-            self.status.value = (f"<span style='color:#555'>{n} steps · ready in {self.ready_seconds:.2f} s "
-                                 "(one trajectory per model, then lookups)</span>")
+            self.done_seconds = time.perf_counter() - start
+            if self.ready_seconds is None:
+                self.ready_seconds = self.done_seconds
+            self.status.value = (f"<span style='color:#555'>{n} steps · on screen in {self.ready_seconds:.2f} s, "
+                                 f"every step ready in {self.done_seconds:.2f} s (one trajectory per model, then "
+                                 "lookups)</span>")
             self._prefill(generation)
 
         self.submit(job, tag="trajectories")
+
+    def _streamer(self, j: int, lab, z: torch.Tensor, k: int, n: int, generation: int, shown: dict, start: float):
+        """The ``on_step`` of model ``j``'s trajectory: stop if a newer prompt waits; when the step the slider shows
+        (``k``; the final latent when ``k == n``) is computed, decode and draw that pair in the model's row."""
+        row, prev = self.rows[j], [z.float().cpu()]
+
+        def on_step(i, _start, lat, x0):
+            if generation != self._generation:
+                raise _Superseded
+            if i == min(k, n - 1):
+                xt, pred = (lat, lat) if k >= n else (prev[0], x0)
+                images = lab.decode(torch.cat([xt, pred]), batch_size=2)
+                shown[j] = {("xt", k): self.png(images[0]), ("x0", k): self.png(images[1])}
+                row["xt"].value, row["x0"].value = shown[j][("xt", k)], shown[j][("x0", k)]
+                row["info"].value = (f"<span class='ll-scrub-info'>step {k}/{n} · computing the other "
+                                     "steps…</span>")
+                if len(shown) == len(self.rows) and self.ready_seconds is None:
+                    self.ready_seconds = time.perf_counter() - start
+            prev[0] = lat
+
+        return on_step
 
     def _decode(self, run: _Run, keys: list[tuple[str, int]]) -> None:
         todo = [k for k in keys if k not in run.png]
