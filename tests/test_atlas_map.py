@@ -104,6 +104,13 @@ def test_bad_input_is_refused_by_name_before_any_generation(setup):
         m.generate(lab, (0.0, 0.0), candidates=0)
     with pytest.raises(TypeError, match="`seed` must be an int"):
         m.generate(lab, (0.0, 0.0), seed=1.5)
+    z, c, _ = m.blend_inputs(lab, (0.0, 0.0))
+    for noise, cond, err, match in [(z.fill_(float("nan")), c, ValueError, "`noise` must be finite"),
+                                    (z[0], c, ValueError, "`noise` must have at least 4"),
+                                    ([1.0], c, TypeError, "`noise` must be a torch.Tensor"),
+                                    (torch.zeros(1, 4, 8, 8), "a red star", TypeError, "`conditioning` must be")]:
+        with pytest.raises(err, match=match):
+            m.land(lab, noise, cond)
     assert len(lab.generated) == before
 
 

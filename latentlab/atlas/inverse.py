@@ -307,6 +307,10 @@ class AtlasMap:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Generate ``(noise, conditioning)`` as one batch and say where each image lands on this map: ``(images
         (n, 3, H, W), map points (n, 2))`` -- each image embedded and projected with the map's own fit."""
+        _checks.tensor(noise, "noise", min_ndim=4)
+        if not isinstance(conditioning, Conditioning):
+            raise TypeError(f"`conditioning` must be a latentlab Conditioning (lab.encode_prompt(...)), got "
+                            f"{type(conditioning).__name__}")
         out = self._land(lab, noise, conditioning, sampling)
         return out["images"], out["landed"]
 
