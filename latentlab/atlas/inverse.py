@@ -1,8 +1,8 @@
 """The generative map: a 2-D map of an atlas, and the way back from any point of it to an image that lands there.
 
 One responsibility: given a click on a PCA or UMAP map of an atlas space (CLIP image embeddings, CLIP text
-embeddings of the prompts, final latents or initial noise), make the image whose own embedding, projected with the *same* fitted map, lands as near the click
-as possible -- and say where it really landed. A blend of the nearest items (inverse-distance weights) is a guess:
+embeddings of the prompts, final latents or initial noise), make the image whose own embedding, projected with the
+*same* fitted map, lands as near the click as possible -- and say where it really landed. A blend of the nearest items (inverse-distance weights) is a guess:
 measured on the embedded model, its image lands a median 0.14 of the map's diagonal away from the click, and
 nearer than the nearest existing item only 23 % of the time. So :meth:`AtlasMap.generate` searches:
 
@@ -251,19 +251,16 @@ class AtlasMap:
             items = [self.atlas.items[i] for i in idx.tolist()]
             seeds, prompts = tuple(int(it["seed"]) for it in items), tuple(str(it["prompt"]) for it in items)
             ws = tuple(round(float(v), 6) for v in w)
-            mix = {"seeds": seeds, "seed_weights": ws, "prompts": prompts, "prompt_weights": ws}
+            sw, pw = ws, ws
             if lab is not None:
                 _, landing = self.generate(lab, q, k=k, candidates=candidates, refine=refine, sampling=sampling)
                 how = landing.how
                 pw = tuple(round(float(v), 6) for v in how["prompt_weights"])
-                if isinstance(how["noise"], int):
-                    mix = {"seeds": (how["noise"],), "seed_weights": (1.0,), "prompts": prompts, "prompt_weights": pw}
-                elif isinstance(how["noise"], list):
-                    mix = {"seeds": seeds, "seed_weights": tuple(round(float(v), 6) for v in how["noise"]),
-                           "prompts": prompts, "prompt_weights": pw}
-                else:
-                    mix = {"seeds": seeds, "seed_weights": ws, "prompts": prompts, "prompt_weights": pw}
-            keys.append(mix)
+                if isinstance(how["noise"], int):  # a fresh seed's noise
+                    seeds, sw = (how["noise"],), (1.0,)
+                elif isinstance(how["noise"], list):  # the items' noise, blended with the search's weights
+                    sw = tuple(round(float(v), 6) for v in how["noise"])
+            keys.append({"seeds": seeds, "seed_weights": sw, "prompts": prompts, "prompt_weights": pw})
         return keys
 
     # --- the search ------------------------------------------------------------------------------------------
