@@ -10,7 +10,7 @@ torch.Size([1, 4, 8, 8])
 """
 
 from latentlab._version import __version__ as __version__
-from latentlab.backend import Backend, Conditioning, Inversion, Lab
+from latentlab.backend import Backend, Conditioning, Inversion, Lab, PredictionMix
 from latentlab.clip import CLIP
 from latentlab.ops import (
     add_direction,
@@ -34,6 +34,7 @@ __all__ = [
     "Conditioning",
     "Inversion",
     "Lab",
+    "PredictionMix",
     "Sampling",
     "Schedule",
     "add_direction",

@@ -347,6 +347,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if path.exists():
             check_output(path, "--output", overwrite=args.overwrite)
     settings = MorphSettings.from_dict(data["settings"])
+    if settings.prompt_interpolation == "mix":
+        raise ValueError("this morph mixes two prompts' predictions in every frame (prompt interpolation 'mix'): "
+                         "there is no single conditioning per frame to export; render it with --prompt-interp lerp "
+                         "to export")
     lab = _lab_for_manifest(data, None)
     folder.mkdir(parents=True, exist_ok=True)
     p = plan(lab, settings, frames=data["frames"])
@@ -378,7 +382,7 @@ def _workers_arg(text: str):
 
 def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
     from latentlab.morph import PACINGS
-    from latentlab.morph.settings import AUDIO_PACINGS
+    from latentlab.morph.settings import AUDIO_PACINGS, PROMPT_METHODS
     from latentlab.paths import EASINGS, METHODS
 
     m.add_argument("-o", "--output", default="walk.mp4" if walk else "morph.mp4",
@@ -391,7 +395,9 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
     m.add_argument("--noise-interp", choices=METHODS, default=None if walk else "slerp",
                    help="noise path (default: " + ("spline for 3+ seeds, else slerp)" if walk else "%(default)s)"))
     m.add_argument("--noise-easing", choices=EASINGS, default="linear")
-    m.add_argument("--prompt-interp", choices=METHODS, default="lerp", help="prompt path (default: %(default)s)")
+    m.add_argument("--prompt-interp", choices=PROMPT_METHODS, default="lerp",
+                   help="prompt path (default: %(default)s); 'mix' denoises every frame with both keyframes' prompts "
+                        "and mixes the predictions (no third thing in between; twice the work)")
     m.add_argument("--prompt-easing", choices=EASINGS, default="linear")
     m.add_argument("--pacing", choices=PACINGS, default="none",
                    help="'even': re-time from a cheap preview so consecutive frames change by about the same amount")

@@ -73,6 +73,73 @@ def test_evaluator_shape_classifier_learns_shapes_and_ignores_the_thread_count()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b_.state_dict().values()))
 
 
+def test_rectangle_splices_join_two_images_inside_a_region_and_free_only_its_border():
+    x = torch.rand(6, 3, 64, 64)
+    z = torch.randn(6, 4, 8, 8)
+    w = 1 + torch.rand(6, 1, 64, 64)
+    sizes = set()
+    for seed in range(12):  # one spliced item (0), joined with item 5 (torch.roll by one), in many rectangles
+        xs, zs, ws = train.splice(x, z, w, 1 / 6, torch.Generator().manual_seed(seed), rectangles=1.0)
+        assert torch.equal(zs[1:], z[1:]) and torch.equal(xs[1:], x[1:]) and torch.equal(ws[1:], w[1:])
+        inside = (zs[0] == z[5]).all(0)
+        assert inside.any() and not inside.all()
+        rows, cols = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
+        box = torch.zeros(8, 8, dtype=torch.bool)
+        box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        assert torch.equal(inside, box) and torch.equal(zs[0][:, ~box], z[0][:, ~box])  # one rectangle of the grid
+        sizes.add(int(box.sum()))
+        pix = box.repeat_interleave(8, 0).repeat_interleave(8, 1)
+        assert torch.equal(xs[0][:, pix], x[5][:, pix]) and torch.equal(xs[0][:, ~pix], x[0][:, ~pix])
+        free = ws[0, 0] == 0
+        # no loss exactly within half a latent pixel (4 px) of the rectangle's border, everything else kept
+        d_in = torch.nn.functional.max_pool2d((~pix)[None, None].float(), 9, 1, 4)[0, 0] > 0
+        d_out = torch.nn.functional.max_pool2d(pix[None, None].float(), 9, 1, 4)[0, 0] > 0
+        assert torch.equal(free, d_in & d_out)
+        assert torch.equal(ws[0, 0][~free], torch.where(pix, w[5, 0], w[0, 0])[~free])
+    assert len(sizes) > 5  # rectangles of many sizes
+    # rectangles=0 is the v2 recipe, draw for draw
+    a = train.splice(x, z, w, 0.5, torch.Generator().manual_seed(9))
+    b = train.splice(x, z, w, 0.5, torch.Generator().manual_seed(9), rectangles=0.0)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_edge_loss_is_zero_for_a_perfect_reconstruction_and_grows_with_blur():
+    x = world.sample(4, seed=5).images
+    w = train.foreground_weights(x, 9.0)
+    blur = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    assert float(train.edge_loss(x, x, w)) == 0
+    assert float(train.edge_loss(blur, x, w)) > float(train.edge_loss((x + blur) / 2, x, w)) > 0
+
+
+class _GridVAE:
+    """A VAE whose latent pixel is its 8x8 patch's mean colour and whose decoder upsamples (perfectly local), plus
+    ``leak`` times the image-wide mean latent (not local)."""
+
+    def __init__(self, leak: float):
+        self.leak = leak
+
+    def encode(self, x):
+        from types import SimpleNamespace
+
+        m = torch.nn.functional.avg_pool2d(x, 8)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.cat([m, m[:, :1]], 1)))
+
+    def decode(self, z):
+        from types import SimpleNamespace
+
+        up = torch.nn.functional.interpolate(z[:, :3], scale_factor=8, mode="nearest")
+        return SimpleNamespace(sample=up + self.leak * z[:, :3].mean((2, 3), keepdim=True))
+
+
+def test_region_locality_is_zero_for_a_local_decoder_and_catches_a_leak_in_every_region():
+    local = evaluate.decoder_locality_regions(_GridVAE(0.0), n=4)
+    assert set(local) == {*evaluate.LOCALITY_REGIONS, "worst"} and local["worst"] == 0
+    leaky = evaluate.decoder_locality_regions(_GridVAE(0.5), n=4)
+    assert all(v > 0.005 for v in leaky.values()) and leaky["worst"] == max(leaky.values())
+    lat, keep = evaluate.region_masks(8, 8, evaluate.LOCALITY_REGIONS["centred square"], seam=1)
+    assert int(lat.sum()) == 16 and int((~keep).sum()) == 36 * 64  # the 4x4 square and its 1-pixel ring, in pixels
+
+
 def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -90,6 +157,8 @@ def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
     before = json.loads((out / "unet-scaling.json").read_text())
     # Fine-tune the decoder, then the whole VAE; the UNet then continues on the new latents with a new scaling.
     train.main(["decoder", "--steps", "2", "--batch", "4", *common])
+    train.main(["decoder", "--steps", "3", "--batch", "4", "--splice", "0.5", "--splice-rectangles", "1",
+                "--small-share", "0.5", "--edge-weight", "1", *common])  # the v3 decoder options, resumed
     train.main(["vae2", "--steps", "2", "--batch", "4", *common])
     assert train.latest_vae_stage(out) == "vae2"
     train.main(["unet", "--steps", "4", "--batch", "4", "--fg-weight", "2", *common])

@@ -21,6 +21,7 @@ import logging
 import threading
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +29,11 @@ import torch
 
 from latentlab import _checks
 from latentlab._quiet import quiet_transformers_image_processor_warning
-from latentlab.backend.records import Conditioning, Tokens
+from latentlab.backend.records import Conditioning, PredictionMix, Tokens
 from latentlab.sampling import Sampling, check_prompt
 
-__all__ = ["CPU_BATCH_SIZE", "PROMPT_CACHE_SIZE", "Engine", "cpu_generators", "import_diffusers", "step_seeds"]
+__all__ = ["CPU_BATCH_SIZE", "PROMPT_CACHE_SIZE", "Engine", "cpu_generators", "import_diffusers", "mixed_predictions",
+           "step_seeds"]
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ def import_diffusers():
 
 
 def _pad_batch(x, pad: int):
-    """Repeat the last batch item ``pad`` times (tensors and Conditioning)."""
-    if isinstance(x, Conditioning):
+    """Repeat the last batch item ``pad`` times (tensors, Conditioning and PredictionMix)."""
+    if isinstance(x, (Conditioning, PredictionMix)):
         return x.map(lambda t: _pad_batch(t, pad))
     return torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
 
@@ -70,6 +72,40 @@ def step_seeds(latents: torch.Tensor) -> list[int]:
     (the generators are CPU generators)."""
     flat = latents.detach().float().cpu().contiguous().reshape(len(latents), -1)
     return [int.from_bytes(hashlib.sha256(row.numpy().tobytes()).digest()[:8], "little") >> 1 for row in flat]
+
+
+@contextmanager
+def mixed_predictions(denoiser: torch.nn.Module, weight: torch.Tensor):
+    """While active, every output of ``denoiser`` is mixed pairwise: its rows are taken as (any number of) blocks of
+    ``[a items, b items]`` with ``len(weight)`` items each -- how the pipelines batch a doubled request, with or
+    without classifier-free guidance's [negative, positive] and whether guidance runs in one call or two -- and
+    row ``i`` of both halves becomes ``(1 - weight[i]) * a_i + weight[i] * b_i`` (in float32, cast back). Nothing
+    is patched: a forward hook, removed on exit. See :class:`latentlab.backend.PredictionMix`."""
+    m = len(weight)
+    w32 = weight.detach().to(torch.float32)
+
+    def hook(module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output if isinstance(output, torch.Tensor) else output.sample
+        rows = out.shape[0]
+        if rows % (2 * m):
+            raise RuntimeError(f"prediction mixing: the denoiser was called with {rows} rows, not a multiple of "
+                               f"2 x {m} items; this pipeline batches in a way prediction mixing does not support")
+        v = out.reshape(rows // (2 * m), 2, m, *out.shape[1:])
+        w = w32.to(out.device).view(1, m, *[1] * (out.ndim - 1))
+        mixed = (v[:, 0].float() * (1 - w) + v[:, 1].float() * w).to(out.dtype)
+        new = torch.stack([mixed, mixed], 1).reshape(out.shape)
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        if isinstance(output, torch.Tensor):
+            return new
+        output.sample = new
+        return output
+
+    handle = denoiser.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def cpu_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -396,6 +432,9 @@ class Engine:
             raise ValueError(f"`latents` height and width must be multiples of {m} for this {self.family} model "
                              f"(images: multiples of {self.size_factor_text}), got {tuple(latents.shape)}")
         _checks.finite(latents, "latents")
+        if isinstance(conditioning, PredictionMix):
+            raise TypeError("`conditioning` must be a Conditioning (from encode_prompt), got a PredictionMix: "
+                            "prediction mixing is for generate (and morphs), not for this request")
         if not isinstance(conditioning, Conditioning):
             raise TypeError(f"`conditioning` must be a Conditioning (from encode_prompt), got {type(conditioning).__name__}")
         self.adapter.check_conditioning(self.pipe, conditioning)
@@ -435,17 +474,29 @@ class Engine:
         Runs ``batch_size`` items per call (see the class notes). Stochastic schedulers get one CPU generator per
         item, seeded from the item's latent (:func:`step_seeds`), so a seed means one image with any scheduler.
         ``output_type="latent"`` returns the final latents (VAE layout, scaled as the denoiser sees them).
+        ``conditioning`` may be a :class:`~latentlab.backend.PredictionMix` (two conditionings per item whose
+        predictions are mixed at every step; twice the denoiser's work).
         """
         s = self.sampling(sampling, **overrides)
-        conditioning = self.check_request(latents, conditioning)
+        if isinstance(conditioning, PredictionMix):
+            a, b = self.check_request(latents, conditioning.a), self.check_request(latents, conditioning.b)
+            w = conditioning.weight
+            conditioning = PredictionMix(a, b, w.expand(len(a)) if len(w) == 1 else w)
+        else:
+            conditioning = self.check_request(latents, conditioning)
         _checks.choice(output_type, "output_type", ("pt", "latent"))
         self.compute_batch(batch_size)  # validates
         negative = self.negative_conditioning(s.negative_prompt)
 
         @torch.no_grad()
         def run(z, cond):
+            z = z.to(self.device, self.dtype)
             with self.adapter.denoising(self):
-                return self.adapter.generate(self, z.to(self.device, self.dtype), cond, negative, s)
+                if not isinstance(cond, PredictionMix):
+                    return self.adapter.generate(self, z, cond, negative, s)
+                with mixed_predictions(self.denoiser, cond.weight):
+                    both = self.adapter.generate(self, torch.cat([z, z]), Conditioning.cat([cond.a, cond.b]), negative, s)
+                return both[: len(z)]
 
         out = self.run_batched(run, latents, conditioning, batch_size=batch_size)
         if output_type == "latent":

@@ -31,6 +31,8 @@ MODES: dict[str, dict] = {
     "smoothstep easing": {"prompt_easing": "smoothstep", "noise_easing": "smoothstep"},
     "pacing even (pixels)": {"pacing": "even"},
     "pacing even (CLIP)": {"pacing": "even", "_distance": "clip"},
+    "prediction mix": {"prompt_interpolation": "mix"},
+    "prediction mix + pacing even": {"prompt_interpolation": "mix", "pacing": "even"},
 }
 
 

@@ -371,6 +371,18 @@ def foreground_weights(images: torch.Tensor, weight: float) -> torch.Tensor:
     return 1.0 + weight * fg
 
 
+def edge_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted L1 between the horizontal and vertical finite differences of ``rec`` and ``x`` (N, 3, H, W): sharp
+    corners and thin arms are what tell a small star from a cross or a triangle, and a plain pixel loss is content
+    with a blur there (v3)."""
+    def grads(t):
+        return t[..., :, 1:] - t[..., :, :-1], t[..., 1:, :] - t[..., :-1, :]
+
+    (rx, ry), (xx, xy) = grads(rec), grads(x)
+    wx, wy = torch.minimum(w[..., :, 1:], w[..., :, :-1]), torch.minimum(w[..., 1:, :], w[..., :-1, :])
+    return (((rx - xx).abs() * wx).sum() + ((ry - xy).abs() * wy).sum()) / ((wx.sum() + wy.sum()) * 3)
+
+
 def train_decoder(args, *, encoder: bool = False) -> None:
     """Fine-tune the VAE decoder (stage ``decoder``: encoder frozen, so the latent space and the UNet are unchanged)
     or the whole VAE (stage ``vae2``: the encoder too, when the latents themselves lose small shapes; the UNet then
@@ -385,20 +397,29 @@ def train_decoder(args, *, encoder: bool = False) -> None:
     lr = args.lr or 2e-4
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
+    small = [p for p in world.all_prompts() if p[0] == "small"]
+
     def step_fn(step, scale):
-        x = world.sample(args.batch or 32, seed=args.seed * 1_000_003 + 5_000_000 + step, jitter=args.jitter).images
+        n = args.batch or 32
+        seed = args.seed * 1_000_003 + 5_000_000 + step
+        k = round(n * args.small_share)
+        x = world.sample(n - k, seed=seed, jitter=args.jitter).images
+        if k:  # more small shapes: the size the decoder draws worst (v3)
+            x = torch.cat([x, world.sample(k, seed=seed + 900_000_000, prompts=small, jitter=args.jitter).images])
         w = foreground_weights(x, 9.0 if args.fg_weight is None else args.fg_weight)
         g = torch.Generator().manual_seed(20_000_000 + step)
         with torch.set_grad_enabled(encoder):
             post = vae.encode(x * 2 - 1).latent_dist
             z = post.sample(generator=g)
         if args.splice:
-            x, z, w = splice(x, z, w, args.splice, g)
+            x, z, w = splice(x, z, w, args.splice, g, rectangles=args.splice_rectangles)
         for group in opt.param_groups:
             group["lr"] = _lr(step, lr, warmup=50) * scale
         rec = (vae.decode(z).sample + 1) / 2
         err = rec - x
         loss = ((err.abs() + err**2) * w).sum() / (w.sum() * 3)
+        if args.edge_weight:
+            loss = loss + args.edge_weight * edge_loss(rec, x, w)
         if encoder:
             loss = loss + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -411,11 +432,16 @@ def train_decoder(args, *, encoder: bool = False) -> None:
     _run("vae2" if encoder else "decoder", args, {"model": vae}, opt, step_fn, ema=ema, ema_decay=0.998)
 
 
-def splice(x, z, w, fraction: float, g: torch.Generator, f: int = 8):
+def splice(x, z, w, fraction: float, g: torch.Generator, f: int = 8, *, rectangles: float = 0.0):
     """Locality training (v2): for ``fraction`` of the batch, join the latents of two images at a random latent
     row or column and ask for the two images joined at the same place. Pixels within half a latent pixel of the
     join get no loss (the decoder may blend there); everywhere else the decoded image must not depend on the latents
-    across the join -- exactly what latent inpainting needs (measured in v1: RMS 0.18 of leakage)."""
+    across the join -- exactly what latent inpainting needs (measured in v1: RMS 0.18 of leakage).
+
+    v3: ``rectangles`` of the spliced items instead get another image's latent inside a random latent-aligned
+    rectangle (quadrants, centred squares, strips, single latent pixels...): an edit of any region, not only of a
+    half, must leave the rest of the image alone. The seam is then the band within half a latent pixel of the
+    rectangle's border."""
     n, _, hl, wl = z.shape
     k = round(n * fraction)
     if k == 0:
@@ -424,6 +450,20 @@ def splice(x, z, w, fraction: float, g: torch.Generator, f: int = 8):
     x, z, w = x.clone(), z.clone(), w.clone()
     for i in range(k):
         j = int(other[i])
+        if rectangles and bool(torch.rand((), generator=g) < rectangles):
+            y0, x0 = (int(torch.randint(0, d - 1, (), generator=g)) for d in (hl, wl))
+            y1 = int(torch.randint(y0 + 1, hl + 1, (), generator=g))
+            x1 = int(torch.randint(x0 + 1, wl + 1, (), generator=g))
+            lat = torch.zeros(hl, wl, dtype=torch.bool)
+            lat[y0:y1, x0:x1] = True
+            pix = lat.repeat_interleave(f, 0).repeat_interleave(f, 1)
+            grown = F.max_pool2d(pix[None, None].float(), f + 1, 1, f // 2)[0, 0] > 0
+            shrunk = -F.max_pool2d(-pix[None, None].float(), f + 1, 1, f // 2)[0, 0] > 0
+            seam = grown & ~shrunk
+            z[i] = torch.where(lat, z[j], z[i])
+            x[i] = torch.where(pix, x[j], x[i])
+            w[i] = torch.where(pix, w[j], w[i]) * (~seam)
+            continue
         vertical = bool(torch.rand((), generator=g) < 0.5)
         cut = int(torch.randint(1, (wl if vertical else hl), (), generator=g))
         lat = torch.zeros(hl, wl, dtype=torch.bool)
@@ -734,6 +774,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jitter", type=float, default=0.0, help="decoder/vae2/unet: per-channel colour jitter (v2: 0.06)")
     p.add_argument("--splice", type=float, default=0.0,
                    help="decoder/vae2: fraction of each batch trained on latents joined from two images (locality)")
+    p.add_argument("--splice-rectangles", type=float, default=0.0,
+                   help="decoder/vae2: share of the spliced items joined inside a random rectangle instead of at a cut "
+                        "(v3 locality: any region)")
+    p.add_argument("--small-share", type=float, default=0.0,
+                   help="decoder/vae2: share of each batch drawn from small-shape prompts (v3)")
+    p.add_argument("--edge-weight", type=float, default=0.0,
+                   help="decoder/vae2: weight of an L1 loss on image gradients (sharp small shapes, v3)")
     p.add_argument("--corrupt-low-t", type=float, default=0.0,
                    help="unet: chance of a one-attribute-wrong caption at low noise levels (v2.1: 0.5)")
     p.add_argument("--threads", type=int, default=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from latentlab.backend import Backend, Conditioning
+from latentlab.backend import Backend, Conditioning, PredictionMix
 from latentlab.metrics import embedding_distance, pixel_distance
 from latentlab.morph.settings import MorphSettings
 from latentlab.ops import blend
@@ -44,12 +44,20 @@ class Plan:
     frames: list[dict] = field(default_factory=list)
     image_keyframes: list[dict] = field(default_factory=list)
 
-    def inputs(self, start: int, stop: int) -> tuple[torch.Tensor, Conditioning]:
-        """Initial latents (n, C, h, w) and conditioning (n items) of frames ``start:stop``."""
+    def inputs(self, start: int, stop: int) -> tuple[torch.Tensor, Conditioning | PredictionMix]:
+        """Initial latents (n, C, h, w) and conditioning (n items) of frames ``start:stop``: a
+        :class:`~latentlab.backend.PredictionMix` of each frame's two keyframe prompts with prompt interpolation
+        ``"mix"``."""
         fr = self.frames[start:stop]
         s = self.settings
         lat = path_at(self.keys, [f["noise_segment"] for f in fr], [f["noise_t"] for f in fr],
                       method=s.noise_interpolation, loop=s.loop)[:, 0]
+        if s.prompt_interpolation == "mix":
+            k = len(self.conds)
+            seg = [f["prompt_segment"] for f in fr]
+            a = Conditioning.cat([self.conds[i] for i in seg])
+            b = Conditioning.cat([self.conds[(i + 1) % k] for i in seg])
+            return lat, PredictionMix(a, b, torch.tensor([float(f["prompt_t"]) for f in fr], dtype=torch.float64))
         cond = Conditioning.cat(self.conds).map(
             lambda t: path_at([x.float().cpu().unsqueeze(0) for x in t], [f["prompt_segment"] for f in fr],
                               [f["prompt_t"] for f in fr], method=s.prompt_interpolation, loop=s.loop)[:, 0].to(t.dtype)
@@ -61,7 +69,7 @@ class Plan:
         return self.inputs(0, len(self.frames))[0]
 
     @property
-    def conditioning(self) -> Conditioning:
+    def conditioning(self) -> Conditioning | PredictionMix:
         return self.inputs(0, len(self.frames))[1]
 
 

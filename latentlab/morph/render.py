@@ -29,7 +29,7 @@ import torch
 
 from latentlab import _checks
 from latentlab._files import check_output, disk_full_hint, partial_path
-from latentlab.backend import Backend, Conditioning
+from latentlab.backend import Backend, Conditioning, PredictionMix
 from latentlab.distributed import Ranks, ranks
 from latentlab.morph.manifest import MANIFEST_VERSION, manifest_path, write_manifest
 from latentlab.morph.plan import pixel_distance, plan
@@ -131,9 +131,15 @@ def _key_prefix(lab: Backend, sampling: Sampling, batch_size: int | None) -> byt
     return json.dumps(meta, sort_keys=True, default=str).encode()
 
 
-def _frame_key(prefix: bytes, latents: torch.Tensor, conditioning: Conditioning) -> str:
+def _frame_key(prefix: bytes, latents: torch.Tensor, conditioning: Conditioning | PredictionMix) -> str:
     h = hashlib.sha256(prefix)
-    for t in (latents, conditioning.prompt_embeds, conditioning.pooled_prompt_embeds, conditioning.attention_mask):
+    if isinstance(conditioning, PredictionMix):
+        h.update(b"prediction-mix")
+        conds, extra = (conditioning.a, conditioning.b), (conditioning.weight.double(),)
+    else:
+        conds, extra = (conditioning,), ()
+    fields = [t for c in conds for t in (c.prompt_embeds, c.pooled_prompt_embeds, c.attention_mask)]
+    for t in (latents, *fields, *extra):
         if t is not None:
             h.update(str((tuple(t.shape), t.dtype)).encode())
             h.update(t.detach().float().cpu().contiguous().numpy().tobytes())

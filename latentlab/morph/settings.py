@@ -16,10 +16,14 @@ from latentlab import _checks
 from latentlab.paths import EASINGS, METHODS
 from latentlab.sampling import Sampling, check_prompt
 
-__all__ = ["AUDIO_PACINGS", "MAX_FRAMES", "PACINGS", "AudioTrack", "Keyframe", "Mix", "MorphSettings",
-           "frames_for_duration"]
+__all__ = ["AUDIO_PACINGS", "MAX_FRAMES", "PACINGS", "PROMPT_METHODS", "AudioTrack", "Keyframe", "Mix",
+           "MorphSettings", "frames_for_duration"]
 
 PACINGS: tuple[str, ...] = ("none", "even")
+#: How the prompt path moves between keyframes: an interpolation of the prompt encodings (:data:`latentlab.paths.
+#: METHODS`), or ``"mix"``: every frame is denoised with both keyframes' prompts and their predictions are mixed
+#: (:class:`latentlab.backend.PredictionMix`; twice the work, no in-between encoding that names a third thing).
+PROMPT_METHODS: tuple[str, ...] = (*METHODS, "mix")
 #: How music paces a morph: the path moves faster where the music is loud/percussive ("envelope"), keyframes land
 #: on beats ("beats"), or the audio is only muxed ("none").
 AUDIO_PACINGS: tuple[str, ...] = ("envelope", "beats", "none")
@@ -156,7 +160,7 @@ class MorphSettings:
         if not isinstance(self.loop, bool):
             raise TypeError(f"`loop` must be a bool, got {type(self.loop).__name__}")
         _checks.choice(self.noise_interpolation, "noise_interpolation", METHODS)
-        _checks.choice(self.prompt_interpolation, "prompt_interpolation", METHODS)
+        _checks.choice(self.prompt_interpolation, "prompt_interpolation", PROMPT_METHODS)
         _checks.choice(self.noise_easing, "noise_easing", EASINGS)
         _checks.choice(self.prompt_easing, "prompt_easing", EASINGS)
         if not isinstance(self.sampling, Sampling):
