@@ -140,6 +140,26 @@ def test_region_locality_is_zero_for_a_local_decoder_and_catches_a_leak_in_every
     assert int(lat.sum()) == 16 and int((~keep).sum()) == 36 * 64  # the 4x4 square and its 1-pixel ring, in pixels
 
 
+def test_the_adversarial_decoder_stage_trains_both_networks_and_resumes(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--threads", str(torch.get_num_threads()), "--batch", "4"]
+    train.main(["vae", "--steps", "1", *common])
+    adv = ["--adversarial", "0.5", "--adversarial-start", "1", "--splice", "0.5", "--splice-rectangles", "1"]
+    train.main(["decoder", "--steps", "2", *adv, *common])
+    ck = out / "decoder-ckpt"
+    d1, m1 = load_file(ck / "disc.safetensors"), load_file(ck / "model.safetensors")
+    train.main(["decoder", "--steps", "4", *adv, *common])  # resumes: discriminator, decoder and optimizer
+    d2, m2 = load_file(ck / "disc.safetensors"), load_file(ck / "model.safetensors")
+    assert json.loads((ck / "meta.json").read_text())["step"] == 4
+    assert any(not torch.equal(d1[k], d2[k]) for k in d1)
+    changed = {k.split(".")[0] for k in m1 if not torch.equal(m1[k], m2[k])}
+    assert changed == {"decoder", "post_quant_conv"} or changed == {"decoder"}  # the encoder stays frozen
+    disc = train.PatchDiscriminator()
+    assert disc(torch.rand(2, 3, 64, 64)).shape == (2, 1, 8, 8)
+
+
 def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
