@@ -334,6 +334,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     """``export``: a rendered morph's per-frame noise and conditioning for ComfyUI, its keyframes for Deforum."""
     from latentlab import exports
     from latentlab._files import check_output
+    from latentlab.backend import PredictionMix
     from latentlab.morph import MorphSettings, plan, read_manifest
     from latentlab.sampling import Sampling
 
@@ -347,10 +348,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if path.exists():
             check_output(path, "--output", overwrite=args.overwrite)
     settings = MorphSettings.from_dict(data["settings"])
-    if settings.prompt_interpolation == "mix":
-        raise ValueError("this morph mixes two prompts' predictions in every frame (prompt interpolation 'mix'): "
-                         "there is no single conditioning per frame to export; render it with --prompt-interp lerp "
-                         "to export")
     lab = _lab_for_manifest(data, None)
     folder.mkdir(parents=True, exist_ok=True)
     p = plan(lab, settings, frames=data["frames"])
@@ -358,8 +355,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     exports.write_comfyui_latent(lab.comfyui_latents(lat), names["noise"], scaling_factor=lab.vae_scaling_factor,
                                  shift_factor=lab.vae_shift_factor,
                                  overwrite=args.overwrite)
-    exports.write_comfyui_conditioning(cond, names["cond"], overwrite=args.overwrite)
-    wrote = [names["noise"], names["cond"]]
+    wrote = [names["noise"]]
+    if isinstance(cond, PredictionMix):
+        print(f"{names['cond'].name} not written: this morph mixes two prompts' predictions in every frame (prompt "
+              "interpolation 'mix'), which no single conditioning per frame reproduces; render with --prompt-interp "
+              "lerp for one", file=sys.stderr)
+    else:
+        exports.write_comfyui_conditioning(cond, names["cond"], overwrite=args.overwrite)
+        wrote.append(names["cond"])
     if all(k.image is None and k.mix is None for k in settings.keyframes):
         exports.write_deforum_schedule(settings, names["deforum"], sampling=Sampling.from_dict(data["sampling"]),
                                        overwrite=args.overwrite)
@@ -395,9 +398,10 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
     m.add_argument("--noise-interp", choices=METHODS, default=None if walk else "slerp",
                    help="noise path (default: " + ("spline for 3+ seeds, else slerp)" if walk else "%(default)s)"))
     m.add_argument("--noise-easing", choices=EASINGS, default="linear")
-    m.add_argument("--prompt-interp", choices=PROMPT_METHODS, default="lerp",
-                   help="prompt path (default: %(default)s); 'mix' denoises every frame with both keyframes' prompts "
-                        "and mixes the predictions (no third thing in between; twice the work)")
+    m.add_argument("--prompt-interp", choices=PROMPT_METHODS, default="mix",
+                   help="prompt path (default: %(default)s: every frame is denoised with both keyframes' prompts and "
+                        "the predictions are mixed, fewer third things in between, about twice the work; lerp/slerp "
+                        "interpolate the prompt encodings)")
     m.add_argument("--prompt-easing", choices=EASINGS, default="linear")
     m.add_argument("--pacing", choices=PACINGS, default="none",
                    help="'even': re-time from a cheap preview so consecutive frames change by about the same amount")

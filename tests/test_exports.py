@@ -99,13 +99,14 @@ def test_cli_export_of_a_rendered_morph(tmp_path, capsys):
     from latentlab import Lab, cli
 
     out = tmp_path / "m.gif"
-    assert cli.main(["morph", "a red star", "a blue ring", "--frames", "6", "--steps", "3", "-o", str(out)]) == 0
+    assert cli.main(["morph", "a red star", "a blue ring", "--frames", "6", "--steps", "3", "--prompt-interp", "lerp",
+                     "-o", str(out)]) == 0
     folder = tmp_path / "exp"
     assert cli.main(["export", f"{out}.json", "-o", str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["conditioning.safetensors", "deforum.json", "noise.latent"]
     lab = Lab.default()
     s = MorphSettings(keyframes=(Keyframe("a red star", 0), Keyframe("a blue ring", 0)), n_frames=6,
-                      sampling=Sampling(num_inference_steps=3))
+                      prompt_interpolation="lerp", sampling=Sampling(num_inference_steps=3))
     lat, cond = plan(lab, s).inputs(0, 6)
     scale = lab.pipe.vae.config.scaling_factor
     torch.testing.assert_close(comfyui_load_latent(folder / "noise.latent")["samples"] * scale, lat)
@@ -114,6 +115,15 @@ def test_cli_export_of_a_rendered_morph(tmp_path, capsys):
     assert exports.read_deforum_schedule(folder / "deforum.json").keyframes == s.keyframes
     assert cli.main(["export", f"{out}.json", "-o", str(folder)]) == 2  # no silent overwrite
     assert "exists" in capsys.readouterr().err
+    # The default morph mixes two prompts' predictions per frame: noise and keyframes export, the conditioning
+    # cannot (said on stderr), and the Deforum schedule keeps the prompt path's name.
+    mixed = tmp_path / "mixed.gif"
+    assert cli.main(["morph", "a red star", "a blue ring", "--frames", "6", "--steps", "3", "-o", str(mixed)]) == 0
+    folder = tmp_path / "exp-mixed"
+    assert cli.main(["export", f"{mixed}.json", "-o", str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["deforum.json", "noise.latent"]
+    assert "conditioning.safetensors not written" in capsys.readouterr().err
+    assert exports.read_deforum_schedule(folder / "deforum.json").prompt_interpolation == "mix"
 
 
 _KILLED_EXPORTS = """

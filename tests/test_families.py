@@ -355,11 +355,14 @@ def test_cli_renders_flow_models_at_any_size_and_recreates_frames(tiny_flux_path
 
     from latentlab.cli import main
 
-    for path, (h, w) in ((tiny_flux_path, (16, 24)), (tiny_sd3_path, (12, 18)), (tiny_flux2_path, (24, 16)),
-                         (tiny_chroma_path, (16, 16)), (tiny_lumina2_path, (64, 96)), (tiny_qwenimage_path, (16, 24))):
+    cases = ((tiny_flux_path, (16, 24)), (tiny_sd3_path, (12, 18)), (tiny_flux2_path, (24, 16)),
+             (tiny_chroma_path, (16, 16)), (tiny_lumina2_path, (64, 96)), (tiny_qwenimage_path, (16, 24)))
+    for i, (path, (h, w)) in enumerate(cases):
         out = tmp_path / f"{path.parent.name}.mp4"
+        interp = "lerp" if i % 2 else "mix"  # the default (prediction mixing) and the encodings' interpolation
         assert main(["morph", "a red star", "a blue ring", "--model", str(path), "--frames", "4", "--steps", "2",
-                     "--height", str(h), "--width", str(w), "--workers", "1", "-o", str(out)]) == 0
+                     "--height", str(h), "--width", str(w), "--workers", "1", "--prompt-interp", interp,
+                     "-o", str(out)]) == 0
         man = json.loads((tmp_path / f"{out.name}.json").read_text())
         assert man["settings"]["height"] == h and man["settings"]["width"] == w
         lab = Lab.from_pretrained(path, device="cpu")
@@ -380,8 +383,12 @@ def test_cli_renders_flow_models_at_any_size_and_recreates_frames(tiny_flux_path
         # ComfyUI's Flux.2 latents are the 128 patchified channels (4 x 32; 4 x 8 in the tiny model) at f x 2.
         shape = (4, 4 * c, h // f // 2, w // f // 2) if lab.family == "flux2" else (4, c, h // f, w // f)
         assert lat.shape == shape
-        conds = exports.read_comfyui_conditioning(export / "conditioning.safetensors")
-        assert len(conds) == 4 and ("attention_mask" in conds[0][1]) == lab.adapter.needs_mask
+        if interp == "mix":  # no single conditioning per frame: said, not written
+            assert not (export / "conditioning.safetensors").exists()
+            assert "conditioning.safetensors not written" in capsys.readouterr().err
+        else:
+            conds = exports.read_comfyui_conditioning(export / "conditioning.safetensors")
+            assert len(conds) == 4 and ("attention_mask" in conds[0][1]) == lab.adapter.needs_mask
         walk = tmp_path / f"{path.parent.name}-walk.mp4"
         assert main(["walk", "a red star", "--seeds", "1", "2", "--model", str(path), "--frames", "4", "--steps",
                      "2", "--height", str(h), "--width", str(w), "--workers", "1", "-o", str(walk)]) == 0

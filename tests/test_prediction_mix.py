@@ -108,8 +108,9 @@ def test_a_morph_with_prompt_mix_plans_pairs_keys_frames_and_records_it(tiny_lab
     from latentlab.morph.render import _frame_key
 
     keys = (Keyframe("a red star", 1), Keyframe("a blue ring", 2), Keyframe("a green cross"))
-    mixed = MorphSettings(keyframes=keys, n_frames=7, prompt_interpolation="mix")
-    lerped = MorphSettings(keyframes=keys, n_frames=7)
+    mixed = MorphSettings(keyframes=keys, n_frames=7)
+    lerped = MorphSettings(keyframes=keys, n_frames=7, prompt_interpolation="lerp")
+    assert MorphSettings(keyframes=keys).prompt_interpolation == "mix"  # the default
     p = plan(tiny_lab, mixed)
     lat, cond = p.inputs(0, 7)
     assert isinstance(cond, PredictionMix)
@@ -158,3 +159,27 @@ def test_the_interpolator_widget_offers_the_mix_and_shows_it(tiny_lab, tmp_path)
     want = tiny_lab.generate(slerp(tiny_lab.noise(1), tiny_lab.noise(2), ts)[:, 0], PredictionMix(a, b, ts.double()),
                              sampling=w.sampling)
     assert torch.equal(w._strip_images, want)
+
+
+def test_a_seed_walk_has_nothing_to_mix_and_does_not_pay_for_it(tiny_lab):
+    from latentlab.morph import Keyframe, MorphSettings, plan
+
+    walk = MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe(seed=2), Keyframe(seed=3)), n_frames=6,
+                         loop=True)
+    p = plan(tiny_lab, walk)
+    assert not p.mixes
+    _, cond = p.inputs(0, 6)
+    assert isinstance(cond, Conditioning) and len(cond) == 6
+    assert p.inputs(2, 3)[1].prompt_embeds.shape[0] == 1  # however sliced
+    # a loop back to the first prompt mixes, a morph whose first two keyframes share a prompt mixes everywhere
+    looped = MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe("a blue ring", 2)), n_frames=6, loop=True)
+    assert plan(tiny_lab, looped).mixes and isinstance(plan(tiny_lab, looped).inputs(0, 2)[1], PredictionMix)
+    partly = MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe(seed=2), Keyframe("a blue ring")),
+                           n_frames=7)
+    assert isinstance(plan(tiny_lab, partly).inputs(0, 2)[1], PredictionMix)
+
+
+def test_negative_indices_pick_one_item():
+    a, b = Conditioning(torch.arange(6.0).view(3, 1, 2)), Conditioning(-torch.arange(6.0).view(3, 1, 2))
+    m = PredictionMix(a, b, torch.tensor([0.0, 0.5, 1.0]))
+    assert a[-1].prompt_embeds.tolist() == [[[4.0, 5.0]]] and m[-1].weight.tolist() == [1.0] and len(m[-2]) == 1

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from latentlab import _checks
-from latentlab.backend import Backend, Conditioning
+from latentlab.backend import Backend, Conditioning, PredictionMix
 from latentlab.ops import blend
 
 __all__ = ["METHODS", "SPACES", "AtlasMap", "Landing", "check_map_request"]
@@ -305,9 +305,9 @@ class AtlasMap:
         """Generate ``(noise, conditioning)`` as one batch and say where each image lands on this map: ``(images
         (n, 3, H, W), map points (n, 2))`` -- each image embedded and projected with the map's own fit."""
         _checks.tensor(noise, "noise", min_ndim=4)
-        if not isinstance(conditioning, Conditioning):
-            raise TypeError(f"`conditioning` must be a latentlab Conditioning (lab.encode_prompt(...)), got "
-                            f"{type(conditioning).__name__}")
+        if not isinstance(conditioning, (Conditioning, PredictionMix)):
+            raise TypeError(f"`conditioning` must be a latentlab Conditioning (lab.encode_prompt(...)) or "
+                            f"PredictionMix, got {type(conditioning).__name__}")
         out = self._land(lab, noise, conditioning, sampling)
         return out["images"], out["landed"]
 

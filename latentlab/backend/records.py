@@ -30,7 +30,7 @@ class Conditioning:
         return self.prompt_embeds.shape[0]
 
     def __getitem__(self, idx) -> Conditioning:
-        idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
+        idx = slice(idx, idx + 1 or None) if isinstance(idx, int) else idx
         pooled = None if self.pooled_prompt_embeds is None else self.pooled_prompt_embeds[idx]
         mask = None if self.attention_mask is None else self.attention_mask[idx]
         return Conditioning(self.prompt_embeds[idx], pooled, mask)
@@ -121,7 +121,7 @@ class PredictionMix:
         return len(self.a)
 
     def __getitem__(self, idx) -> PredictionMix:
-        idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
+        idx = slice(idx, idx + 1 or None) if isinstance(idx, int) else idx
         return PredictionMix(self.a[idx], self.b[idx], self.weight[idx])
 
     def map(self, fn) -> PredictionMix:

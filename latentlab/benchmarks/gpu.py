@@ -128,8 +128,9 @@ def run(*, size: str = "sd15", frames: int = 32, steps: int = 20, guidance: floa
     lab = Lab(pipe=pipe, model_id=f"{size}-architecture-random-weights")
     lab.optimize(channels_last=channels_last, compile=compile)
     sampling = lab.sampling(Sampling(num_inference_steps=steps, guidance_scale=guidance))
+    # one conditioning per frame, as the plain pipeline it is compared with takes (prediction mixing doubles both)
     settings = MorphSettings(keyframes=(Keyframe("a photo of a cat", 1), Keyframe("a photo of a dog", 2)),
-                             n_frames=frames, sampling=sampling)
+                             n_frames=frames, sampling=sampling, prompt_interpolation="lerp")
     p = plan(lab, settings)
     lat, cond = p.inputs(0, frames)
     flops = frame_flops(lab, lat, cond, sampling)

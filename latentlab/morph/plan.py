@@ -52,17 +52,27 @@ class Plan:
         s = self.settings
         lat = path_at(self.keys, [f["noise_segment"] for f in fr], [f["noise_t"] for f in fr],
                       method=s.noise_interpolation, loop=s.loop)[:, 0]
-        if s.prompt_interpolation == "mix":
+        if s.prompt_interpolation == "mix" and self.mixes:
             k = len(self.conds)
             seg = [f["prompt_segment"] for f in fr]
             a = Conditioning.cat([self.conds[i] for i in seg])
             b = Conditioning.cat([self.conds[(i + 1) % k] for i in seg])
             return lat, PredictionMix(a, b, torch.tensor([float(f["prompt_t"]) for f in fr], dtype=torch.float64))
+        method = "lerp" if s.prompt_interpolation == "mix" else s.prompt_interpolation  # "mix" of one prompt
         cond = Conditioning.cat(self.conds).map(
             lambda t: path_at([x.float().cpu().unsqueeze(0) for x in t], [f["prompt_segment"] for f in fr],
-                              [f["prompt_t"] for f in fr], method=s.prompt_interpolation, loop=s.loop)[:, 0].to(t.dtype)
+                              [f["prompt_t"] for f in fr], method=method, loop=s.loop)[:, 0].to(t.dtype)
         )
         return lat, cond
+
+    @property
+    def mixes(self) -> bool:
+        """Whether prompt interpolation ``"mix"`` has anything to mix: some keyframe's conditioning differs from the
+        next one's. Decided for the whole morph (never per slice), so a frame is computed the same way however the
+        frames are batched, cached or re-created."""
+        k = len(self.conds)
+        pairs = range(k if self.settings.loop else k - 1)
+        return any(not _same(self.conds[i], self.conds[(i + 1) % k]) for i in pairs)
 
     @property
     def latents(self) -> torch.Tensor:
@@ -71,6 +81,12 @@ class Plan:
     @property
     def conditioning(self) -> Conditioning | PredictionMix:
         return self.inputs(0, len(self.frames))[1]
+
+
+def _same(a: Conditioning, b: Conditioning) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in ((a.prompt_embeds, b.prompt_embeds), (a.pooled_prompt_embeds, b.pooled_prompt_embeds),
+                            (a.attention_mask, b.attention_mask)))
 
 
 def clip_distance(clip) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -113,6 +113,12 @@ class AudioTrack:
 class MorphSettings:
     """Everything that determines the frames of a morph (serialised into the manifest).
 
+    The prompt path defaults to ``"mix"`` (:data:`PROMPT_METHODS`): each in-between is denoised with both of its
+    keyframes' prompts and the two predictions are mixed at every step, which keeps more in-betweens on one of
+    the two prompts' attributes than interpolating their encodings does (67.9 % -> 75.7 % clean on 100 held-out
+    pairs, BENCHMARKS.md) at about twice the denoiser's work; ``"lerp"`` is the previous default and the fast
+    choice. A morph whose keyframes all share one prompt (a seed walk) needs no mixing and does none.
+
     ``sampling`` holds steps, guidance, negative prompt and scheduler (``None`` fields: the model's defaults,
     resolved by the backend and recorded complete in the manifest).
     """
@@ -123,7 +129,7 @@ class MorphSettings:
     loop: bool = False
     noise_interpolation: str = "slerp"
     noise_easing: str = "linear"
-    prompt_interpolation: str = "lerp"
+    prompt_interpolation: str = "mix"
     prompt_easing: str = "linear"
     sampling: Sampling = field(default_factory=Sampling)
     height: int | None = None
