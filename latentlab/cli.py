@@ -398,10 +398,10 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
     m.add_argument("--noise-interp", choices=METHODS, default=None if walk else "slerp",
                    help="noise path (default: " + ("spline for 3+ seeds, else slerp)" if walk else "%(default)s)"))
     m.add_argument("--noise-easing", choices=EASINGS, default="linear")
-    m.add_argument("--prompt-interp", choices=PROMPT_METHODS, default="mix",
-                   help="prompt path (default: %(default)s: every frame is denoised with both keyframes' prompts and "
-                        "the predictions are mixed, fewer third things in between, about twice the work; lerp/slerp "
-                        "interpolate the prompt encodings)")
+    m.add_argument("--prompt-interp", choices=PROMPT_METHODS, default="lerp",
+                   help="prompt path (default: %(default)s): lerp/slerp interpolate the prompt encodings; 'mix' "
+                        "denoises every frame with both keyframes' prompts and mixes the predictions (fewer third "
+                        "colours or shapes between prompts one attribute apart, about twice the work)")
     m.add_argument("--prompt-easing", choices=EASINGS, default="linear")
     m.add_argument("--pacing", choices=PACINGS, default="none",
                    help="'even': re-time from a cheap preview so consecutive frames change by about the same amount")

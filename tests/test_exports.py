@@ -115,10 +115,11 @@ def test_cli_export_of_a_rendered_morph(tmp_path, capsys):
     assert exports.read_deforum_schedule(folder / "deforum.json").keyframes == s.keyframes
     assert cli.main(["export", f"{out}.json", "-o", str(folder)]) == 2  # no silent overwrite
     assert "exists" in capsys.readouterr().err
-    # The default morph mixes two prompts' predictions per frame: noise and keyframes export, the conditioning
-    # cannot (said on stderr), and the Deforum schedule keeps the prompt path's name.
+    # A morph that mixes two prompts' predictions per frame: noise and keyframes export, the conditioning cannot
+    # (said on stderr), and the Deforum schedule keeps the prompt path's name.
     mixed = tmp_path / "mixed.gif"
-    assert cli.main(["morph", "a red star", "a blue ring", "--frames", "6", "--steps", "3", "-o", str(mixed)]) == 0
+    assert cli.main(["morph", "a red star", "a blue ring", "--frames", "6", "--steps", "3", "--prompt-interp", "mix",
+                     "-o", str(mixed)]) == 0
     folder = tmp_path / "exp-mixed"
     assert cli.main(["export", f"{mixed}.json", "-o", str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["deforum.json", "noise.latent"]

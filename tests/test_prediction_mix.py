@@ -108,9 +108,9 @@ def test_a_morph_with_prompt_mix_plans_pairs_keys_frames_and_records_it(tiny_lab
     from latentlab.morph.render import _frame_key
 
     keys = (Keyframe("a red star", 1), Keyframe("a blue ring", 2), Keyframe("a green cross"))
-    mixed = MorphSettings(keyframes=keys, n_frames=7)
+    mixed = MorphSettings(keyframes=keys, n_frames=7, prompt_interpolation="mix")
     lerped = MorphSettings(keyframes=keys, n_frames=7, prompt_interpolation="lerp")
-    assert MorphSettings(keyframes=keys).prompt_interpolation == "mix"  # the default
+    assert MorphSettings(keyframes=keys).prompt_interpolation == "lerp"  # the default
     p = plan(tiny_lab, mixed)
     lat, cond = p.inputs(0, 7)
     assert isinstance(cond, PredictionMix)
@@ -165,17 +165,18 @@ def test_a_seed_walk_has_nothing_to_mix_and_does_not_pay_for_it(tiny_lab):
     from latentlab.morph import Keyframe, MorphSettings, plan
 
     walk = MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe(seed=2), Keyframe(seed=3)), n_frames=6,
-                         loop=True)
+                         loop=True, prompt_interpolation="mix")
     p = plan(tiny_lab, walk)
     assert not p.mixes
     _, cond = p.inputs(0, 6)
     assert isinstance(cond, Conditioning) and len(cond) == 6
     assert p.inputs(2, 3)[1].prompt_embeds.shape[0] == 1  # however sliced
     # a loop back to the first prompt mixes, a morph whose first two keyframes share a prompt mixes everywhere
-    looped = MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe("a blue ring", 2)), n_frames=6, loop=True)
+    looped = MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe("a blue ring", 2)), n_frames=6, loop=True,
+                           prompt_interpolation="mix")
     assert plan(tiny_lab, looped).mixes and isinstance(plan(tiny_lab, looped).inputs(0, 2)[1], PredictionMix)
     partly = MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe(seed=2), Keyframe("a blue ring")),
-                           n_frames=7)
+                           n_frames=7, prompt_interpolation="mix")
     assert isinstance(plan(tiny_lab, partly).inputs(0, 2)[1], PredictionMix)
 
 

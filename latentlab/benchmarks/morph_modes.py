@@ -27,7 +27,7 @@ from pathlib import Path
 #: name -> MorphSettings overrides. The first is the default morph (the baseline of the ratios).
 MODES: dict[str, dict] = {
     "default": {},
-    "prompt lerp (the default before prediction mixing)": {"prompt_interpolation": "lerp"},
+    "prediction mix": {"prompt_interpolation": "mix"},
     "prompt slerp": {"prompt_interpolation": "slerp"},
     "smoothstep easing": {"prompt_easing": "smoothstep", "noise_easing": "smoothstep"},
     "pacing even (pixels)": {"pacing": "even"},

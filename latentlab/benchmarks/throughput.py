@@ -40,8 +40,7 @@ def _variant(name: str, n_frames: int, out: Path, threads: int) -> dict:
     from latentlab.morph import Keyframe, MorphSettings, plan, render_morph
 
     lab = Lab.default()
-    # The prompt encodings' interpolation: the peer's pipeline takes one conditioning per frame (prediction
-    # mixing, the morph default, is twice this work; the README command below renders with it).
+    # One conditioning per frame, as the peer's pipeline takes (prediction mixing would be twice this work).
     settings = MorphSettings(keyframes=(Keyframe(PROMPTS[0], 0), Keyframe(PROMPTS[1], 0)), n_frames=n_frames,
                              prompt_interpolation="lerp")
     t0 = time.perf_counter()

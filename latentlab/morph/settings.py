@@ -113,11 +113,12 @@ class AudioTrack:
 class MorphSettings:
     """Everything that determines the frames of a morph (serialised into the manifest).
 
-    The prompt path defaults to ``"mix"`` (:data:`PROMPT_METHODS`): each in-between is denoised with both of its
-    keyframes' prompts and the two predictions are mixed at every step, which keeps more in-betweens on one of
-    the two prompts' attributes than interpolating their encodings does (67.9 % -> 75.7 % clean on 100 held-out
-    pairs, BENCHMARKS.md) at about twice the denoiser's work; ``"lerp"`` is the previous default and the fast
-    choice. A morph whose keyframes all share one prompt (a seed walk) needs no mixing and does none.
+    The prompt path (``prompt_interpolation``, :data:`PROMPT_METHODS`) interpolates the keyframes' prompt encodings
+    (``"lerp"``, the default) or mixes their predictions (``"mix"``: each in-between is denoised with both prompts
+    and the two outputs are mixed at every step, about twice the work). On 100 held-out pairs that differ in one
+    attribute ``"mix"`` keeps more in-betweens on one of the two prompts' attributes (75.7 % against 67.9 %), but
+    between prompts that differ in everything it can flicker between the two (BENCHMARKS.md), so it is a choice.
+    A morph whose keyframes all share one prompt (a seed walk) has nothing to mix and does none.
 
     ``sampling`` holds steps, guidance, negative prompt and scheduler (``None`` fields: the model's defaults,
     resolved by the backend and recorded complete in the manifest).
@@ -129,7 +130,7 @@ class MorphSettings:
     loop: bool = False
     noise_interpolation: str = "slerp"
     noise_easing: str = "linear"
-    prompt_interpolation: str = "mix"
+    prompt_interpolation: str = "lerp"
     prompt_easing: str = "linear"
     sampling: Sampling = field(default_factory=Sampling)
     height: int | None = None
