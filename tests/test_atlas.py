@@ -26,6 +26,7 @@ def atlas(lab):
     return build_atlas(lab, list(attrs), [1, 2], attributes=attrs, progress=False)
 
 
+@pytest.mark.slow
 def test_projections_recover_the_worlds_structure(atlas):
     """Thresholds (measured on 192 items: 100 %, 80 %, 0.99, <= 15 %) sit well above chance and below what was
     measured, so the test fails if the atlas, the projections or the model lose their structure:
@@ -46,6 +47,7 @@ def test_projections_recover_the_worlds_structure(atlas):
         assert knn_accuracy(noise2, atlas.labels(key)) <= 0.3, key
 
 
+@pytest.mark.slow
 def test_atlas_round_trips_and_plots(atlas, tmp_path):
     path = atlas.save(tmp_path / "atlas.safetensors")
     again = Atlas.load(path)
@@ -62,6 +64,7 @@ def test_atlas_round_trips_and_plots(atlas, tmp_path):
         atlas.labels("mood")
 
 
+@pytest.mark.slow
 def test_a_prompt_direction_changes_the_attribute_it_names(lab):
     """Moving "a large red star on a blue background" along (green - red) makes green stars: read by the evaluator."""
     from latentlab.embedded.evaluate import segment

@@ -208,6 +208,7 @@ def test_inpaint_keeps_the_unmasked_latent_exactly_and_changes_the_masked_part(t
         tiny_lab.inpaint(z0, cond, torch.full((1, 1, 8, 8), 2.0))
 
 
+@pytest.mark.slow
 def test_ddim_inversion_round_trip_on_the_embedded_model():
     """On a trained model (a random tiny UNet is no smooth denoiser, so inversion says little there)."""
     from latentlab.backend import Lab

@@ -338,6 +338,7 @@ def test_build_atlas_refuses_a_string_of_prompts():
         build_atlas(FakeBackend(), ["a red star"], 1, clip=object())
 
 
+@pytest.mark.slow
 def test_umap_transform_checks_the_feature_count():
     import numpy as np
 

@@ -7,6 +7,7 @@ import pytest
 from latentlab.benchmarks import morph, projection, structure
 
 
+@pytest.mark.slow
 def test_morph_benchmark_runs_both_sides_and_writes_its_table(tmp_path, capsys):
     md = tmp_path / "bench.md"
     morph.main(["--frames", "4", "--threads", "1", "--batches", "4", "--markdown", str(md)])
@@ -17,6 +18,7 @@ def test_morph_benchmark_runs_both_sides_and_writes_its_table(tmp_path, capsys):
     assert all(len(row.split("|")) == 7 for row in table[-4:])  # 5 cells: no stray pipes
 
 
+@pytest.mark.slow
 def test_projection_benchmark_runs_and_writes_its_table(tmp_path):
     md = tmp_path / "bench.md"
     projection.main(["--sizes", "400", "--dim", "64", "--threads", "1", "--no-warmup", "--markdown", str(md)])
@@ -25,6 +27,7 @@ def test_projection_benchmark_runs_and_writes_its_table(tmp_path):
         "PCA-50 scikit-learn (randomized)", "PCA-50 latentlab (torch)", "UMAP on raw data", "UMAP after PCA-50"]
 
 
+@pytest.mark.slow
 def test_structure_measurement_runs_and_prints_its_table(capsys):
     structure.main(["--prompts", "16", "--seeds", "1", "2"])
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
@@ -32,6 +35,7 @@ def test_structure_measurement_runs_and_prints_its_table(capsys):
     assert rows[-1].startswith("| noise / UMAP |")
 
 
+@pytest.mark.slow
 def test_latency_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     from latentlab.benchmarks import latency
 
@@ -50,6 +54,7 @@ def test_latency_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     assert all(float(r[4]) > 0 and float(r[5]) <= float(r[6]) for r in previews)
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_on_cpu_counts_flops_that_add_up(tmp_path, capsys):
     """The GPU benchmark at its CPU smoke size: both sides run, the report names the device, and the FLOP count
     is the UNet's FLOPs per step (CFG batch 2; the cross-attention keys and values are computed at the first step
@@ -91,6 +96,7 @@ def test_gpu_benchmark_smoke_on_cpu_counts_flops_that_add_up(tmp_path, capsys):
     assert gpu.peak_tflops(torch.device("cpu")) is None
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_smoke(tmp_path, capsys):
     from latentlab.benchmarks import throughput
 
@@ -102,6 +108,7 @@ def test_throughput_benchmark_smoke(tmp_path, capsys):
     assert table.count("| 6 |") == 3
 
 
+@pytest.mark.slow
 def test_families_benchmark_smoke(capsys):
     """The per-family benchmark runs (tiny settings) and its FireFlow claim holds: 8 calls beat Euler's 24."""
     import json

@@ -114,6 +114,7 @@ def test_a_failed_distributed_render_fails_on_every_rank_and_resumes(tmp_path):
 
 
 @pytest.mark.skipif(not Path(sys.executable).with_name("accelerate").exists(), reason="no accelerate launcher")
+@pytest.mark.slow
 def test_cli_morph_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     """The README's command, unchanged, under `accelerate launch --multi_gpu --num_processes 2` (on a machine
     without CUDA accelerate's launcher starts two gloo processes; PartialState(cpu=True) makes them ranks 0 and 1)."""
@@ -153,6 +154,7 @@ def _rank_grid(out: str) -> None:
     Path(out + f".rank{ranks().rank}").write_text(str(code))
 
 
+@pytest.mark.slow
 def test_cli_grid_under_two_processes_equals_one_process(tmp_path):
     from latentlab import cli
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from latentlab import Lab, embedded
@@ -22,6 +23,7 @@ def test_shipped_folder_is_plain_diffusers_small_and_safetensors_only():
     assert out.shape == (1, 3, 64, 64)
 
 
+@pytest.mark.slow
 def test_default_lab_follows_prompts_on_held_out_combinations():
     lab = Lab.default()
     assert lab.latent_shape() == (4, 8, 8) and lab.default_size() == (64, 64)
@@ -43,6 +45,7 @@ def test_embedded_clip_reads_colours():
     assert scores["colour"] >= 0.9 and scores["background"] >= 0.9, scores
 
 
+@pytest.mark.slow
 def test_the_readme_demo_starts_and_ends_on_what_its_prompts_say():
     """The README's main job morphs "a large red circle on a blue background" to "a small yellow star on a black
     background" (seed 0): its first and last frames are read by the evaluator as exactly those attributes."""
@@ -72,6 +75,7 @@ def test_the_shipped_shape_reader_is_the_evaluators():
     assert acc >= 0.98
 
 
+@pytest.mark.slow
 def test_the_flow_twin_is_a_plain_sd3_folder_that_follows_prompts():
     """'embedded-shapes-flow': a StableDiffusion3Pipeline folder (<= 40 MB, safetensors only) that a plain
     DiffusionPipeline.from_pretrained loads and generates from; on the same VAE as the default model."""

@@ -54,6 +54,7 @@ def test_evaluator_reads_sizes_from_rendered_images():
     assert right >= 0.95 * 96, right
 
 
+@pytest.mark.slow
 def test_evaluator_shape_classifier_learns_shapes_and_ignores_the_thread_count():
     # Short run (the evaluator trains 400 steps: 99-100 % on held-out renders); 100 steps measured 90.6 %.
     net, acc = evaluate.train_shape_classifier(steps=100)
@@ -140,6 +141,7 @@ def test_region_locality_is_zero_for_a_local_decoder_and_catches_a_leak_in_every
     assert int(lat.sum()) == 16 and int((~keep).sum()) == 36 * 64  # the 4x4 square and its 1-pixel ring, in pixels
 
 
+@pytest.mark.slow
 def test_the_adversarial_decoder_stage_trains_both_networks_and_resumes(tmp_path):
     from safetensors.torch import load_file
 
@@ -160,6 +162,7 @@ def test_the_adversarial_decoder_stage_trains_both_networks_and_resumes(tmp_path
     assert disc(torch.rand(2, 3, 64, 64)).shape == (2, 1, 8, 8)
 
 
+@pytest.mark.slow
 def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -201,6 +204,7 @@ def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
     assert json.loads((again / "unet-ckpt" / "meta.json").read_text())["step"] == 1
 
 
+@pytest.mark.slow
 def test_flow_twin_recipe_smoke_train_package_load_unpack(tmp_path):
     """A few steps of the flow twin's recipe, packaged, load with a plain DiffusionPipeline and generate; the
     collapsed-pad training attention equals the pipeline's 256 zero tokens; unpack resumes from a package."""
@@ -250,6 +254,7 @@ def test_fast_model_line_is_what_ddim_follows():
         assert torch.allclose(x, x0, atol=1e-10 if steps != 3 else 1e-2)
 
 
+@pytest.mark.slow
 def test_fast_model_recipe_smoke_data_student_tiny_package_load(tmp_path):
     """A few steps of every stage of the few-step model's recipe; the teacher data are the default pipeline's own
     latents; the package loads as a plain StableDiffusionPipeline with a tiny decoder and generates in 2 steps."""

@@ -43,6 +43,7 @@ def _same_image(png, lab, latent) -> bool:
     return shown.shape == want.shape and np.abs(shown - want).max() <= 2
 
 
+@pytest.mark.slow
 def test_a_scrub_or_a_new_prompt_made_while_images_decode_is_never_dropped(unet):
     """The background decoding continues itself chunk by chunk on the widget's worker; a step or a prompt the user
     sets meanwhile waits on the same worker and must still run (a browser drag right after "ready" once showed
@@ -75,6 +76,7 @@ def test_a_scrub_or_a_new_prompt_made_while_images_decode_is_never_dropped(unet)
     assert w.error.value == ""
 
 
+@pytest.mark.slow
 def test_scrubber_shows_the_models_own_trajectory_step_by_step(unet, flow):
     from latentlab.sampling import Sampling
     from latentlab.widgets import TimestepScrubber
@@ -103,6 +105,7 @@ def test_scrubber_shows_the_models_own_trajectory_step_by_step(unet, flow):
     assert w.wait() and w.step.max == 4 and w.runs[0].n == 4
 
 
+@pytest.mark.slow
 def test_scrubber_errors_are_clear_and_shown_in_the_widget(unet):
     from latentlab.widgets import TimestepScrubber
 
@@ -134,6 +137,7 @@ def test_token_view_shows_tokens_limit_cut_and_rows(unet, flow):
     assert w.views[0].value.count("ll-token-cut") == 102 - 77 and "cut off" in w.views[0].value
 
 
+@pytest.mark.slow
 def test_trajectory_map_finds_where_two_prompts_split(unet, flow):
     from latentlab.sampling import Sampling
     from latentlab.widgets import TrajectoryMap
@@ -151,6 +155,7 @@ def test_trajectory_map_finds_where_two_prompts_split(unet, flow):
     assert w.wait() and all(info["split"] is None for info in w.summary) and "never split" in w.captions[0].value
 
 
+@pytest.mark.slow
 def test_toylab_trains_draws_and_reflows():
     from latentlab.widgets import ToyLab
 
@@ -185,6 +190,7 @@ def test_toylab_trains_draws_and_reflows():
         ToyLab("squares")
 
 
+@pytest.mark.slow
 def test_explainers_work_on_any_family(flow_lab, tiny_lab, tiny_sdxl_path):
     """Any diffusers model a user loads: tiny SD3 (with and without T5), Flux dev/schnell, SD and SDXL pipelines,
     side by side in one widget; the tokens view's rows are the conditioning rows of the kept tokens."""
@@ -234,6 +240,7 @@ class _Counting:
         return self.lab.trajectory(*args, on_step=count, **kw)
 
 
+@pytest.mark.slow
 def test_the_scrubber_draws_the_sliders_step_as_soon_as_it_is_computed_and_drops_a_superseded_prompt(unet):
     from latentlab.sampling import Sampling
     from latentlab.widgets import TimestepScrubber

@@ -95,6 +95,7 @@ def test_directions_are_plain_npy_and_pickles_are_refused(tmp_path):
         exports.load_direction(tmp_path / "evil.npy")
 
 
+@pytest.mark.slow
 def test_cli_export_of_a_rendered_morph(tmp_path, capsys):
     from latentlab import Lab, cli
 

@@ -113,6 +113,7 @@ def test_noise_is_the_pipelines_own_initial_noise(flow_lab):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.slow
 def test_generate_equals_the_plain_pipeline(flow_lab, guidance):
     lab = flow_lab
     z = lab.noise([1, 2], height=_size(lab), width=_size(lab))
@@ -177,6 +178,7 @@ def test_vae_scaling_matches_the_pipeline(flow_lab):
     assert torch.allclose(lab.encode(images, batch_size=2), (post - vae.config.shift_factor) * vae.config.scaling_factor)
 
 
+@pytest.mark.slow
 def test_trajectory_x0_and_final(flow_lab):
     lab = flow_lab
     z = lab.noise([7], height=_size(lab), width=_size(lab))
@@ -190,6 +192,7 @@ def test_trajectory_x0_and_final(flow_lab):
     assert traj.timesteps[0] == pytest.approx(1000.0)
 
 
+@pytest.mark.slow
 def test_heun_is_second_order(flow_lab):
     lab = flow_lab
     z = lab.noise([9], height=_size(lab), width=_size(lab))
@@ -201,6 +204,7 @@ def test_heun_is_second_order(flow_lab):
     assert (heun - ref).norm() < (euler - ref).norm()
 
 
+@pytest.mark.slow
 def test_flow_inversion_regenerates_its_source_and_fireflow_beats_euler(flow_lab):
     lab = flow_lab
     cond = lab.encode_prompt("a large red circle")
@@ -221,6 +225,7 @@ def test_flow_inversion_regenerates_its_source_and_fireflow_beats_euler(flow_lab
         lab.invert(source, cond, solver="ddim")
 
 
+@pytest.mark.slow
 def test_img2img_equals_the_plain_img2img_pipeline(flow_lab):
     import diffusers
 
@@ -256,6 +261,7 @@ def test_img2img_equals_the_plain_img2img_pipeline(flow_lab):
     assert (own - ours).abs().max() <= 2e-3  # ... is diffusers' flow img2img
 
 
+@pytest.mark.slow
 def test_inpaint_keeps_the_unmasked_latents(flow_lab):
     lab = flow_lab
     cond = lab.encode_prompt("a red star")
@@ -348,6 +354,7 @@ def test_lab_loads_every_family_from_a_folder(tiny_sd3_path, tiny_flux_path, tin
         assert lab.family == family and lab.model_id == str(path)
 
 
+@pytest.mark.slow
 def test_cli_renders_flow_models_at_any_size_and_recreates_frames(tiny_flux_path, tiny_sd3_path, tiny_flux2_path,
                                                                   tiny_chroma_path, tiny_lumina2_path,
                                                                   tiny_qwenimage_path, tmp_path, capsys):
@@ -414,6 +421,7 @@ def test_python_m_latentlab_works_like_the_script():
 
 
 @pytest.mark.parametrize("model", ["tiny_flux_path", "tiny_chroma_path", "tiny_flux2_path"])
+@pytest.mark.slow
 def test_atlas_and_widgets_work_on_a_flow_model(model, request, tmp_path):
     """The layers above the backend see a Flux model through the Backend protocol like any other."""
     from fakes import FakeCLIP

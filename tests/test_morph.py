@@ -298,6 +298,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_over_a_1000_frame_render(tiny_sd_path):
     """Peak memory of a 1,000-frame render is that of a 100-frame one (frames stream to the encoder and the cache;
     inputs are computed per batch): 1,000 upscaled 128x128 frames would add ~47 MiB if they were held."""
@@ -313,6 +314,7 @@ def test_memory_stays_flat_over_a_1000_frame_render(tiny_sd_path):
     assert long - short < 15, (short, long)
 
 
+@pytest.mark.slow
 def test_image_keyframe_is_inverted_and_the_morph_starts_at_the_image(tmp_path):
     from latentlab import Lab
     from latentlab.embedded import world
@@ -440,6 +442,7 @@ def test_a_failed_encode_keeps_the_previous_video_manifest_and_cache(tiny_sd_pat
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.slow
 def test_a_terminated_render_leaves_no_worker_running_and_resumes(tmp_path, how):
     """kill / timeout / a scheduler's SIGTERM (or SIGKILL) on a render with workers: no worker outlives it, the
     finished frames stay in the cache, and the same render resumes to the same video."""

@@ -60,6 +60,7 @@ def test_generate_mixes_the_guided_predictions_like_a_hand_written_ddim_loop(tin
     assert (ours - plain).abs().max() > 1e-2  # the mix is not one of the prompts
 
 
+@pytest.mark.slow
 def test_mixing_works_alike_on_every_flow_family(flow_lab):
     """Weight 0 is prompt a's generation and 1 is b's (the two copies of each item stay one), a mix of a prompt
     with itself is that prompt, and a weight in between is neither -- for every family's batching of guidance."""

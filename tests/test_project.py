@@ -102,6 +102,7 @@ def test_structure_metrics_see_structure_and_its_absence():
     assert trustworthiness(x, emb) > trustworthiness(x, shuffled) + 0.2
 
 
+@pytest.mark.slow
 def test_umap_contract_and_pca_first_for_wide_inputs():
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(120) % 3

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,7 @@ def test_two_commands_install_cpu_torch_first():
     assert "Run the test suite:" in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 def test_python_examples_in_the_readme_run():
     text = (ROOT / "README.md").read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]

@@ -73,6 +73,7 @@ def test_noising_endpoints():
         torch.testing.assert_close(pure, toy2d.forward_noise(data * 0, 1.0, kind, seed=5), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_measures():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(4000, 2, generator=g)
@@ -95,6 +96,7 @@ def test_training_is_deterministic_and_continues():
     assert path.shape == (5, 16, 2) and torch.equal(path[0], toy2d.noise(16, seed=1))
 
 
+@pytest.mark.slow
 def test_the_lessons_claims_on_freshly_trained_models():
     """What notebook 05 states, measured on a preset the notebook does not use: both families learn the data;
     one Euler step from noise gives the data mean for both (the paths are not straight); reflow straightens the

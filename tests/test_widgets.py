@@ -88,6 +88,7 @@ def test_seed_browser_picks_variations_and_code():
     assert b.wait() and b.error.value == "" and b.grid.labels[0] == "seed 0"
 
 
+@pytest.mark.slow
 def test_seed_browser_code_recreates_the_picked_images_on_the_embedded_model():
     import latentlab as ll
     from latentlab.widgets import SeedBrowser
