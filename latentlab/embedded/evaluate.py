@@ -313,17 +313,9 @@ def generation(pipe, shape_net: ShapeNet, *, n: int = 256, steps: int = 20, guid
 @torch.no_grad()
 def decoder_locality(vae, n: int = 64, seed: int = 123, seam: int = 1) -> float:
     """RMS change (images in [0, 1]) of the left part of a decoded image when the right half of its latent is
-    replaced by another image's, outside a ``seam`` latent pixels wide: 0 for a perfectly local decoder."""
-    x = world.sample(2 * n, seed=seed).images * 2 - 1
-    z = posterior_mean(vae, x)
-    za, zb = z[:n], z[n:]
-    half = z.shape[-1] // 2
-    mix = za.clone()
-    mix[..., half:] = zb[..., half:]
-    f = x.shape[-1] // z.shape[-1]
-    keep = (half - seam) * f
-    da, dm = vae.decode(za).sample, vae.decode(mix).sample
-    return float(((dm - da)[..., :keep] / 2).pow(2).mean().sqrt())
+    replaced by another image's, outside a ``seam`` latent pixels wide: 0 for a perfectly local decoder (the "right
+    half" of :func:`decoder_locality_regions`)."""
+    return decoder_locality_regions(vae, n, seed, seam, regions=("right half",))["right half"]
 
 
 #: The edited regions of the locality measures (v3): quadrants, halves and a centred square, as fractions of the
@@ -350,7 +342,8 @@ def region_masks(h: int, w: int, region: tuple[float, float, float, float], *, f
 
 
 @torch.no_grad()
-def decoder_locality_regions(vae, n: int = 64, seed: int = 123, seam: int = 1) -> dict[str, float]:
+def decoder_locality_regions(vae, n: int = 64, seed: int = 123, seam: int = 1,
+                             regions: tuple[str, ...] = tuple(LOCALITY_REGIONS)) -> dict[str, float]:
     """Per region of :data:`LOCALITY_REGIONS`: the RMS change (images in [0, 1]) outside the region (and a ``seam``
     latent pixels wide around it) when the region's latents are replaced by another image's; ``"worst"`` is the
     largest. 0 for a perfectly local decoder."""
@@ -360,8 +353,8 @@ def decoder_locality_regions(vae, n: int = 64, seed: int = 123, seam: int = 1) -
     f = x.shape[-1] // z.shape[-1]
     da = vae.decode(za).sample
     out = {}
-    for name, region in LOCALITY_REGIONS.items():
-        lat, keep = region_masks(*z.shape[-2:], region, f=f, seam=seam)
+    for name in regions:
+        lat, keep = region_masks(*z.shape[-2:], LOCALITY_REGIONS[name], f=f, seam=seam)
         dm = vae.decode(torch.where(lat, zb, za)).sample
         out[name] = float(((dm - da) / 2)[..., keep].pow(2).mean().sqrt())
     out["worst"] = max(out.values())
