@@ -639,9 +639,10 @@ def main(argv: list[str] | None = None) -> None:
 
         lab = Lab.from_pretrained(path, device="cpu")
         lab.defaults = lab.defaults.replace(num_inference_steps=args.steps, guidance_scale=args.guidance)
-        results["decoder_locality_rms"] = decoder_locality(pipe.vae.float())
+        regions = decoder_locality_regions(pipe.vae.float())
+        results["decoder_locality_rms"] = regions["right half"]  # decoder_locality, computed once
         results["inpaint_locality_rms"] = inpaint_locality(lab)
-        results["decoder_locality_regions_rms"] = decoder_locality_regions(pipe.vae.float())
+        results["decoder_locality_regions_rms"] = regions
         results["inpaint_locality_regions_rms"] = inpaint_locality_regions(lab)
         results["graded_img2img_new_colour_share"] = graded_img2img(lab, shape_net)
         results["clean_inbetweens"] = clean_inbetweens(lab, shape_net)
