@@ -9,18 +9,24 @@ import math
 from collections.abc import Sequence
 from numbers import Real
 
+import numpy as np
 import torch
 
 
-def tensor(x: object, name: str, *, min_ndim: int = 1, floating: bool = True, empty: bool = False) -> torch.Tensor:
-    """Return ``x`` if it is a tensor of at least ``min_ndim`` dims (floating point unless told), not empty (unless
-    ``empty``), with only finite values, else raise.
+def tensor(x: object, name: str, *, min_ndim: int = 1, floating: bool = True, empty: bool = False,
+           ndim: int | None = None, what: str = "") -> torch.Tensor:
+    """Return ``x`` if it is a tensor of at least ``min_ndim`` dims (exactly ``ndim`` when given; ``what`` says
+    what that shape means, e.g. "(N, 3, H, W) images"), floating point unless told, not empty (unless ``empty``),
+    with only finite values, else raise.
 
     This is latentlab's NaN policy, in one place: every public function that takes a tensor refuses NaN and
     infinity at its boundary with a ``ValueError`` naming the argument (it never propagates them silently).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"`{name}` must have {ndim} dimension(s){f' ({what})' if what else ''}, got shape "
+                         f"{tuple(x.shape)}")
     if x.ndim < min_ndim:
         raise ValueError(f"`{name}` must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
@@ -28,6 +34,42 @@ def tensor(x: object, name: str, *, min_ndim: int = 1, floating: bool = True, em
     if not empty and x.numel() == 0:
         raise ValueError(f"`{name}` is empty (shape {tuple(x.shape)}): give at least one item")
     return finite(x, name)
+
+
+def real_values(x: object, name: str, *, what: str = "values", empty: bool = False) -> np.ndarray:
+    """A 1-D run of real numbers -- a list, a numpy array or a tensor; integers allowed (PCM audio), bool and
+    complex not -- finite and not empty (unless ``empty``), as a float64 numpy array: the same NaN policy as
+    :func:`tensor` for the numpy side of the library (audio, metrics).
+
+    >>> real_values([1, 2.5], "distances").tolist()
+    [1.0, 2.5]
+    >>> real_values([[1.0]], "y", what="mono samples")
+    Traceback (most recent call last):
+    ...
+    ValueError: `y` must be 1-D (mono samples), got shape (1, 1)
+    """
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"`{name}` must hold real numbers, got dtype {x.dtype}")
+        arr = x.detach().cpu().double().numpy()
+    elif isinstance(x, (np.ndarray, list, tuple)):
+        try:
+            arr = np.asarray(x)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"`{name}` must be a 1-D run of numbers ({what}): {e}") from None
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(f"`{name}` must hold real numbers, got dtype {arr.dtype}")
+        arr = arr.astype(np.float64)
+    else:
+        raise TypeError(f"`{name}` must be a 1-D array, list or tensor of {what}, got {type(x).__name__}")
+    if arr.ndim != 1:
+        raise ValueError(f"`{name}` must be 1-D ({what}), got shape {arr.shape}")
+    if not empty and arr.size == 0:
+        raise ValueError(f"`{name}` is empty: give at least one value ({what})")
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise ValueError(f"`{name}` must be finite, got {bad} NaN/infinite value(s) in {arr.size} {what}")
+    return arr
 
 
 def same_kind(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> None:

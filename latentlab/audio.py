@@ -28,12 +28,20 @@ N_FFT, HOP = 1024, 256
 
 
 def _samples(y: object) -> np.ndarray:
-    y = np.asarray(y, dtype=np.float32)
-    if y.ndim != 1:
-        raise ValueError(f"`y` must be mono samples (1-D), got shape {y.shape}")
-    if not np.isfinite(y).all():
-        raise ValueError("`y` must be finite")
-    return y
+    return _checks.real_values(y, "y", what="mono samples").astype(np.float32)
+
+
+def _rate(sr: object, hop: object) -> int:
+    """Check the sample rate and the hop (both positive ints); return the rate."""
+    _checks.positive_int(hop, "hop")
+    return _checks.positive_int(sr, "sr")
+
+
+def _envelope(envelope: object) -> np.ndarray:
+    env = _checks.real_values(envelope, "envelope", what="onset strengths, one per hop")
+    if (env < 0).any():
+        raise ValueError(f"`envelope` must be non-negative (an onset strength), got a minimum of {env.min():.4g}")
+    return env
 
 
 def onset_strength(y: np.ndarray, sr: int = SAMPLE_RATE, *, n_fft: int = N_FFT, hop: int = HOP) -> np.ndarray:
@@ -46,7 +54,7 @@ def onset_strength(y: np.ndarray, sr: int = SAMPLE_RATE, *, n_fft: int = N_FFT, 
     0.5
     """
     y = _samples(y)
-    _checks.positive_int(sr, "sr")
+    sr, n_fft = _rate(sr, hop), _checks.positive_int(n_fft, "n_fft", minimum=2)
     pad = np.pad(y, (n_fft // 2, n_fft // 2 + hop), mode="reflect" if len(y) > n_fft else "constant")
     n = 1 + (len(pad) - n_fft) // hop
     frames = np.lib.stride_tricks.sliding_window_view(pad, n_fft)[::hop][:n] * np.hanning(n_fft).astype(np.float32)
@@ -75,8 +83,11 @@ def onsets(envelope: np.ndarray, sr: int = SAMPLE_RATE, *, hop: int = HOP, delta
     >>> np.round(onsets(onset_strength(y, sr), sr), 2).tolist()
     [0.23, 0.91, 1.5]
     """
-    env = np.asarray(envelope, dtype=np.float64)
-    if env.size == 0 or env.max() - env.min() <= 0:
+    env = _envelope(envelope)
+    sr = _rate(sr, hop)
+    delta = _checks.real(delta, "delta", low=0.0)
+    wait = _checks.real(wait, "wait", low=0.0)
+    if env.max() - env.min() <= 0:
         return np.zeros(0)
     env = (env - env.min()) / (env.max() - env.min())
     k = max(1, round(0.03 * sr / hop))
@@ -99,6 +110,9 @@ def beats(y: np.ndarray, sr: int = SAMPLE_RATE, *, hop: int = HOP, envelope: np.
     librosa's tempo estimate is, against octave errors) and, on that grid, the strongest onset near each beat,
     from the first onset to the last. ``envelope``: the onset strength of ``y`` if already computed."""
     y = _samples(y)
+    sr = _rate(sr, hop)
+    if envelope is not None:
+        envelope = _envelope(envelope)
     try:
         import librosa
     except ImportError:
@@ -106,7 +120,7 @@ def beats(y: np.ndarray, sr: int = SAMPLE_RATE, *, hop: int = HOP, envelope: np.
     if librosa is not None:
         _, frames = librosa.beat.beat_track(y=y, sr=sr, hop_length=hop, units="frames")
         return np.asarray(frames, dtype=np.float64) * hop / sr
-    env = onset_strength(y, sr, hop=hop) if envelope is None else np.asarray(envelope, dtype=np.float64)
+    env = onset_strength(y, sr, hop=hop) if envelope is None else envelope
     if env.size < 4 or env.max() <= 0:
         return np.zeros(0)
     x = env - env.mean()
@@ -139,7 +153,8 @@ def frame_envelope(envelope: np.ndarray, n_frames: int, fps: float, sr: int = SA
     >>> frame_envelope(np.array([0, 0, 4.0, 0, 0, 0, 2.0, 0]), 4, fps=1, sr=2, hop=1).tolist()
     [0.0, 1.0, 0.0, 0.5]
     """
-    env = np.asarray(envelope, dtype=np.float64)
+    env = _envelope(envelope)
+    sr = _rate(sr, hop)
     n_frames = _checks.positive_int(n_frames, "n_frames")
     fps = _checks.real(fps, "fps", low=0.0, low_inclusive=False)
     times = np.arange(len(env)) * hop / sr

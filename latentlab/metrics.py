@@ -189,11 +189,9 @@ def monotonic(values: Sequence, start, end) -> bool:
 
 
 def _distances(distances) -> torch.Tensor:
-    d = torch.as_tensor(distances, dtype=torch.float64).flatten()
-    if len(d) == 0:
-        raise ValueError("`distances` must not be empty")
-    if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
-        raise ValueError("`distances` must be finite and non-negative")
+    d = torch.from_numpy(_checks.real_values(distances, "distances", what="consecutive-frame distances"))
+    if bool((d < 0).any()):
+        raise ValueError(f"`distances` must be non-negative, got a minimum of {float(d.min()):.4g}")
     return d
 
 

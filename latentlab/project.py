@@ -215,12 +215,21 @@ def orthogonalize(direction: torch.Tensor, against: torch.Tensor | list[torch.Te
     """Remove from ``direction`` its components along ``against`` (one direction or several; Gram-Schmidt), so that
     moving along the result leaves those directions' coordinates unchanged. Keeps the input's norm."""
     _checks.tensor(direction, "direction")
-    others = [against] if isinstance(against, torch.Tensor) else list(against)
+    if isinstance(against, torch.Tensor):
+        others = [_checks.tensor(against, "against")]
+        names = ["against"]
+    elif isinstance(against, (list, tuple)) and against:
+        others = [_checks.tensor(o, f"against[{i}]") for i, o in enumerate(against)]
+        names = [f"against[{i}]" for i in range(len(others))]
+    else:
+        raise TypeError("`against` must be a tensor (one direction) or a non-empty list of tensors, got "
+                        + (f"an empty {type(against).__name__}" if isinstance(against, (list, tuple))
+                           else type(against).__name__))
     d = direction.double().flatten()
     basis: list[torch.Tensor] = []
-    for i, o in enumerate(others):
+    for i, (o, name) in enumerate(zip(others, names)):
         if o.shape != direction.shape:
-            raise ValueError(f"`against[{i}]` must have the shape of `direction` {tuple(direction.shape)}, "
+            raise ValueError(f"`{name}` must have the shape of `direction` {tuple(direction.shape)}, "
                              f"got {tuple(o.shape)}")
         v = o.double().flatten()
         for b in basis:

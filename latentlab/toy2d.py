@@ -157,7 +157,7 @@ def _coefficients(kind: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def forward_noise(data: torch.Tensor, t: float, kind: str, *, seed: int = 0) -> torch.Tensor:
     """The noising process: ``data`` at time ``t`` (0 = data, 1 = noise) under ``kind``'s interpolation, with
     seeded noise."""
-    data = _checks.tensor(data, "data", min_ndim=2)
+    data = _check_points(data, "data")
     kind = _checks.choice(kind, "kind", KINDS)
     t = float(_checks.unit_interval(t, "t"))
     a, s, _, _ = _coefficients(kind, torch.tensor(t))
@@ -334,8 +334,8 @@ def train(data: torch.Tensor, kind: str, *, steps: int = 2000, batch_size: int =
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, projections: int = 128, seed: int = 0) -> float:
     """Sliced Wasserstein-1 distance between two point clouds (0 for the same distribution; the same units as the
     points). Both are subsampled to the smaller size."""
-    a = _checks.tensor(a, "a", min_ndim=2).float()
-    b = _checks.tensor(b, "b", min_ndim=2).float()
+    a = _check_points(a, "a").float()
+    b = _check_points(b, "b").float()
     n = min(len(a), len(b))
     g = _gen(seed)
     a = a[torch.randperm(len(a), generator=g)[:n]]
@@ -349,7 +349,9 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, projections: int = 1
 
 def straightness(path: torch.Tensor) -> float:
     """Total path length / total chord over all points (``path`` is ``(steps + 1, n, 2)``): 1.0 for straight paths."""
-    path = _checks.tensor(path, "path", min_ndim=3)
+    path = _checks.tensor(path, "path", ndim=3, what="(steps + 1, n, 2)")
+    if path.shape[-1] != 2 or len(path) < 2:
+        raise ValueError(f"`path` must have shape (steps + 1, n, 2) with at least 2 positions, got {tuple(path.shape)}")
     length = (path[1:] - path[:-1]).norm(dim=-1).sum()
     chord = (path[-1] - path[0]).norm(dim=-1).sum().clamp_min(1e-12)
     return float(length / chord)
@@ -366,6 +368,14 @@ def few_step_table(models: Mapping[str, ToyModel] | Sequence[ToyModel], data: to
                    steps: Sequence[int] = (1, 2, 4, 8, 32), *, n: int = 2048, seed: int = 1) -> dict[str, dict[int, float]]:
     """Sliced Wasserstein distance to ``data`` of each model's samples at each number of steps (the same noise for
     all), keyed by the given names (a sequence of models is keyed by kind)."""
+    data = _check_points(data, "data")
+    if isinstance(models, ToyModel) or not isinstance(models, (Mapping, Sequence)) or not models:
+        raise TypeError(f"`models` must be a non-empty dict {{name: ToyModel}} or list of ToyModels, got "
+                        f"{type(models).__name__}")
+    for m in (models.values() if isinstance(models, Mapping) else models):
+        if not isinstance(m, ToyModel):
+            raise TypeError(f"`models` must hold ToyModels, got a {type(m).__name__}")
+    steps = [_checks.positive_int(k, "steps") for k in steps]
     if not isinstance(models, Mapping):
         kinds = [m.kind for m in models]
         if len(set(kinds)) != len(kinds):

@@ -171,6 +171,12 @@ class VideoWriter:
 def write_video(path: str | os.PathLike, frames: torch.Tensor | np.ndarray, *, fps: float, upscale: int = 1,
                 overwrite: bool = False) -> Path:
     """Write all ``frames`` at once (see :class:`VideoWriter`)."""
+    if not isinstance(frames, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"`frames` must be a (N, 3, H, W) float tensor or a (N, H, W, 3) uint8 array, got "
+                        f"{type(frames).__name__}")
+    if frames.ndim != 4:
+        raise ValueError(f"`frames` must have 4 dimensions ((N, 3, H, W) or (N, H, W, 3)), got shape "
+                         f"{tuple(frames.shape)}")
     if len(frames) == 0:
         raise ValueError(f"`frames` must hold at least one frame, got {len(frames)}")
     with VideoWriter(path, fps=fps, upscale=upscale, overwrite=overwrite) as w:
@@ -204,7 +210,7 @@ def image_grid(images: torch.Tensor, n_cols: int, *, gap: int = 2, fill: float =
     >>> image_grid(torch.zeros(6, 3, 4, 4), 3).shape
     torch.Size([3, 10, 16])
     """
-    _checks.tensor(images, "images", min_ndim=4)
+    _checks.tensor(images, "images", ndim=4, what="(N, C, H, W) images")
     n_cols = _checks.positive_int(n_cols, "n_cols")
     n, c, h, w = images.shape
     rows = -(-n // n_cols)
@@ -215,18 +221,22 @@ def image_grid(images: torch.Tensor, n_cols: int, *, gap: int = 2, fill: float =
     return out
 
 
+def _one_image(image: object) -> torch.Tensor:
+    """One image, (3, H, W) or (1, 3, H, W), finite: returned as (1, 3, H, W)."""
+    _checks.tensor(image, "image", min_ndim=3)
+    x = image if image.ndim == 4 else image.unsqueeze(0)
+    if x.ndim != 4 or x.shape[:2] != (1, 3):
+        raise ValueError(f"`image` must be one image (3, H, W) or (1, 3, H, W), got shape {tuple(image.shape)}")
+    return x
+
+
 def write_image(path: str | os.PathLike, image: torch.Tensor, *, upscale: int = 1, overwrite: bool = False) -> Path:
     """Write one (3, H, W) or (1, 3, H, W) image in [0, 1] to .png/.jpg/.webp, atomically (temporary name, then
     rename); an existing file is refused unless ``overwrite``."""
     import imageio.v3 as iio
 
     path = check_output(path, "path", overwrite=overwrite, suffixes=IMAGE_FORMATS)
-    _checks.tensor(image, "image", min_ndim=3)
-    _checks.finite(image, "image")
-    x = image if image.ndim == 4 else image.unsqueeze(0)
-    if x.shape[0] != 1:
-        raise ValueError(f"`image` must be one image (3, H, W) or (1, 3, H, W), got shape {tuple(image.shape)}")
-    arr = _to_uint8_frames(x, _checks.positive_int(upscale, "upscale"))[0]
+    arr = _to_uint8_frames(_one_image(image), _checks.positive_int(upscale, "upscale"))[0]
     return atomic_write(path, lambda tmp: iio.imwrite(tmp, arr))
 
 
@@ -236,10 +246,7 @@ def png_bytes(image: torch.Tensor, *, upscale: int = 1) -> bytes:
 
     import imageio.v3 as iio
 
-    _checks.tensor(image, "image", min_ndim=3)
-    _checks.finite(image, "image")
-    x = image if image.ndim == 4 else image.unsqueeze(0)
-    arr = _to_uint8_frames(x[:1], _checks.positive_int(upscale, "upscale"))[0]
+    arr = _to_uint8_frames(_one_image(image), _checks.positive_int(upscale, "upscale"))[0]
     buf = io.BytesIO()
     iio.imwrite(buf, arr, extension=".png")
     return buf.getvalue()

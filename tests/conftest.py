@@ -1,18 +1,24 @@
 """Shared test settings and tiny in-process models (no downloads).
 
 Hypothesis deadlines are off: this machine trains models in the background and timing is not what we test.
+Profiles: ``ci`` (fixed seed, 50 examples) under CI, ``default`` (100, random) locally, ``thorough`` on request.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from hypothesis import settings
 
+# CI (CI set, as .ci/run does): a fixed seed and no example database, so every run tries the same cases; locally more
+# examples and a random seed, to find new failures (HYPOTHESIS_PROFILE=thorough for many more).
+settings.register_profile("ci", deadline=None, max_examples=50, derandomize=True, database=None)
 settings.register_profile("default", deadline=None, max_examples=100)
-settings.load_profile("default")
+settings.register_profile("thorough", deadline=None, max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default"))
 
 
 def _tiny_tokenizer(folder):

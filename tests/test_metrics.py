@@ -98,10 +98,10 @@ def test_monotonic_reads_one_change_at_most():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ([], "must not be empty"), ([1.0, -0.1], "non-negative"), ([float("nan")], "finite"),
+    ([], "is empty"), ([1.0, -0.1], "non-negative"), ([float("nan")], "finite"),
 ])
 def test_bad_distances_are_refused_by_name(bad, match):
-    with pytest.raises(ValueError, match=f"`distances` {match}" if "empty" in match else match):
+    with pytest.raises(ValueError, match=f"`distances` (must be )?{match}"):
         metrics.gini(bad)
 
 

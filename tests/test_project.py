@@ -81,8 +81,12 @@ def test_orthogonalize_and_move_errors():
     d = torch.tensor([1.0, 0.0])
     with pytest.raises(ValueError, match="lies in the span"):
         orthogonalize(d, torch.tensor([2.0, 0.0]))
-    with pytest.raises(ValueError, match=r"`against\[0\]` must have the shape"):
+    with pytest.raises(ValueError, match=r"`against` must have the shape"):
         orthogonalize(d, torch.ones(3))
+    with pytest.raises(ValueError, match=r"`against\[1\]` must have the shape"):
+        orthogonalize(d, [torch.tensor([0.0, 1.0]), torch.ones(3)])
+    with pytest.raises(TypeError, match=r"`against` must be a tensor \(one direction\) or a non-empty list"):
+        orthogonalize(d, [])
     with pytest.raises(ValueError, match=r"`direction` must have the shape of one item of `x` \(2,\)"):
         move(torch.ones(4, 2), torch.ones(3), 1.0)
     z = torch.randn(3, 4, 8, 8)

@@ -122,6 +122,11 @@ def frame_key(lab: Backend, latents: torch.Tensor, conditioning: Conditioning, s
     """Hash of everything that determines one frame's pixels: the backend's :meth:`~Backend.provenance` (model
     fingerprint, scheduler config, compute batch, device, dtype), the complete ``sampling``, the versions of
     torch/diffusers/latentlab, and the exact bytes of the frame's initial latent and conditioning."""
+    _checks.tensor(latents, "latents", min_ndim=2)
+    if not isinstance(conditioning, (Conditioning, PredictionMix)):
+        raise TypeError(f"`conditioning` must be a Conditioning or a PredictionMix, got {type(conditioning).__name__}")
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"`sampling` must be a Sampling, got {type(sampling).__name__}")
     return _frame_key(_key_prefix(lab, sampling, batch_size), latents, conditioning)
 
 
