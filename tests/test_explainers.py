@@ -49,7 +49,6 @@ def test_a_scrub_or_a_new_prompt_made_while_images_decode_is_never_dropped(unet)
     sets meanwhile waits on the same worker and must still run (a browser drag right after "ready" once showed
     nothing). The race, made deterministic: the worker held, a request queued, then a chunk finishing."""
     import threading
-    import time
 
     from latentlab.sampling import Sampling
     from latentlab.widgets import TimestepScrubber
@@ -60,9 +59,9 @@ def test_a_scrub_or_a_new_prompt_made_while_images_decode_is_never_dropped(unet)
     def race(request):
         for run in w.runs:
             run.png.clear()  # work left for the background decoding
-        gate = threading.Event()
-        w.submit(gate.wait, tag="test-gate")
-        time.sleep(0.2)  # the worker is inside the gate
+        gate, inside = threading.Event(), threading.Event()
+        w.submit(lambda: (inside.set(), gate.wait()), tag="test-gate")
+        assert inside.wait(30)  # the worker is inside the gate
         request()  # the user's request waits
         w._prefill(w._generation)  # a decode chunk finishing, as on the worker: it queues the next chunk
         gate.set()

@@ -4,7 +4,6 @@ and assert what the kernel does. The real-browser tests are in test_widgets_brow
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -272,25 +271,63 @@ def test_atlas_explorer_handles_100k_points():
     assert len(w.map.selected) == 50_000 and len(w.grid.images) == 48
 
 
-def test_live_widgets_draw_a_preview_while_moving_and_the_full_image_when_the_control_rests():
-    import time
+class Hand:
+    """The user's hand on a control, for tests: while it is down, the worker's ``quiet`` (the settle wait) ends only
+    when a new request comes, never by timing out; ``lift()`` ends it as a rest would. ``moved(change)`` makes
+    the change and waits (on an event, not a clock) until the widget has drawn its preview. No sleeps: the test
+    means the same on a loaded machine."""
 
+    def __init__(self, widget):
+        self.w, self.down, self.drawn = widget, True, threading.Condition()
+        worker = widget._worker
+
+        def quiet(seconds):
+            with worker._cond:
+                worker._cond.wait_for(lambda: bool(worker._pending) or not self.down)
+                return not worker._pending
+
+        worker.quiet = quiet
+        state = widget._state
+
+        def counted(*a):
+            state(*a)
+            with self.drawn:
+                self.drawn.notify_all()
+
+        widget._state = counted
+
+    def moved(self, change) -> None:
+        before = self.w.drawn["preview"]
+        change()
+        with self.drawn:
+            assert self.drawn.wait_for(lambda: self.w.drawn["preview"] > before, 60), "no preview was drawn"
+
+    def lift(self) -> None:
+        with self.w._worker._cond:
+            self.down = False
+            self.w._worker._cond.notify_all()
+
+
+def test_live_widgets_draw_a_preview_while_moving_and_the_full_image_when_the_control_rests():
     from latentlab.widgets import Interpolator
 
     full, fast = FakeBackend(), FakeBackend(weight=2.0)
     w = Interpolator(full, ("a red star", 1), ("a blue ring", 2), clip=None, preview=fast)
-    w.settle = 0.4
+    w.settle = 0.05  # the first image: drawn after a short real rest
     assert w.wait()
     assert w.drawn == {"preview": 1, "final": 1} and "final" in w.frame_state.value
     z, cond = w._at(torch.tensor([0.5]), full.noise(1), full.noise(2), full.encode_prompt("a red star"),
                     full.encode_prompt("a blue ring"))
     assert w.frame.value == w.png(full.generate(z, cond, batch_size=1))  # what rests on screen is the full model's
-    # a drag: a new position every 50 ms (< settle) -> previews only, then one full image after the last
+    # a drag: eight positions, each drawn as a preview before the next comes, the hand never resting -> no full
+    # image during the drag; then the hand lifts -> exactly one full image, of the last position
+    hand = Hand(w)
     for k in range(8):
-        w.t.value = 0.1 + 0.1 * k
-        time.sleep(0.05)
+        hand.moved(lambda k=k: setattr(w.t, "value", 0.1 + 0.1 * k))
+    assert w.drawn == {"preview": 9, "final": 1} and "preview" in w.frame_state.value
+    hand.lift()
     assert w.wait()
-    assert w.drawn["final"] == 2 and w.drawn["preview"] >= 3
+    assert w.drawn == {"preview": 9, "final": 2} and "final" in w.frame_state.value
     assert w.frame.value != w.png(fast.generate(*w._at(torch.tensor([0.8]), full.noise(1), full.noise(2),
                                                          full.encode_prompt("a red star"),
                                                          full.encode_prompt("a blue ring")), batch_size=1))
@@ -314,8 +351,10 @@ def test_a_strip_asked_for_during_a_drag_does_not_leave_the_preview_on_screen():
                     full.encode_prompt("a blue ring"))
     assert w.frame.value == w.png(full.generate(z, cond, batch_size=1))
     assert len(w.strip.images) == 4  # and the strip ran after it
-    w.t.value = 0.2  # a newer move still drops the older final image: previews, one final at the end
-    w.t.value = 0.3
+    hand = Hand(w)  # a newer move still drops the older final image: previews, one final at the end
+    hand.moved(lambda: setattr(w.t, "value", 0.2))
+    hand.moved(lambda: setattr(w.t, "value", 0.3))
+    hand.lift()
     assert w.wait() and w.drawn["final"] == 3
 
 
@@ -336,10 +375,15 @@ def test_preview_model_must_share_the_latent_space_and_auto_is_off_for_other_mod
 def test_latest_worker_quiet_is_interrupted_by_a_new_request():
     from latentlab.widgets._worker import LatestWorker
 
-    out = []
+    out, waiting = [], threading.Event()
     w = LatestWorker(lambda busy: None, out.append)
-    w.submit(lambda: out.append(w.quiet(5.0)))
-    time.sleep(0.1)
+
+    def first():
+        waiting.set()  # (a request arriving before the wait below starts is seen by it too)
+        out.append(w.quiet(60.0))
+
+    w.submit(first)
+    assert waiting.wait(10)
     w.submit(lambda: out.append(w.quiet(0.05)))
     assert w.wait(10)
     assert out == [False, True]
