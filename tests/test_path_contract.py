@@ -149,6 +149,64 @@ def test_writers_into_a_read_only_folder_raise_permission_error(name, tmp_path):
         ro.chmod(0o755)
 
 
+@pytest.mark.skipif(not (hasattr(os, "geteuid") and os.geteuid() == 0), reason="the test above runs as this user")
+def test_writers_into_a_read_only_folder_raise_permission_error_as_an_unprivileged_user():
+    """The same promise where the suite runs as root (CI here): root bypasses folder permissions, so every writer
+    runs in a forked child that has dropped to the unprivileged ``nobody`` user (a fork, not a new interpreter: this
+    one may live where ``nobody`` cannot read, e.g. under /root)."""
+    import json
+    import select
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    ro = Path(tempfile.mkdtemp(prefix="ll-ro-", dir="/tmp"))  # /tmp: reachable by nobody (pytest's tmp is not)
+    ro.chmod(0o555)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges, try every writer, report, exit without running pytest's teardown
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            results = {}
+            for name, (suffix, write, _, _) in sorted(WRITERS.items()):
+                try:
+                    write(ro / f"out{suffix}", False)
+                    results[name] = "written"
+                except Exception as e:  # noqa: BLE001 -- reported to the parent, which asserts on it
+                    results[name] = [type(e).__name__, str(e)]
+            os.write(write_end, json.dumps(results).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        chunks = []
+        while select.select([read_end], [], [], 300)[0]:
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        assert os.waitpid(pid, 0)[1] == 0, "the unprivileged child failed or hung"
+        results = json.loads(b"".join(chunks))
+        assert sorted(results) == sorted(WRITERS)
+        for name, got in results.items():
+            assert got != "written" and got[0] == "PermissionError", f"{name}: {got}"
+            assert str(ro) in got[1], f"{name}: the message does not name the folder: {got[1]}"
+        assert list(ro.iterdir()) == []
+    finally:
+        os.close(read_end)
+        ro.chmod(0o755)
+        for p in ro.iterdir():
+            p.unlink()
+        ro.rmdir()
+
+
 def _valid_file(tmp_path, reader: str):
     suffix, _, writer = READERS[reader]
     p = tmp_path / f"valid{suffix}"
