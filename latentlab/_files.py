@@ -11,7 +11,7 @@ import errno
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "check_input", "check_output", "disk_full_hint", "partial_path",
+__all__ = ["atomic_write", "atomic_write_text", "check_input", "check_output", "disk_full_hint", "finish", "partial_path",
            "remove_stale_partials"]
 
 
@@ -60,12 +60,40 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
+def finish(tmp: Path, path: Path, *, overwrite: bool) -> Path:
+    """Move a finished temporary file to ``path`` in one step. Without ``overwrite`` the step refuses to replace a
+    file (a hard link, which fails if the name exists, then the temporary name removed): a file that appeared
+    after the up-front check -- another process writing the same output -- is never clobbered; the loser gets
+    ``FileExistsError`` and its temporary file is removed."""
+    if overwrite:
+        os.replace(tmp, path)
+        return path
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        raise FileExistsError(f"{path} appeared while this was being written (another process writing the same "
+                              "output?); it was left as it is -- pass overwrite=True (CLI: --overwrite) to replace "
+                              "it") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+        if path.exists():  # a file system without hard links: the best check there is, then the rename
+            tmp.unlink(missing_ok=True)
+            raise FileExistsError(f"{path} appeared while this was being written; it was left as it is") from None
+        os.replace(tmp, path)
+        return path
+    tmp.unlink()
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write, *, overwrite: bool = True) -> Path:
     """Call ``write(tmp)`` to write a temporary file beside ``path``, then rename it to ``path``: readers see the
     old file or the whole new one, never a half-written one, and a failed write leaves nothing behind (a writer
     killed with SIGKILL leaves its temporary file, which the next write of the same file removes). The file
     gets the permissions a plain ``open(path, "w")`` would give (the user's umask), whatever the writer chose
-    (safetensors writes 0600)."""
+    (safetensors writes 0600). With ``overwrite=False`` an existing ``path`` is never replaced, even one that
+    another process finished while this one was writing (see :func:`finish`)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a file")
@@ -76,7 +104,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        finish(tmp, path, overwrite=overwrite)
     except OSError:
         raise
     except Exception as e:
@@ -100,9 +128,9 @@ def _os_error_code(message: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
 def check_output(path: str | os.PathLike, name: str, *, overwrite: bool, suffixes: tuple[str, ...] | None = None) -> Path:

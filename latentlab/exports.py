@@ -43,11 +43,11 @@ __all__ = [
 ]
 
 
-def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], *, overwrite: bool) -> Path:
     from safetensors.torch import save_file
 
     data = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta), overwrite=overwrite)
 
 
 def write_comfyui_latent(latents: torch.Tensor, path: str | os.PathLike, *, scaling_factor: float,
@@ -75,7 +75,7 @@ def write_comfyui_latent(latents: torch.Tensor, path: str | os.PathLike, *, scal
     return _save_safetensors(path, {"latent_tensor": latents.float() / scaling_factor + shift_factor,
                                     "latent_format_version_0": torch.tensor([])},
                              {"latentlab": json.dumps({"scaling_factor": scaling_factor,
-                                                       "shift_factor": shift_factor})})
+                                                       "shift_factor": shift_factor})}, overwrite=overwrite)
 
 
 def read_comfyui_latent(path: str | os.PathLike, *, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
@@ -99,7 +99,7 @@ def write_comfyui_conditioning(conditioning: Conditioning, path: str | os.PathLi
         tensors["pooled_output"] = conditioning.pooled_prompt_embeds
     if conditioning.attention_mask is not None:  # text-token masks (Chroma, ...): ComfyUI's "attention_mask"
         tensors["attention_mask"] = conditioning.attention_mask
-    return _save_safetensors(path, tensors, {"format": "comfyui-conditioning"})
+    return _save_safetensors(path, tensors, {"format": "comfyui-conditioning"}, overwrite=overwrite)
 
 
 def read_comfyui_conditioning(path: str | os.PathLike) -> list:
@@ -180,7 +180,7 @@ def write_deforum_schedule(settings: MorphSettings, path: str | os.PathLike, *, 
         doc["sampler"] = s.scheduler
     if s.negative_prompt:
         doc["negative_prompts"] = {"0": s.negative_prompt}
-    atomic_write_text(path, json.dumps(doc, indent=1))
+    atomic_write_text(path, json.dumps(doc, indent=1), overwrite=overwrite)
     return path
 
 
@@ -240,7 +240,7 @@ def save_direction(direction, path: str | os.PathLike, *, overwrite: bool = Fals
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
             np.save(f, arr, allow_pickle=False)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, overwrite=overwrite)
 
 
 def load_direction(path: str | os.PathLike) -> torch.Tensor:

@@ -78,7 +78,7 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, provenanc
         _checks.finite(v, f"tensors[{k!r}]")
     # Tensors that share memory (views of one another) cannot be saved as they are: each is stored as its own copy.
     data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata={PROVENANCE_KEY: meta}))
+    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata={PROVENANCE_KEY: meta}), overwrite=overwrite)
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", keys=None,

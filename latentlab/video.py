@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from latentlab import _checks
-from latentlab._files import atomic_write, check_input, check_output, partial_path, remove_stale_partials
+from latentlab._files import atomic_write, check_input, check_output, finish, partial_path, remove_stale_partials
 
 __all__ = ["AUDIO_FORMATS", "FORMATS", "IMAGE_FORMATS", "VideoWriter", "decode_audio", "image_grid", "mux_audio",
            "png_bytes", "read_image", "read_video", "write_image", "write_video"]
@@ -83,7 +83,7 @@ class VideoWriter:
         self.path = check_output(path, "path", overwrite=overwrite, suffixes=FORMATS)
         fps = _checks.real(fps, "fps", low=0.0, high=240.0, low_inclusive=False)
         self.upscale = _checks.positive_int(upscale, "upscale")
-        self.fps, self.quality = float(fps), int(quality)
+        self.fps, self.quality, self.overwrite = float(fps), int(quality), bool(overwrite)
         remove_stale_partials(self.path)  # a killed render's half-encoded video
         self.tmp = partial_path(self.path)
         self._gen = None
@@ -146,8 +146,7 @@ class VideoWriter:
             raise OSError(f"ffmpeg failed to encode {self.path.name}: {written} of {self.n_frames} frames were "
                           f"written (fps {self.fps:g}; a full disk?); nothing was saved"
                           + (" and the existing file is untouched" if self.path.exists() else ""))
-        os.replace(self.tmp, self.path)
-        return self.path
+        return finish(self.tmp, self.path, overwrite=self.overwrite)
 
     def abort(self) -> None:
         if self._gen is not None:
@@ -237,7 +236,7 @@ def write_image(path: str | os.PathLike, image: torch.Tensor, *, upscale: int = 
 
     path = check_output(path, "path", overwrite=overwrite, suffixes=IMAGE_FORMATS)
     arr = _to_uint8_frames(_one_image(image), _checks.positive_int(upscale, "upscale"))[0]
-    return atomic_write(path, lambda tmp: iio.imwrite(tmp, arr))
+    return atomic_write(path, lambda tmp: iio.imwrite(tmp, arr), overwrite=overwrite)
 
 
 def png_bytes(image: torch.Tensor, *, upscale: int = 1) -> bytes:
@@ -315,5 +314,4 @@ def mux_audio(video: str | os.PathLike, audio: str | os.PathLike, *, offset: flo
         tmp.unlink(missing_ok=True)
         raise OSError(f"ffmpeg could not add the audio to {output.name}: {err or 'unknown error'}; nothing was "
                       "replaced")
-    os.replace(tmp, output)
-    return output
+    return finish(tmp, output, overwrite=overwrite)

@@ -246,3 +246,72 @@ def test_readers_refuse_every_kind_of_bad_file_naming_it(reader, damage, tmp_pat
     with pytest.raises(ERRORS) as e:
         read(bad)
     assert _names_path(e.value, bad), f"{reader} on a {damage} file: {type(e.value).__name__}: {e.value}"
+
+
+# --- two processes writing the same output ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_a_file_another_process_finished_meanwhile_is_never_clobbered(name, tmp_path, monkeypatch):
+    """Both writers checked that the output did not exist; the other finished first. Without ``overwrite`` this one
+    must end in FileExistsError naming the path, leave the other's file byte for byte, and leave no temporary file;
+    with ``overwrite`` it replaces it (the user asked)."""
+    from latentlab import _files
+
+    suffix, write, read, expected = WRITERS[name]
+    target = tmp_path / f"out{suffix}"
+    real_finish, raced = _files.finish, []
+
+    def finish_after_the_other_process(tmp, path, *, overwrite):
+        if not raced:
+            path.write_bytes(b"the other process's file")
+            raced.append(path)
+        return real_finish(tmp, path, overwrite=overwrite)
+
+    for module in (_files, video):
+        monkeypatch.setattr(module, "finish", finish_after_the_other_process)
+    with pytest.raises(FileExistsError) as e:
+        write(target, False)
+    assert raced == [target], f"{name} does not move its file into place through _files.finish"
+    assert _names_path(e.value, target)
+    assert target.read_bytes() == b"the other process's file"
+    assert _leftovers(tmp_path, {target.name}) == []
+    raced.clear()
+    write(target, True)
+    got = read(target)
+    assert (torch.equal(got, expected) if isinstance(expected, torch.Tensor) else got == expected)
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+import torch
+from latentlab import store
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+try:
+    store.save(sys.argv[1], {"x": torch.full((256, 1024), float(sys.argv[3]))})
+    print("saved")
+except FileExistsError as e:
+    print("refused:", e)
+"""
+
+
+def test_two_processes_saving_the_same_file_one_wins_whole(tmp_path):
+    """A real race, repeated: two processes released together save the same path without ``overwrite``. Whatever
+    the timing, exactly one saves, the other is refused with FileExistsError, and the file is the winner's, whole."""
+    import subprocess
+    import sys
+    import time
+
+    for round_ in range(3):
+        out, go = tmp_path / f"race{round_}.safetensors", tmp_path / f"go{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(out), str(go), str(k)], stdout=subprocess.PIPE,
+                                  text=True) for k in (1, 2)]
+        time.sleep(3)  # both have imported torch and wait for the start line (a late one still races or is refused)
+        go.touch()
+        said = [p.communicate(timeout=120)[0].strip() for p in procs]
+        assert sorted(s.split(":")[0] for s in said) == ["refused", "saved"], said
+        winner = 1.0 if said[0] == "saved" else 2.0
+        assert torch.equal(store.load(out)[0]["x"], torch.full((256, 1024), winner))
+        assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name], "a temporary file was left"
