@@ -178,6 +178,22 @@ def real(x: object, name: str, *, low: float | None = None, high: float | None =
     return value
 
 
+#: Frame rates a video can have: ffmpeg's H.264 muxer fails below 1e-4 fps (measured), and one frame per 100 s is
+#: already a slide show; above 240 fps no player shows the frames.
+MIN_FPS, MAX_FPS = 0.01, 240.0
+
+
+def frame_rate(fps: object, name: str = "fps") -> float:
+    """A video frame rate in [MIN_FPS, MAX_FPS] frames per second.
+
+    >>> frame_rate(1e-6)
+    Traceback (most recent call last):
+    ...
+    ValueError: `fps` must be >= 0.01, got 1e-06
+    """
+    return real(fps, name, low=MIN_FPS, high=MAX_FPS)
+
+
 def finite(x: torch.Tensor, name: str) -> torch.Tensor:
     """Raise if a floating tensor holds NaN or infinity (names how many, never the values)."""
     if x.is_floating_point() and x.device.type != "meta" and not bool(torch.isfinite(x).all()):

@@ -392,7 +392,7 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
                    help="output .mp4 or .gif (default: %(default)s)")
     m.add_argument("--frames", type=int, help=f"exact number of frames (default: {96 if walk else 48})")
     m.add_argument("--seconds", type=float, help="duration instead of --frames: frames = round(seconds * fps)")
-    m.add_argument("--fps", type=float, default=12.0, help="frames per second (default: %(default)s)")
+    m.add_argument("--fps", type=float, default=12.0, help="frames per second, 0.01 to 240 (default: %(default)s)")
     if not walk:
         m.add_argument("--loop", action="store_true", help="return to the first keyframe (seamless loop)")
     m.add_argument("--noise-interp", choices=METHODS, default=None if walk else "slerp",

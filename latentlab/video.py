@@ -81,7 +81,7 @@ class VideoWriter:
     def __init__(self, path: str | os.PathLike, *, fps: float, upscale: int = 1, overwrite: bool = False,
                  quality: int = 18):
         self.path = check_output(path, "path", overwrite=overwrite, suffixes=FORMATS)
-        fps = _checks.real(fps, "fps", low=0.0, high=240.0, low_inclusive=False)
+        fps = _checks.frame_rate(fps)
         self.upscale = _checks.positive_int(upscale, "upscale")
         self.fps, self.quality, self.overwrite = float(fps), int(quality), bool(overwrite)
         remove_stale_partials(self.path)  # a killed render's half-encoded video

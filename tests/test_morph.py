@@ -423,8 +423,10 @@ def test_workers_balance_their_batches_when_the_batch_size_is_the_backends(tmp_p
     assert json.loads(manifest_path(out).read_text())["backend"]["compute_batch"] == 16
 
 
-def test_a_failed_encode_keeps_the_previous_video_manifest_and_cache(tiny_sd_path, tmp_path, capsys):
-    """--overwrite with an encoder failure (an impossible --fps) ends non-zero and destroys nothing."""
+def test_a_failed_encode_keeps_the_previous_video_manifest_and_cache(tiny_sd_path, tmp_path, capsys, monkeypatch):
+    """--overwrite with an encoder failure (ffmpeg exits 1 at the end) ends non-zero and destroys nothing."""
+    from test_video import failing_ffmpeg
+
     from latentlab.cli import main
 
     out = tmp_path / "m.mp4"
@@ -433,7 +435,8 @@ def test_a_failed_encode_keeps_the_previous_video_manifest_and_cache(tiny_sd_pat
     assert main(args) == 0
     video, man = out.read_bytes(), manifest_path(out).read_text()
     capsys.readouterr()
-    assert main([*args, "--fps", "1e-6", "--overwrite"]) == 1
+    failing_ffmpeg(tmp_path, monkeypatch)
+    assert main([*args, "--overwrite"]) == 1
     err = capsys.readouterr().err
     assert "ffmpeg failed to encode m.mp4" in err and "existing file is untouched" in err
     assert out.read_bytes() == video and manifest_path(out).read_text() == man

@@ -64,7 +64,9 @@ def test_video_errors(tmp_path):
         write_video(tmp_path / "odd.mp4", torch.rand(2, 3, 16, 15), fps=12)
     with pytest.raises(ValueError, match=r"`path` must end in one of \('.mp4', '.gif'\), got 'x.avi'"):
         VideoWriter(tmp_path / "x.avi", fps=12)
-    with pytest.raises(ValueError, match=r"`fps` must be > 0, got 0.0"):
+    with pytest.raises(ValueError, match=r"`fps` must be >= 0.01, got 1e-06"):  # ffmpeg's H.264 fails below 1e-4
+        write_video(tmp_path / "slow.mp4", torch.rand(4, 3, 16, 16), fps=1e-6)
+    with pytest.raises(ValueError, match=r"`fps` must be >= 0.01, got 0.0"):
         VideoWriter(tmp_path / "x.mp4", fps=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         VideoWriter(tmp_path / "missing" / "x.mp4", fps=12)
@@ -74,15 +76,27 @@ def test_video_errors(tmp_path):
             w.append(torch.rand(1, 3, 32, 32))
 
 
-def test_a_failed_encode_raises_and_keeps_the_previous_file(tmp_path):
-    """ffmpeg's failure (here an impossible frame rate) is not success: nothing replaces the existing video."""
+def failing_ffmpeg(folder, monkeypatch):
+    """Make every ffmpeg call fail as an encoder does at the end (it reads all the frames, then exits 1 having written
+    nothing: a full disk, a codec error): imageio-ffmpeg runs the binary IMAGEIO_FFMPEG_EXE names."""
+    fake = folder / "ffmpeg-that-fails"
+    fake.write_text('#!/bin/sh\ncase " $* " in *" -i - "*) cat > /dev/null;; esac\n'
+                    'echo "fake ffmpeg: encoding failed" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(fake))
+
+
+def test_a_failed_encode_raises_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """ffmpeg's failure is not success: nothing replaces the existing video. (imageio-ffmpeg does not report
+    ffmpeg's exit status; VideoWriter.close counts the frames written.)"""
     import torch
 
     from latentlab.video import write_video
 
     out = write_video(tmp_path / "v.mp4", torch.rand(4, 3, 16, 16), fps=12)
     before = out.read_bytes()
+    failing_ffmpeg(tmp_path, monkeypatch)
     with pytest.raises(OSError, match=r"ffmpeg failed to encode v.mp4: 0 of 4 frames .* existing file is untouched"):
-        write_video(out, torch.rand(4, 3, 16, 16), fps=1e-6, overwrite=True)
+        write_video(out, torch.rand(4, 3, 16, 16), fps=12, overwrite=True)
     assert out.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]  # no partial file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ffmpeg-that-fails", "v.mp4"]  # no partial file left

@@ -47,7 +47,7 @@ def analyse(path: str | Path, *, fps: float, offset: float = 0.0, seconds: float
 
     path = Path(path)
     _checks.choice(pacing, "--audio-pacing", AUDIO_PACINGS)
-    fps = _checks.real(fps, "fps", low=0.0, high=240.0, low_inclusive=False)
+    fps = _checks.frame_rate(fps)
     offset = _checks.real(offset, "--audio-offset", low=0.0)
     if not path.is_file():
         raise FileNotFoundError(f"--audio does not exist: {path}")

@@ -163,7 +163,7 @@ class MorphSettings:
         if self.n_frames > MAX_FRAMES:
             raise ValueError(f"`n_frames` must be <= {MAX_FRAMES:,}, got {self.n_frames:,} (its plan alone would need "
                              f"~{self.n_frames * _PLAN_BYTES_PER_FRAME / 2**30:.1f} GiB of memory)")
-        _checks.real(self.fps, "fps", low=0.0, high=240.0, low_inclusive=False)
+        _checks.frame_rate(self.fps)
         if not isinstance(self.loop, bool):
             raise TypeError(f"`loop` must be a bool, got {type(self.loop).__name__}")
         _checks.choice(self.noise_interpolation, "noise_interpolation", METHODS)
@@ -253,7 +253,7 @@ def frames_for_duration(seconds: float, fps: float) -> int:
     48
     """
     seconds = _checks.real(seconds, "seconds", low=0.0, low_inclusive=False)
-    fps = _checks.real(fps, "fps", low=0.0, high=240.0, low_inclusive=False)
+    fps = _checks.frame_rate(fps)
     n = round(seconds * fps)
     if n < 2:
         raise ValueError(f"`seconds` {seconds:g} at {fps:g} fps gives {n} frame(s); a morph needs at least 2")
