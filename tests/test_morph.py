@@ -444,7 +444,7 @@ def test_a_failed_encode_keeps_the_previous_video_manifest_and_cache(tiny_sd_pat
     assert cache.is_dir() and any(cache.iterdir())  # the rendered frames are kept: fix the option and resume
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL", "SIGINT"])
 @pytest.mark.slow
 def test_a_terminated_render_leaves_no_worker_running_and_resumes(tmp_path, how):
     """kill / timeout / a scheduler's SIGTERM (or SIGKILL) on a render with workers: no worker outlives it, the
@@ -481,7 +481,7 @@ def test_a_terminated_render_leaves_no_worker_running_and_resumes(tmp_path, how)
     workers = parent.children()
     assert len(workers) >= 2
     time.sleep(1.0)  # some chunks finish
-    proc.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL)
+    proc.send_signal(getattr(signal, how))
     assert proc.wait(timeout=30) != 0
     _gone, alive = psutil.wait_procs(workers, timeout=3)  # the rest of the render would take ~15 s
     assert not alive, f"workers still running after {how}: {[p.pid for p in alive]}"
