@@ -322,6 +322,8 @@ def _cmd_frame(args: argparse.Namespace) -> int:
         raise ValueError(f"INDEX must be in [0, {n}), got {args.index}")
     check_output(out, "--output", overwrite=args.overwrite, suffixes=IMAGE_FORMATS)
     upscale = args.upscale if args.upscale is not None else data.get("upscale", 1)
+    if args.upscale is None and (isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1):
+        raise ValueError(f"{args.manifest} has an invalid `upscale` ({upscale!r}); give --upscale")
     _checks.positive_int(upscale, "--upscale")
     lab = _lab_for_manifest(data, args.model)
     image = render_frame(lab, data, args.index)

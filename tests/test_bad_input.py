@@ -118,12 +118,16 @@ def _bad_manifests(good):
         ("future-version", json.dumps({**good, "manifest_version": 99}), r"was written by a newer latentlab \(manifest_version 99"),
         ("bad-settings", json.dumps({**good, "settings": {**good["settings"], "n_frames": 0}}), r"has invalid settings: `n_frames` must be >= 2"),
         ("nan-guidance", json.dumps({**good, "sampling": {**good["sampling"], "guidance_scale": float("nan")}}), r"`guidance_scale` must be a finite number"),
+        ("bad-upscale", json.dumps({**good, "upscale": "big"}), r"has an invalid `upscale` \('big'\); give --upscale"),
+        ("nested-prompt", json.dumps({**good, "settings": {**good["settings"], "keyframes": [
+            {**good["settings"]["keyframes"][0], "prompt": 5}, good["settings"]["keyframes"][1]]}}),
+         r"`keyframes\[0\]\.prompt` must be a string, got int"),
     ]
 
 
 def test_cli_frame_refuses_every_kind_of_damaged_manifest(good_manifest, tmp_path, no_model, capsys):
     cases = _bad_manifests(good_manifest)
-    assert len(cases) == 9
+    assert len(cases) == 11
     import re
 
     for name, content, pattern in cases:
