@@ -249,7 +249,7 @@ class ToyModel:
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0, noise)`` the model predicts from points ``x`` at time ``t``."""
-        x = _checks.tensor(x, "x", min_ndim=2).float()
+        x = _check_points(x, "x", min_n=1).float()
         tt = torch.as_tensor(t, dtype=torch.float32).expand(len(x)).clone()
         out = self.ema(x, tt)
         a, s, _, _ = _coefficients(self.kind, tt[:, None])
@@ -271,7 +271,7 @@ class ToyModel:
     def sample(self, noise: torch.Tensor, steps: int, *, path: bool = False) -> torch.Tensor:
         """Integrate from ``noise`` (``t = 1``) to data (``t = 0``) in ``steps`` model calls: DDIM for diffusion,
         Euler for flow (both exact for a straight path). ``path=True`` returns every step, ``(steps + 1, n, 2)``."""
-        x = _checks.tensor(noise, "noise", min_ndim=2).float()
+        x = _check_points(noise, "noise", min_n=1).float()
         steps = _checks.positive_int(steps, "steps")
         ts = torch.linspace(1.0, 0.0, steps + 1)
         out = [x]
@@ -283,10 +283,10 @@ class ToyModel:
         return torch.stack(out) if path else x
 
 
-def _check_points(x: object, name: str) -> torch.Tensor:
+def _check_points(x: object, name: str, *, min_n: int = 2) -> torch.Tensor:
     x = _checks.tensor(x, name, min_ndim=2)
-    if x.ndim != 2 or x.shape[1] != 2 or len(x) < 2:
-        raise ValueError(f"`{name}` must have shape (n, 2) with n >= 2, got {tuple(x.shape)}")
+    if x.ndim != 2 or x.shape[1] != 2 or len(x) < min_n:
+        raise ValueError(f"`{name}` must have shape (n, 2) with n >= {min_n}, got {tuple(x.shape)}")
     return x
 
 

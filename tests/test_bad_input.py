@@ -233,7 +233,8 @@ def _api_cases(lab):
     z, c = lab.noise([1, 2]), lab.encode_prompt(["a", "b"])
     nan_z = z.clone()
     nan_z[0, 0, 0, 0] = float("nan")
-    nan_c = c.map(lambda t: t.clone().fill_(float("inf")))
+    nan_c = c.map(torch.clone)
+    nan_c.prompt_embeds.fill_(float("inf"))  # changed in place after it was built (construction refuses it)
     img = torch.rand(1, 3, 16, 16)
     return [
         ("nan-latents", lambda: lab.generate(nan_z, c), ValueError, r"`latents` must be finite, got 1 NaN/infinite value\(s\) in a tensor of shape \(2, 4, 8, 8\)"),

@@ -310,9 +310,8 @@ def test_flow_models_refuse_what_does_not_apply(flow_lab):
     if lab.adapter.needs_mask:
         with pytest.raises(ValueError, match="attention_mask"):
             lab.generate(lab.noise([1], height=_size(lab), width=_size(lab)), Conditioning(cond.prompt_embeds))
-        with pytest.raises(ValueError, match=r"`conditioning.attention_mask` must have shape \(batch, tokens\)"):
-            lab.generate(lab.noise([1], height=_size(lab), width=_size(lab)),
-                         Conditioning(cond.prompt_embeds, attention_mask=cond.attention_mask[:, :5]))
+        with pytest.raises(ValueError, match=r"`attention_mask` must have the shape \(batch, tokens\)"):
+            Conditioning(cond.prompt_embeds, attention_mask=cond.attention_mask[:, :5])
 
 
 def test_unet_models_refuse_flow_schedulers(tiny_lab):

@@ -11,6 +11,7 @@ function with a tensor or array argument that no table tries.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import pkgutil
@@ -21,12 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import FakeBackend, FakeCLIP
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import latentlab
 from latentlab import audio, exports, metrics, project, seeds, store, toy2d, video
+from latentlab.atlas import Atlas
+from latentlab.backend import Conditioning, PredictionMix
 
 #: Modules whose tensor functions another generated test owns (the module -> that test).
 COVERED_ELSEWHERE = {
@@ -35,6 +39,12 @@ COVERED_ELSEWHERE = {
     "latentlab.backend": "test_lab_contract.py",
     "latentlab.widgets": "test_widget_contract.py",
 }
+
+
+#: Public classes whose array arguments are not a user's input: results the library builds (a user reads them) and
+#: the Backend protocol (its implementation, Lab, is tried by test_lab_contract.py).
+NOT_INPUTS = {"latentlab.backend.records.Inversion", "latentlab.backend.records.Trajectory",
+              "latentlab.backend.records.Tokens", "latentlab.morph.plan.Plan", "latentlab.backend.protocol.Backend"}
 
 
 @dataclass
@@ -74,6 +84,40 @@ def _envelope():
 
 def _out(folder: Path, name: str) -> Path:
     return folder / name
+
+
+def _append(frames):
+    """VideoWriter.append into a writer that is then aborted: what append accepted, as the frames it encoded."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        w = video.VideoWriter(Path(d) / "v.gif", fps=4)
+        try:
+            w.append(frames)
+            return torch.tensor([float(w.n_frames)])
+        finally:
+            w.abort()
+
+
+@pytest.fixture(scope="module")
+def atlas_map():
+    from latentlab.atlas import AtlasMap, build_atlas
+
+    atlas = build_atlas(FakeBackend(), ["a red star", "a blue ring", "a green square"], [1, 2], clip=FakeCLIP(),
+                        progress=False)
+    return AtlasMap(atlas, space="image_embeds", clip=FakeCLIP())
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from latentlab.clip import CLIP
+
+    return CLIP.default()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy2d.train(torch.randn(64, 2), "flow", steps=2, batch_size=8)
 
 
 def _cases(folder: Path) -> dict[str, Case]:
@@ -129,6 +173,43 @@ def _cases(folder: Path) -> dict[str, Case]:
             lambda latents: exports.write_comfyui_latent(latents, _out(folder, "l.latent"), scaling_factor=0.18),
             lambda: {"latents": torch.randn(2, 4, 8, 8)}, writes=True,
             accepts=("extra-dim",)),  # a 5-D latent is a video model's (ComfyUI stores those too)
+        # --- public classes: constructors and methods that take arrays
+        "atlas.core.Atlas.__init__": Case(
+            lambda noise, latents, image_embeds, prompt_embeds, thumbnails: Atlas(
+                noise, latents, image_embeds, prompt_embeds, thumbnails, [{"prompt": "p", "seed": i} for i in range(3)]
+            ).noise,
+            lambda: {"noise": torch.randn(3, 4, 4, 4), "latents": torch.randn(3, 4, 4, 4),
+                     "image_embeds": torch.randn(3, 8), "prompt_embeds": torch.randn(3, 8),
+                     "thumbnails": torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)}),
+        "atlas.inverse.AtlasMap.transform": Case(lambda vectors, atlas_map: atlas_map.transform(vectors),
+                                                 lambda: {"vectors": torch.randn(3, 8)}, needs={"atlas_map": "atlas_map"}),
+        "atlas.inverse.AtlasMap.embed": Case(lambda images, atlas_map: atlas_map.embed(None, None, images),
+                                             lambda: {"images": _frames(2)}, needs={"atlas_map": "atlas_map"}),
+        "atlas.inverse.AtlasMap.land": Case(
+            lambda noise, atlas_map: atlas_map.land(FakeBackend(), noise, FakeBackend().encode_prompt(["a red star"]))[1],
+            lambda: {"noise": FakeBackend().noise(1)}, needs={"atlas_map": "atlas_map"}),
+        "backend.records.Conditioning.__init__": Case(
+            lambda prompt_embeds: Conditioning(prompt_embeds).prompt_embeds, lambda: {"prompt_embeds": torch.randn(2, 5, 8)}),
+        "backend.records.Conditioning.weighted_sum": Case(
+            lambda weights: Conditioning(torch.arange(48.0).reshape(3, 2, 8)).weighted_sum(weights).prompt_embeds,
+            lambda: {"weights": torch.tensor([0.2, 0.3, 0.5])}, ints=True),  # [1, -1, 1]: arithmetic
+        "backend.records.PredictionMix.__init__": Case(
+            lambda weight: PredictionMix(Conditioning(torch.ones(2, 3, 4)), Conditioning(torch.zeros(2, 3, 4)),
+                                         weight).weight, lambda: {"weight": torch.tensor([0.25, 0.75])}),
+        **{f"clip.CLIP.{m}": Case(call, lambda: {"images": _frames(2)}, needs={"clip": "clip"}) for m, call in {
+            "preprocess": lambda images, clip: clip.preprocess(images),
+            "embed_images": lambda images, clip: clip.embed_images(images),
+            "similarity": lambda images, clip: clip.similarity(images, ["a red star"]),
+            "zero_shot": lambda images, clip: clip.zero_shot(images, ["red", "blue"])}.items()},
+        "toy2d.ToyModel.fit": Case(lambda data, toy: copy.deepcopy(toy).fit(data, 1, batch_size=8).steps_done,
+                                   lambda: {"data": torch.randn(40, 2)}, needs={"toy": "toy"}),
+        "toy2d.ToyModel.predict": Case(lambda x, toy: toy.predict(x, 0.5)[0], lambda: {"x": torch.randn(10, 2)},
+                                       needs={"toy": "toy"}),
+        "toy2d.ToyModel.velocity": Case(lambda x, toy: toy.velocity(x, 0.5), lambda: {"x": torch.randn(10, 2)},
+                                        needs={"toy": "toy"}),
+        "toy2d.ToyModel.sample": Case(lambda noise, toy: toy.sample(noise, 2), lambda: {"noise": torch.randn(10, 2)},
+                                      needs={"toy": "toy"}),
+        "video.VideoWriter.append": Case(_append, lambda: {"frames": _frames(2)}, writes=True),
         "morph.render.frame_key": Case(fk, lambda: {"latents": torch.randn(1, 4, 8, 8)}, needs={"lab": "tiny_lab"},
                                         accepts=("extra-dim",), hashes=True),  # a hash of any latent (video models' are 5-D)
     }
@@ -159,7 +240,8 @@ def test_the_inventory_covers_every_public_array_function(tmp_path):
     cases = _cases(tmp_path)
     missing = []
     for mod in _public_modules():
-        if any(mod.__name__ == m or mod.__name__.startswith(m + ".") for m in COVERED_ELSEWHERE):
+        if mod.__name__ != "latentlab.backend.records" and any(  # records are values users build: tried here
+                mod.__name__ == m or mod.__name__.startswith(m + ".") for m in COVERED_ELSEWHERE):
             continue
         for name in getattr(mod, "__all__", []):
             fn = getattr(mod, name)
@@ -168,8 +250,19 @@ def test_the_inventory_covers_every_public_array_function(tmp_path):
             key = f"{fn.__module__.removeprefix('latentlab.')}.{fn.__name__}"  # where it is defined (re-exports once)
             if key not in cases:
                 missing.append(f"{mod.__name__}.{name}{_array_params(fn)}")
+        for name in getattr(mod, "__all__", []):
+            cls = getattr(mod, name)
+            if not inspect.isclass(cls) or f"{cls.__module__}.{cls.__name__}" in NOT_INPUTS:
+                continue
+            for mname, member in vars(cls).items():
+                fn = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+                if (mname.startswith("_") and mname != "__init__") or not inspect.isfunction(fn) or not _array_params(fn):
+                    continue
+                key = f"{cls.__module__.removeprefix('latentlab.')}.{cls.__name__}.{mname}"
+                if key not in cases:
+                    missing.append(f"{key}{_array_params(fn)}")
     assert not missing, f"add to the contract table: {sorted(set(missing))}"
-    assert len(cases) >= 25
+    assert len(cases) >= 40
 
 
 # --- every kind of bad value, generated over the table ---------------------------------------------------------------
@@ -191,12 +284,13 @@ def _variant(kind: str, good):
 
     flat = t.flatten().clone()
     if kind in ("nan", "+inf", "-inf"):
+        flat = flat.float() if not flat.is_floating_point() else flat
         flat[min(1, flat.numel() - 1)] = {"nan": float("nan"), "+inf": float("inf"), "-inf": -float("inf")}[kind]
         return back(flat.reshape(t.shape))
     if kind == "non-contiguous":
         return np.flip(np.flip(good).copy()) if as_np else t.transpose(0, -1).contiguous().transpose(0, -1)
     if kind == "requires-grad":
-        return good.copy() if as_np else t.requires_grad_(True)
+        return good.copy() if as_np else (t.requires_grad_(True) if t.is_floating_point() else t)
     return {
         "int": lambda: back((t * 100).round().to(torch.int64)),
         "bool": lambda: back(t > 0.3),
@@ -237,7 +331,10 @@ def _run(case: Case, arrays: dict, request, folder: Path):
 
 
 def _named(err: Exception, arg: str) -> bool:
-    return f"`{arg}`" in str(err) or f"`{arg}[" in str(err)
+    """The message names the argument: `arg`, `arg[i]`, or `Owner.arg` (a record's field)."""
+    import re
+
+    return re.search(rf"`(\w+\.)?{re.escape(arg)}[`\[]", str(err)) is not None
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -306,7 +403,9 @@ def _arrays(draw):
 FUZZED = ("audio.onset_strength", "audio.onsets", "audio.frame_envelope", "metrics.consecutive_distances",
           "metrics.pixel_distance", "metrics.gini", "metrics.jump_ratio", "project.move", "project.orthogonalize",
           "seeds.variation_noise", "toy2d.forward_noise", "toy2d.sliced_wasserstein", "toy2d.straightness",
-          "video.image_grid", "video.png_bytes")
+          "video.image_grid", "video.png_bytes", "backend.records.Conditioning.__init__",
+          "backend.records.Conditioning.weighted_sum", "backend.records.PredictionMix.__init__",
+          "atlas.inverse.AtlasMap.transform", "toy2d.ToyModel.predict")
 
 
 @pytest.mark.parametrize("fn", FUZZED)

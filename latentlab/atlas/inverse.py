@@ -119,6 +119,7 @@ class AtlasMap:
         check_map_request(atlas, space, method)
         self.atlas, self.space, self.method, self._clip = atlas, space, method, clip
         x = getattr(atlas, space).float().flatten(1)
+        self.atlas_vectors_dim_ = x.shape[1]
         if method == "pca":
             self.projector_ = PCA(2, random_state=random_state).fit(x)
             coords = self.projector_.transform(x)
@@ -141,14 +142,21 @@ class AtlasMap:
 
     def transform(self, vectors: torch.Tensor) -> torch.Tensor:
         """Map coordinates (n, 2) of new vectors of this map's space."""
+        _checks.tensor(vectors, "vectors", min_ndim=2)
+        dim = self.atlas_vectors_dim_
+        if vectors[0].numel() != dim:
+            raise ValueError(f"`vectors` must hold items of {dim} values (this map's {self.space} space), got items "
+                             f"of shape {tuple(vectors.shape[1:])}")
         return self.projector_.transform(vectors.float().flatten(1)).float()
 
     def embed(self, noise: torch.Tensor, latents: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """The vectors of this map's space for generated items (their initial noise, final latents, images)."""
+        """The vectors of this map's space for generated items (their initial noise, final latents, images); only
+        the one this map's space needs may be given (the others may be None)."""
         if self.space == "noise":
-            return noise.float().flatten(1)
+            return _checks.tensor(noise, "noise", min_ndim=2).float().flatten(1)
         if self.space == "latents":
-            return latents.float().flatten(1)
+            return _checks.tensor(latents, "latents", min_ndim=2).float().flatten(1)
+        _checks.tensor(images, "images", ndim=4, what="(N, 3, H, W) images")
         vectors = self.clip.embed_images(images).float()
         if self.space == "prompt_embeds":  # into the text side of CLIP's space (see the class notes)
             mi, w, mt = self.to_text_
@@ -308,6 +316,9 @@ class AtlasMap:
         if not isinstance(conditioning, (Conditioning, PredictionMix)):
             raise TypeError(f"`conditioning` must be a latentlab Conditioning (lab.encode_prompt(...)) or "
                             f"PredictionMix, got {type(conditioning).__name__}")
+        expected = tuple(self.atlas.noise.shape[1:])
+        if tuple(noise.shape[1:]) != expected:
+            raise ValueError(f"`noise` must have items of this atlas's shape {expected}, got {tuple(noise.shape[1:])}")
         out = self._land(lab, noise, conditioning, sampling)
         return out["images"], out["landed"]
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from latentlab import _checks
+
 __all__ = ["Conditioning", "Inversion", "PredictionMix", "Trajectory"]
 
 
@@ -25,6 +27,22 @@ class Conditioning:
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        # The NaN policy at the record users build by hand: a (batch, tokens, dim) floating tensor of finite values,
+        # the optional fields matching its batch (a tensor changed in place later is refused where it is used).
+        e = _checks.tensor(self.prompt_embeds, "prompt_embeds", ndim=3, what="(batch, tokens, dim)")
+        if self.pooled_prompt_embeds is not None:
+            p = _checks.tensor(self.pooled_prompt_embeds, "pooled_prompt_embeds", ndim=2, what="(batch, dim)")
+            if len(p) != len(e):
+                raise ValueError(f"`pooled_prompt_embeds` must have {len(e)} items (one per prompt_embeds item), "
+                                 f"got {len(p)}")
+        if self.attention_mask is not None:
+            m = _checks.tensor(self.attention_mask, "attention_mask", ndim=2, floating=False,
+                               what="(batch, tokens)")
+            if tuple(m.shape) != tuple(e.shape[:2]):
+                raise ValueError(f"`attention_mask` must have the shape (batch, tokens) {tuple(e.shape[:2])} of "
+                                 f"`prompt_embeds`, got {tuple(m.shape)}")
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -58,7 +76,7 @@ class Conditioning:
     def weighted_sum(self, weights: torch.Tensor | Sequence[float]) -> Conditioning:
         """One item: ``sum_i weights[i] * item_i`` of every field (weights as given: normalise them for a mean,
         sign them for arithmetic)."""
-        w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        w = torch.from_numpy(_checks.real_values(weights, "weights", what="weights, one per item"))
         if len(w) != len(self):
             raise ValueError(f"`weights` must have {len(self)} values (one per item), got {len(w)}")
         return self.map(lambda t: (w.to(t.dtype).view(-1, *[1] * (t.ndim - 1)) * t).sum(0, keepdim=True))
@@ -108,14 +126,21 @@ class PredictionMix:
         for name in ("a", "b"):
             if not isinstance(getattr(self, name), Conditioning):
                 raise TypeError(f"`PredictionMix.{name}` must be a Conditioning, got {type(getattr(self, name)).__name__}")
-        if not isinstance(self.weight, torch.Tensor) or self.weight.ndim != 1:
-            raise TypeError(f"`PredictionMix.weight` must be a 1-D tensor (one weight per item), got {self.weight!r}")
+        if not isinstance(self.weight, torch.Tensor):
+            raise TypeError(f"`PredictionMix.weight` must be a 1-D tensor (one weight per item), got "
+                            f"{type(self.weight).__name__}")
+        if self.weight.ndim != 1 or not (self.weight.is_floating_point() or self.weight.dtype in (
+                torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+            raise TypeError(f"`PredictionMix.weight` must be a 1-D real tensor (one weight per item), got dtype "
+                            f"{self.weight.dtype} and shape {tuple(self.weight.shape)}")
         if not (len(self.a) == len(self.b) == len(self.weight)):
             raise ValueError(f"`PredictionMix` needs as many items in `a`, `b` and `weight`, got {len(self.a)}, "
                              f"{len(self.b)} and {len(self.weight)}")
         w = self.weight.double()
         if not bool(torch.isfinite(w).all()) or bool(((w < 0) | (w > 1)).any()):
-            raise ValueError(f"`PredictionMix.weight` must lie in [0, 1], got {self.weight.tolist()}")
+            bad = int((~(torch.isfinite(w) & (w >= 0) & (w <= 1))).sum())
+            raise ValueError(f"`PredictionMix.weight` must lie in [0, 1], got {bad} of {len(w)} value(s) outside "
+                             "(or NaN/infinite)")
 
     def __len__(self) -> int:
         return len(self.a)
