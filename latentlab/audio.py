@@ -113,6 +113,9 @@ def beats(y: np.ndarray, sr: int = SAMPLE_RATE, *, hop: int = HOP, envelope: np.
     sr = _rate(sr, hop)
     if envelope is not None:
         envelope = _envelope(envelope)
+        if len(envelope) != 1 + len(y) // hop:
+            raise ValueError(f"`envelope` must be the onset strength of `y`: {1 + len(y) // hop} values "
+                             f"(1 + len(y) // hop), got {len(envelope)}")
     try:
         import librosa
     except ImportError:

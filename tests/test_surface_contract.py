@@ -378,6 +378,20 @@ def test_every_array_argument_handles_every_kind_of_bad_value(fn, kind, tmp_path
             assert torch.isfinite(got).all(), f"{fn}({arg}={kind}) returned NaN/Inf"
 
 
+@pytest.mark.parametrize("fn", sorted(k for k, c in _cases(Path(".")).items() if len(c.good()) >= 2))
+def test_mismatched_shapes_across_arguments_are_refused_by_name(fn, tmp_path, request):
+    """Two array arguments that must agree, made to disagree (each in turn a tenth shorter along its last axis, at
+    least one value): a ValueError naming one of them -- never a broadcast that silently computes something else."""
+    case = _cases(tmp_path)[fn]
+    for arg in case.good():
+        arrays = case.good()
+        t = arrays[arg]
+        arrays[arg] = t[..., : t.shape[-1] - max(1, t.shape[-1] // 10)]
+        with pytest.raises(ValueError) as e:
+            _run(case, arrays, request, tmp_path)
+        assert any(_named(e.value, a) for a in arrays), f"{fn}({arg} shorter): names no argument: {e.value}"
+
+
 # --- Hypothesis: arrays of any dtype, shape and values ---------------------------------------------------------------
 
 _DTYPES = st.sampled_from([np.float32, np.float64, np.float16, np.int16, np.int64, np.uint8, np.bool_, np.complex64])

@@ -47,9 +47,15 @@ class Atlas:
             _checks.tensor(t, name, min_ndim=2, floating=name != "thumbnails", empty=name == "thumbnails")
             if len(t) != n:
                 raise ValueError(f"`{name}` has {len(t)} rows but there are {n} items: the atlas is inconsistent")
-        if self.thumbnails.dtype != torch.uint8 or self.thumbnails.ndim != 4 or self.thumbnails.shape[1] != 3:
-            raise ValueError(f"`thumbnails` must be uint8 (N, 3, s, s), got {self.thumbnails.dtype} "
-                             f"{tuple(self.thumbnails.shape)}")
+        th = self.thumbnails
+        if th.dtype != torch.uint8 or th.ndim != 4 or th.shape[1] != 3 or th.shape[2] != th.shape[3]:
+            raise ValueError(f"`thumbnails` must be uint8 (N, 3, s, s), got {th.dtype} {tuple(th.shape)}")
+        if self.latents.shape != self.noise.shape:
+            raise ValueError(f"`latents` must have the shape of `noise` {tuple(self.noise.shape)} (each item's "
+                             f"initial noise and final latent), got {tuple(self.latents.shape)}")
+        if self.prompt_embeds.shape[1:] != self.image_embeds.shape[1:]:
+            raise ValueError(f"`prompt_embeds` must have the width of `image_embeds` {tuple(self.image_embeds.shape[1:])}"
+                             f" (one CLIP space), got {tuple(self.prompt_embeds.shape[1:])}")
 
     def __len__(self) -> int:
         return len(self.items)
