@@ -12,6 +12,11 @@ from latentlab import _checks
 __all__ = ["Conditioning", "Inversion", "PredictionMix", "Trajectory"]
 
 
+def _item_slice(idx):
+    """Indexing a record by an int keeps the batch axis (``c[-1]`` is the last item, as a batch of one)."""
+    return slice(idx, idx + 1 or None) if isinstance(idx, int) else idx
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """What conditions the denoiser for a batch: ``prompt_embeds`` (batch, tokens, dim); for SDXL, SD3 and Flux.1
@@ -48,7 +53,7 @@ class Conditioning:
         return self.prompt_embeds.shape[0]
 
     def __getitem__(self, idx) -> Conditioning:
-        idx = slice(idx, idx + 1 or None) if isinstance(idx, int) else idx
+        idx = _item_slice(idx)
         pooled = None if self.pooled_prompt_embeds is None else self.pooled_prompt_embeds[idx]
         mask = None if self.attention_mask is None else self.attention_mask[idx]
         return Conditioning(self.prompt_embeds[idx], pooled, mask)
@@ -146,7 +151,7 @@ class PredictionMix:
         return len(self.a)
 
     def __getitem__(self, idx) -> PredictionMix:
-        idx = slice(idx, idx + 1 or None) if isinstance(idx, int) else idx
+        idx = _item_slice(idx)
         return PredictionMix(self.a[idx], self.b[idx], self.weight[idx])
 
     def map(self, fn) -> PredictionMix:

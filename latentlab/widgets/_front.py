@@ -204,6 +204,11 @@ function render({ model, el }) {
     if (i >= 0) { tip.style.left = (px + 12) + "px"; tip.style.top = (py + 12) + "px"; } else { tip.style.display = "none"; }
   });
   canvas.addEventListener("pointerleave", () => { tip.style.display = "none"; lastHover = -2; });
+  // A cancelled pointer (a touch turned into a scroll, the OS taking it) ends the drag and does nothing: no click,
+  // no lasso, no path from a stroke the user did not finish.
+  canvas.addEventListener("pointercancel", () => {
+    down = false; pan = null; stroke = []; canvas.style.cursor = "crosshair"; dirty = true; request();
+  });
   canvas.addEventListener("pointerup", (e) => {
     if (pan) { pan = null; canvas.style.cursor = "crosshair"; return; }
     if (!down) return;
