@@ -226,8 +226,10 @@ def _cmd_morph(args: argparse.Namespace) -> int:
             raise ValueError("--pacing-clip measures the change for --pacing even; add --pacing even")
         clip = Path(args.pacing_clip).expanduser()
         looks_local = clip.exists() or args.pacing_clip.startswith((".", "/", "~")) or args.pacing_clip.count("/") > 1
-        if args.pacing_clip != "embedded" and looks_local and not (clip / "config.json").is_file():
-            raise FileNotFoundError(f"--pacing-clip is not a CLIP folder (no config.json): {clip}")
+        if args.pacing_clip != "embedded" and looks_local:
+            from latentlab.clip import check_clip_folder
+
+            check_clip_folder(clip, "--pacing-clip")
     _embedded_missing(args.model)
     check_render(settings, out, overwrite=args.overwrite, upscale=upscale, batch_size=args.batch_size,
                  frame_size=_frame_size(args))

@@ -21,11 +21,42 @@ import torch
 
 from latentlab import _checks
 
-__all__ = ["CLIP"]
+__all__ = ["CLIP", "check_clip_folder"]
 
 # OpenAI CLIP's normalisation: the default when a checkpoint has no preprocessor_config.json.
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def check_clip_folder(folder: str | Path, name: str = "model_id_or_path", *, tokenizer: bool = True) -> Path:
+    """Everything that can be known about a local CLIP folder before loading it: a ``config.json`` that is a
+    transformers CLIP model's, safetensors weights (latentlab never loads pickles) and, unless ``tokenizer=False``,
+    the tokenizer's files. Raises FileNotFoundError/ValueError naming ``name`` and the folder.
+
+    >>> check_clip_folder("/nonexistent", "--pacing-clip")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: `--pacing-clip` does not exist: /nonexistent
+    """
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"`{name}` does not exist: {folder}")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"`{name}` is not a CLIP folder (no config.json): {folder}")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"`{name}`: {folder / 'config.json'} is not valid JSON ({e})") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind != "clip":
+        raise ValueError(f"`{name}` is not a CLIP model: {folder / 'config.json'} has model_type {kind!r}, not 'clip'")
+    if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise FileNotFoundError(f"`{name}` has no safetensors weights (model.safetensors) in {folder}: latentlab "
+                                "loads only safetensors, never pickled .bin files")
+    if tokenizer and not ((folder / "tokenizer.json").is_file()
+                          or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())):
+        raise FileNotFoundError(f"`{name}` has no tokenizer (tokenizer.json, or vocab.json and merges.txt) in {folder}")
+    return folder
 
 
 def _import_transformers():
@@ -84,12 +115,18 @@ class CLIP:
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> CLIP:
         """Load a transformers ``CLIPModel`` (e.g. ``"openai/clip-vit-large-patch14"``) with its tokenizer
         (from ``tokenizer``, default the same folder/id) and preprocessing settings. Safetensors only."""
+        if isinstance(model_id_or_path, Path) or Path(str(model_id_or_path)).expanduser().exists():
+            check_clip_folder(model_id_or_path, tokenizer=tokenizer is None)
         transformers = _import_transformers()
-        if isinstance(model_id_or_path, Path) and not model_id_or_path.exists():
-            raise FileNotFoundError(f"`model_id_or_path` does not exist: {model_id_or_path}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        model = transformers.CLIPModel.from_pretrained(str(model_id_or_path), dtype=dtype, use_safetensors=True)
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar is noise in a notebook's output
+        try:
+            model = transformers.CLIPModel.from_pretrained(str(model_id_or_path), dtype=dtype, use_safetensors=True)
+        finally:
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
         tok = transformers.CLIPTokenizer.from_pretrained(str(tokenizer or model_id_or_path))
         mean, std = _OPENAI_MEAN, _OPENAI_STD
         size = model.config.vision_config.image_size

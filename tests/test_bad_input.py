@@ -33,6 +33,10 @@ def workdir(tmp_path):
     (tmp_path / "mine.mp4.json").write_text("{}")
     (tmp_path / "a-folder.mp4").mkdir()
     (tmp_path / "not-an-image.png").write_text("hello")
+    (tmp_path / "clip-no-weights").mkdir()
+    (tmp_path / "clip-no-weights" / "config.json").write_text('{"model_type": "clip"}')
+    (tmp_path / "not-clip").mkdir()
+    (tmp_path / "not-clip" / "config.json").write_text('{"model_type": "t5"}')
     (tmp_path / "grid.png").write_bytes(b"the user's own picture")
     return tmp_path
 
@@ -74,6 +78,8 @@ CLI_BEFORE_ANY_MODEL = [
     ("grid-upscale-zero", ["grid", P1, "--upscale", "0", "-o", "{d}/g.png"], 2, r"`--upscale` must be >= 1, got 0"),
     ("grid-output-exists", ["grid", P1, "-o", "{d}/grid.png"], 2, r"grid.png exists; pass overwrite=True"),
     ("grid-too-big", ["grid", *[P1] * 40, "--seeds", *map(str, range(40)), "--upscale", "64", "-o", "{d}/g.png"], 2, r"the grid would be \d+x\d+ pixels"),
+    ("clip-no-weights", ["morph", P1, P2, "--pacing", "even", "--pacing-clip", "{d}/clip-no-weights", "-o", "{d}/o.mp4"], 2, r"`--pacing-clip` has no safetensors weights"),
+    ("clip-not-clip", ["morph", P1, P2, "--pacing", "even", "--pacing-clip", "{d}/not-clip", "-o", "{d}/o.mp4"], 2, r"`--pacing-clip` is not a CLIP model: .* model_type 't5'"),
     ("frame-manifest-missing", ["frame", "{d}/nope.json", "0", "-o", "{d}/f.png"], 2, r"no such manifest: .*nope.json"),
 ]
 

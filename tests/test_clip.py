@@ -67,3 +67,37 @@ def test_any_transformers_clip_checkpoint_loads(tmp_path):
     assert c.embed_images(torch.rand(3, 3, 64, 48)).shape == (3, 8)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CLIP.from_pretrained(tmp_path / "missing")
+
+
+def test_a_clip_folder_is_checked_whole_before_loading(tmp_path):
+    """What can be known without loading: the folder, a CLIP config, safetensors weights, a tokenizer -- each missing
+    piece named, before transformers is asked (whose messages name neither the argument nor the missing file)."""
+    import json
+    import shutil
+
+    from latentlab import embedded
+    from latentlab.clip import check_clip_folder
+
+    good = embedded.model_path() / "clip"
+    assert check_clip_folder(good, tokenizer=False) == good
+    folder = tmp_path / "c"
+    with pytest.raises(FileNotFoundError, match="`model_id_or_path` does not exist"):
+        CLIP.from_pretrained(folder)
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"is not a CLIP folder \(no config.json\)"):
+        CLIP.from_pretrained(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        CLIP.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "siglip"}))
+    with pytest.raises(ValueError, match="is not a CLIP model: .* model_type 'siglip'"):
+        CLIP.from_pretrained(folder)
+    shutil.copy(good / "config.json", folder / "config.json")
+    (folder / "pytorch_model.bin").write_bytes(b"a pickle")
+    with pytest.raises(FileNotFoundError, match="has no safetensors weights .* never pickled"):
+        CLIP.from_pretrained(folder)
+    shutil.copy(good / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        CLIP.from_pretrained(folder)
+    tok = embedded.model_path() / "tokenizer"
+    assert CLIP.from_pretrained(folder, tokenizer=tok).dim == CLIP.default().dim  # a separate tokenizer is fine

@@ -37,6 +37,12 @@ def test_notebook_runs(path, tmp_path, monkeypatch, record_property):
              if o.output_type == "stream" and o.get("name") == "stderr"]
     library = ("[transformers]", "it/s]", "Loading", "No LoRA keys", "Token indices", "huggingface")
     assert not [t for t in noise if any(m in t for m in library)]
+    # ... nor as a progress-bar widget (tqdm.auto in a notebook: display data whose plain text is the bar). The
+    # lessons' own progress bars (renders, training) stay; only the libraries' loading bars are noise.
+    bars = [o.get("data", {}).get("text/plain", "") for c in nb.cells if c.cell_type == "code"
+            for o in c.get("outputs", []) if o.output_type == "display_data"]
+    loading = ("Loading weights", "Loading pipeline components", "Loading checkpoint shards")
+    assert not [t for t in bars if any(m in t for m in loading)], "a library's loading bar is in the output"
 
 
 def test_there_are_notebooks():

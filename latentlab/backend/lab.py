@@ -136,6 +136,7 @@ class Lab(Engine):
         diffusers.utils.logging.disable_progress_bar()  # loading a small model is quick: no "Loading ..." bars
         import transformers
 
+        transformer_bars = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(str(local if looks_local else model_id_or_path),
@@ -152,6 +153,7 @@ class Lab(Engine):
             diffusers.utils.logging.set_verbosity(verbosity)
             if bars:
                 diffusers.utils.logging.enable_progress_bar()
+            if transformer_bars:
                 transformers.utils.logging.enable_progress_bar()
         try:
             adapter = adapter_for(pipe)
