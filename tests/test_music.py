@@ -194,7 +194,7 @@ def test_bad_audio_is_refused_before_model_work(tmp_path, capsys, monkeypatch):
         (["--at", "3", "1"], "must increase"),
         (["--at", "0", "1", "2"], "one time per keyframe: 2 keyframes, got 3"),
         (["--audio-offset", "2"], "--audio-offset and --audio-pacing need --audio FILE"),
-        (["--pacing", "even", "--pacing-clip", str(tmp_path / "no-clip")], "--pacing-clip is not a CLIP folder"),
+        (["--pacing", "even", "--pacing-clip", str(tmp_path / "no-clip")], "`--pacing-clip` does not exist"),
         (["--pacing-clip"], "--pacing-clip measures the change for --pacing even"),
     ]
     for extra, message in cases:

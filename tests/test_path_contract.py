@@ -297,6 +297,7 @@ except FileExistsError as e:
 """
 
 
+@pytest.mark.slow
 def test_two_processes_saving_the_same_file_one_wins_whole(tmp_path):
     """A real race, repeated: two processes released together save the same path without ``overwrite``. Whatever
     the timing, exactly one saves, the other is refused with FileExistsError, and the file is the winner's, whole."""

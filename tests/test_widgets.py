@@ -229,6 +229,7 @@ def test_atlas_explorer_hover_lasso_grid_click_and_path(tmp_path):
     assert man["settings"]["keyframes"][0]["mix"]["seed_weights"][0] == 1.0
 
 
+@pytest.mark.slow
 def test_atlas_explorer_on_clip_embeddings_and_umap_blends_neighbours():
     from latentlab.widgets import AtlasExplorer
 
