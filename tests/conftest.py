@@ -355,3 +355,15 @@ def flow_lab(request):
     lab.defaults = lab.defaults.replace(num_inference_steps=3)
     lab.kind = kind
     return lab
+
+
+#: Doctests that generate with a model (several seconds each): run by CI and `pytest`, left out of the quick loop
+#: (`-m "not slow"`), like the slow tests. Measured with --durations on this machine.
+_SLOW_DOCTESTS = ("latentlab.atlas.shards", "latentlab.backend.lab.Lab.invert", "latentlab.backend.lab.Lab.inpaint",
+                  "latentlab.backend.lab.Lab.img2img", "latentlab.atlas.inverse.AtlasMap")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if type(item).__name__ == "DoctestItem" and item.name in _SLOW_DOCTESTS:
+            item.add_marker(pytest.mark.slow)
