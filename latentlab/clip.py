@@ -120,13 +120,10 @@ class CLIP:
         transformers = _import_transformers()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        bars = transformers.utils.logging.is_progress_bar_enabled()
-        transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar is noise in a notebook's output
-        try:
+        from latentlab._quiet import no_progress_bars
+
+        with no_progress_bars(transformers.utils.logging):
             model = transformers.CLIPModel.from_pretrained(str(model_id_or_path), dtype=dtype, use_safetensors=True)
-        finally:
-            if bars:
-                transformers.utils.logging.enable_progress_bar()
         tok = transformers.CLIPTokenizer.from_pretrained(str(tokenizer or model_id_or_path))
         mean, std = _OPENAI_MEAN, _OPENAI_STD
         size = model.config.vision_config.image_size

@@ -119,7 +119,6 @@ class AtlasMap:
         check_map_request(atlas, space, method)
         self.atlas, self.space, self.method, self._clip = atlas, space, method, clip
         x = getattr(atlas, space).float().flatten(1)
-        self.atlas_vectors_dim_ = x.shape[1]
         if method == "pca":
             self.projector_ = PCA(2, random_state=random_state).fit(x)
             coords = self.projector_.transform(x)
@@ -143,7 +142,7 @@ class AtlasMap:
     def transform(self, vectors: torch.Tensor) -> torch.Tensor:
         """Map coordinates (n, 2) of new vectors of this map's space."""
         _checks.tensor(vectors, "vectors", min_ndim=2)
-        dim = self.atlas_vectors_dim_
+        dim = getattr(self.atlas, self.space)[0].numel()
         if vectors[0].numel() != dim:
             raise ValueError(f"`vectors` must hold items of {dim} values (this map's {self.space} space), got items "
                              f"of shape {tuple(vectors.shape[1:])}")

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from latentlab._quiet import no_progress_bars
 from latentlab.backend import edits, trajectory
 from latentlab.backend.engine import CPU_BATCH_SIZE, Engine, import_diffusers
 from latentlab.backend.families import adapter_for
@@ -132,15 +133,12 @@ class Lab(Engine):
         kwargs.setdefault("use_safetensors", True)
         verbosity = diffusers.utils.logging.get_verbosity()
         diffusers.utils.logging.set_verbosity_error()  # failures are reported once, below, not as log lines too
-        bars = diffusers.utils.logging.is_progress_bar_enabled()
-        diffusers.utils.logging.disable_progress_bar()  # loading a small model is quick: no "Loading ..." bars
         import transformers
 
-        transformer_bars = transformers.utils.logging.is_progress_bar_enabled()
-        transformers.utils.logging.disable_progress_bar()
         try:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(str(local if looks_local else model_id_or_path),
-                                                               dtype=dtype, **kwargs)
+            with no_progress_bars(diffusers.utils.logging, transformers.utils.logging):
+                pipe = diffusers.DiffusionPipeline.from_pretrained(str(local if looks_local else model_id_or_path),
+                                                                   dtype=dtype, **kwargs)
         except (OSError, ValueError) as e:
             text = " ".join(str(e).split())
             if "cached" in text or "offline" in text.lower() or "connect" in text.lower():
@@ -151,10 +149,6 @@ class Lab(Engine):
             raise FileNotFoundError(f"could not load `model_id_or_path` {str(model_id_or_path)!r}: {why}") from e
         finally:
             diffusers.utils.logging.set_verbosity(verbosity)
-            if bars:
-                diffusers.utils.logging.enable_progress_bar()
-            if transformer_bars:
-                transformers.utils.logging.enable_progress_bar()
         try:
             adapter = adapter_for(pipe)
         except TypeError as e:

@@ -134,8 +134,7 @@ class PredictionMix:
         if not isinstance(self.weight, torch.Tensor):
             raise TypeError(f"`PredictionMix.weight` must be a 1-D tensor (one weight per item), got "
                             f"{type(self.weight).__name__}")
-        if self.weight.ndim != 1 or not (self.weight.is_floating_point() or self.weight.dtype in (
-                torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        if self.weight.ndim != 1 or self.weight.is_complex() or self.weight.dtype == torch.bool:
             raise TypeError(f"`PredictionMix.weight` must be a 1-D real tensor (one weight per item), got dtype "
                             f"{self.weight.dtype} and shape {tuple(self.weight.shape)}")
         if not (len(self.a) == len(self.b) == len(self.weight)):

@@ -118,15 +118,9 @@ class Family:
         return encoded
 
     def check_conditioning(self, pipe: Any, conditioning: Conditioning) -> None:
-        """``conditioning`` carries the fields this family needs, in its shapes."""
-        if conditioning.prompt_embeds.ndim != 3:
-            raise ValueError("`conditioning.prompt_embeds` must have shape (batch, tokens, dim), got "
-                             f"{tuple(conditioning.prompt_embeds.shape)}")
-        mask = conditioning.attention_mask
-        if mask is not None and tuple(mask.shape) != tuple(conditioning.prompt_embeds.shape[:2]):
-            raise ValueError("`conditioning.attention_mask` must have shape (batch, tokens) = "
-                             f"{tuple(conditioning.prompt_embeds.shape[:2])}, got {tuple(mask.shape)}")
-        if self.needs_mask and mask is None:
+        """``conditioning`` carries the fields this family needs (its ranks and the mask's shape are checked when the
+        record is built: :class:`~latentlab.backend.records.Conditioning`)."""
+        if self.needs_mask and conditioning.attention_mask is None:
             raise ValueError(f"`conditioning` must carry the attention_mask of its text tokens for {self.display_name} "
                              "model (use lab.encode_prompt of this model)")
         if self.needs_pooled and conditioning.pooled_prompt_embeds is None:
