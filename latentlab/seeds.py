@@ -27,7 +27,7 @@ def _seed_list(seed: object, name: str) -> list[int] | None:
     if isinstance(seed, int):
         _checks.seed(seed, name)
         return None
-    if isinstance(seed, (list, tuple)):
+    if isinstance(seed, (list, tuple, range)):
         if not seed:
             raise ValueError(f"`{name}` must not be an empty list")
         for i, s in enumerate(seed):

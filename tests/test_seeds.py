@@ -30,6 +30,9 @@ def test_each_item_reproducible_alone_and_in_any_batch():
         assert torch.equal(ll.noise([99, s], (2, *shape))[1:], batch[i : i + 1])
     assert not torch.equal(batch[0], batch[1])
     assert torch.equal(ll.noise(3, (1, *shape)), ll.noise(3, (1, *shape)))
+    assert torch.equal(ll.noise(range(10, 13), (3, *shape)), batch)  # any sequence of ints: a range too
+    with pytest.raises(ValueError, match="empty"):
+        ll.noise(range(0), (1, *shape))
 
 
 def test_device_and_dtype_are_applied_after_the_cpu_draw():

@@ -130,3 +130,48 @@ def test_one_image_widgets_run_their_jobs_on_one_thread():
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _count_lookups(monkeypatch, cls):
+    """Count ``device``/``dtype`` lookups on the denoiser's class made by latentlab's own code."""
+    import sys
+
+    counts = {"device": 0, "dtype": 0}
+    for name in counts:
+        original = getattr(cls, name)
+
+        def counted(self, _name=name, _original=original):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("latentlab"):
+                counts[_name] += 1
+            return _original.fget(self)
+
+        monkeypatch.setattr(cls, name, property(counted))
+    return counts
+
+
+def test_a_request_looks_up_device_and_dtype_at_most_once(unet_lab, monkeypatch):
+    cond = unet_lab.encode_prompt(["a red star", "a blue ring"])
+    z = unet_lab.noise([3, 4])
+    plain = unet_lab.generate(z, cond, batch_size=1)
+    counts = _count_lookups(monkeypatch, type(unet_lab.denoiser))
+    again = unet_lab.generate(z, cond, batch_size=1)  # two compute batches: the engine asks for both facts often
+    assert torch.equal(plain, again)
+    assert counts == {"device": 1, "dtype": 1}
+    unet_lab.noise(7)
+    assert counts == {"device": 2, "dtype": 2}
+    unet_lab.encode_prompt("a red star")  # cached: needs neither
+    assert counts == {"device": 2, "dtype": 2}
+
+
+def test_pinned_facts_do_not_outlive_the_request(tiny_lab):
+    engine = tiny_lab
+    with engine.pinned():
+        assert engine.dtype == torch.float32
+        with engine.pinned():  # nested: the outer lookup
+            assert engine.dtype == torch.float32
+    engine.denoiser.to(torch.float64)
+    try:
+        assert engine.dtype == torch.float64  # not a stale answer from the last request
+        assert tiny_lab.noise(0).dtype == torch.float64
+    finally:
+        engine.denoiser.to(torch.float32)

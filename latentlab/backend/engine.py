@@ -14,6 +14,7 @@ an engine; :class:`latentlab.backend.Lab` is the thin facade users hold.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -113,6 +114,17 @@ def cpu_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
+def _pinning(method):
+    """Run an Engine method inside :meth:`Engine.pinned` (at most one device/dtype lookup per request)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.pinned():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class Engine:
     """A loaded pipeline, its family :attr:`adapter`, and the request mechanics (see the module notes).
@@ -137,6 +149,7 @@ class Engine:
     _fingerprint: str | None = field(default=None, repr=False)
     _optimizations: tuple[str, ...] = field(default=(), repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _pin: threading.local = field(default_factory=threading.local, repr=False)
 
     def __post_init__(self):
         if self.adapter is None:
@@ -159,11 +172,38 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        return self._pinned_fact("device")
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
+        return self._pinned_fact("dtype")
+
+    def _pinned_fact(self, name: str):
+        facts = getattr(self._pin, "facts", None)
+        if facts is None:
+            return getattr(self.denoiser, name)
+        if name not in facts:
+            facts[name] = getattr(self.denoiser, name)
+        return facts[name]
+
+    @contextmanager
+    def pinned(self):
+        """Within this block (on this thread), :attr:`device` and :attr:`dtype` are looked up at most once.
+
+        diffusers answers ``model.device``/``model.dtype`` by walking every submodule for offloading and casting
+        hooks (about 1 ms each on the embedded UNet, and a request asked up to a dozen times). Neither can change
+        during one request, so each request looks them up once, when first needed; nested blocks reuse the outer
+        lookup. Every public request of the engine runs inside one. Measured on the few-step model's 2-step preview
+        (one thread, 90 previews each, interleaved): 59.8 -> 57.8 ms, 1.04x; images bit-identical.
+        """
+        if getattr(self._pin, "facts", None) is not None:
+            yield
+            return
+        self._pin.facts = {}
+        try:
+            yield
+        finally:
+            self._pin.facts = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -212,6 +252,7 @@ class Engine:
         f = self.vae_scale_factor
         return (self.adapter.latent_channels(self.pipe), height // f, width // f)
 
+    @_pinning
     def noise(self, seed: int | Sequence[int], *, height: int | None = None, width: int | None = None,
               dtype: torch.dtype | None = None) -> torch.Tensor:
         """Initial latents for ``seed`` (one item per seed), drawn on the CPU: the same on every device, and equal to
@@ -318,6 +359,7 @@ class Engine:
 
     # --- prompts -----------------------------------------------------------------------------------------------
 
+    @_pinning
     def encode_prompt(self, prompt: str | Sequence[str]) -> Conditioning:
         """Text conditioning for each prompt (cached by prompt text), with every field the family needs.
 
@@ -456,6 +498,7 @@ class Engine:
                 raise ValueError(f"`conditioning.{name}` must have width {theirs.shape[-1]} (this model's text "
                                  f"encoder), got shape {tuple(mine.shape)}: use lab.encode_prompt of this model")
 
+    @_pinning
     def generate(
         self,
         latents: torch.Tensor,
@@ -539,6 +582,7 @@ class Engine:
 
     # --- VAE -----------------------------------------------------------------------------------------------------
 
+    @_pinning
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
         """Final latents (scaled as the denoiser sees them, VAE layout) -> images in [0, 1] (float32, CPU), with
@@ -570,6 +614,7 @@ class Engine:
                 vae.to(dtype)
         return (img.float() / 2 + 0.5).clamp(0, 1).cpu()
 
+    @_pinning
     @torch.no_grad()
     def encode(self, images: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
         """Images in [0, 1] (batch, 3, H, W) -> latents as the denoiser sees them (posterior mean, scaled).

@@ -164,8 +164,9 @@ class Lab(Engine):
                    batch_size: int | None = None, on_step=None, **overrides: Any) -> Trajectory:
         """Denoise like :meth:`generate` and record every step's latents and predicted clean latent (x0), optionally
         reporting each step as it ends (``on_step``); see :func:`latentlab.backend.trajectory.trajectory`."""
-        return trajectory.trajectory(self, latents, conditioning, sampling=sampling, batch_size=batch_size,
-                                     on_step=on_step, **overrides)
+        with self.pinned():
+            return trajectory.trajectory(self, latents, conditioning, sampling=sampling, batch_size=batch_size,
+                                         on_step=on_step, **overrides)
 
     # --- latent edits (composed from diffusers in latentlab.backend.edits) -------------------------------------
 
@@ -182,8 +183,9 @@ class Lab(Engine):
         >>> out.shape
         torch.Size([1, 3, 64, 64])
         """
-        return edits.img2img(self, latents, conditioning, strength=strength, seed=seed, sampling=sampling,
-                             batch_size=batch_size, output_type=output_type, **overrides)
+        with self.pinned():
+            return edits.img2img(self, latents, conditioning, strength=strength, seed=seed, sampling=sampling,
+                                 batch_size=batch_size, output_type=output_type, **overrides)
 
     def inpaint(self, latents: torch.Tensor, conditioning: Conditioning, mask: torch.Tensor, *,
                 strength: float = 1.0, seed: int | Sequence[int] = 0, image: torch.Tensor | None = None,
@@ -199,9 +201,10 @@ class Lab(Engine):
         >>> lab.inpaint(z, lab.encode_prompt("a large red circle on a blue background"), mask, seed=2).shape
         torch.Size([1, 3, 64, 64])
         """
-        return edits.inpaint(self, latents, conditioning, mask, strength=strength, seed=seed, image=image,
-                             feather=feather, sampling=sampling, batch_size=batch_size, output_type=output_type,
-                             **overrides)
+        with self.pinned():
+            return edits.inpaint(self, latents, conditioning, mask, strength=strength, seed=seed, image=image,
+                                 feather=feather, sampling=sampling, batch_size=batch_size,
+                                 output_type=output_type, **overrides)
 
     def invert(self, latents: torch.Tensor, conditioning: Conditioning, *, solver: str | None = None,
                sampling: Sampling | None = None, batch_size: int | None = None, **overrides: Any) -> Inversion:
@@ -217,5 +220,6 @@ class Lab(Engine):
         >>> inv.noise.shape, inv.psnr.shape
         (torch.Size([1, 4, 8, 8]), torch.Size([1]))
         """
-        return edits.invert(self, latents, conditioning, solver=solver, sampling=sampling, batch_size=batch_size,
-                            **overrides)
+        with self.pinned():
+            return edits.invert(self, latents, conditioning, solver=solver, sampling=sampling,
+                                batch_size=batch_size, **overrides)
