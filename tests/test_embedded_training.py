@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -280,6 +281,19 @@ def test_fast_model_recipe_smoke_data_student_tiny_package_load(tmp_path):
     image = pipe("a red star", num_inference_steps=2, guidance_scale=1.0, output_type="pt").images
     assert type(pipe.vae).__name__ == "AutoencoderTiny" and image.shape == (1, 3, 64, 64)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # v2's continuation: a new run starts from the packaged student (not the teacher) and over-samples small shapes
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    more = tmp_path / "runs2"
+    shutil.copytree(out / "data", more / "data")
+    train_fast.main(["student", "--out", str(more), "--steps", "0", "--start-from", str(pkg)])
+    start = load_file(more / "student-ckpt" / "model.safetensors")
+    packaged = UNet2DConditionModel.from_pretrained(pkg / "unet", dtype=torch.float32).state_dict()
+    assert all(torch.equal(start[k], packaged[k]) for k in packaged)
+    train_fast.main(["student", "--out", str(more), "--steps", "2", "--batch", "4", "--small-share", "1",
+                     "--start-from", str(pkg)])
+    assert json.loads((more / "student-ckpt" / "meta.json").read_text())["step"] == 2
 
 
 def test_a_kill_at_any_moment_of_a_checkpoint_save_leaves_a_complete_checkpoint(tmp_path):

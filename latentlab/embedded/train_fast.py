@@ -145,10 +145,18 @@ def train_student(args) -> None:
         for i in range(0, len(new), 128):
             for c, e in zip(new[i:i + 128], embed(tok, text, new[i:i + 128])):
                 data["table"][c] = e
-        data.update(shards=shards, noise=noise, x0=x0, cond=torch.stack([data["table"][c] for c in captions]))
+        data.update(shards=shards, noise=noise, x0=x0, cond=torch.stack([data["table"][c] for c in captions]),
+                    small=torch.tensor([i for i, c in enumerate(captions) if c.startswith("a small ")]))
         print(json.dumps({"stage": "student", "pairs": len(noise)}), flush=True)
 
     refresh()
+    if args.start_from is not None and not (args.out / "student-ckpt" / "meta.json").exists():
+        # continue a packaged few-step model (v2: v1's UNet) instead of starting from the teacher's weights
+        from diffusers import UNet2DConditionModel
+
+        packaged = UNet2DConditionModel.from_pretrained(args.start_from / "unet", dtype=torch.float32)
+        unet.load_state_dict(packaged.state_dict())
+        print(json.dumps({"stage": "student", "start_from": str(args.start_from)}), flush=True)
     student = unet.requires_grad_(True).train()
     lr = args.lr or 1e-4
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
@@ -161,6 +169,10 @@ def train_student(args) -> None:
         g = torch.Generator().manual_seed(20_000_000 + step)
         bsz = args.batch or 64
         idx = torch.randint(len(data["noise"]), (bsz,), generator=g)
+        if args.small_share and len(data["small"]):  # over-sample the pairs whose caption names the small size (the weakest row)
+            small = data["small"]
+            pick = torch.rand(bsz, generator=g) < args.small_share
+            idx = torch.where(pick, small[torch.randint(len(small), (bsz,), generator=g)], idx)
         on_grid = torch.rand(bsz, generator=g) < 0.5
         t = torch.where(on_grid, grid[torch.randint(len(grid), (bsz,), generator=g)],
                         torch.randint(0, 1000, (bsz,), generator=g))
@@ -314,6 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--package-to", type=Path, default=Path(__file__).parent / "model-fast")
+    p.add_argument("--start-from", type=Path,
+                   help="student: initialise from this packaged few-step model's UNet (when no checkpoint exists)")
+    p.add_argument("--small-share", type=float, default=0.0,
+                   help="student: share of each batch drawn from pairs whose caption names the small size (v2)")
     p.add_argument("--vae", choices=["tiny", "default"], default="tiny",
                    help="package: the distilled tiny autoencoder or the default model's VAE")
     args = p.parse_args(argv)
