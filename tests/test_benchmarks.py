@@ -52,6 +52,9 @@ def test_latency_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     assert [r[1].strip() for r in previews] == ["embedded-shapes"] + ["embedded-shapes-fast"] * (
         3 * embedded.is_available("embedded-shapes-fast"))
     assert all(float(r[4]) > 0 and float(r[5]) <= float(r[6]) for r in previews)
+    parts = [r.split("|")[1].strip() for r in md.read_text().splitlines()
+             if r.startswith("| ") and r.split("|")[1].strip() in ("encode prompt", "denoise", "decode (VAE)")]
+    assert parts == ["encode prompt", "denoise", "decode (VAE)"] * embedded.is_available("embedded-shapes-fast")
 
 
 @pytest.mark.slow

@@ -38,6 +38,23 @@ def _previews(lab, sampling, prompts, repeats: int) -> list[float]:
     return times
 
 
+def _breakdown(lab, sampling, prompts, repeats: int) -> dict[str, float]:
+    """Median ms of a preview's three parts, each timed alone: a new prompt encoded, the latent denoised, decoded."""
+    lab.generate(lab.noise(0), lab.encode_prompt(prompts[0]), sampling=sampling, batch_size=1)  # warm
+    parts: dict[str, list[float]] = {"encode prompt": [], "denoise": [], "decode (VAE)": []}
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        cond = lab.encode_prompt(f"{prompts[1 + i % (len(prompts) - 1)]} ")  # a prompt not in the cache
+        t1 = time.perf_counter()
+        z = lab.generate(lab.noise(i + 1), cond, sampling=sampling, batch_size=1, output_type="latent")
+        t2 = time.perf_counter()
+        lab.decode(z, batch_size=1)
+        t3 = time.perf_counter()
+        for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            parts[name].append(dt)
+    return {name: statistics.median(ts) * 1000 for name, ts in parts.items()}
+
+
 def _scrub_render(lab, sampling, n_frames: int) -> float:
     """Render a morph in the Interpolator, then scrub its frames back and forth: frames shown per second."""
     import tempfile
@@ -94,6 +111,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name}, {s.num_inference_steps} steps, guidance {s.guidance_scale:g}: {1 / med:.1f} images/s, "
               f"p50 {med * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, {base / med:.1f}x the full model")
 
+    parts = {}
+    if len(rows) > 1:
+        fast_lab = ll.Lab.default("embedded-shapes-fast")
+        parts = _breakdown(fast_lab, fast_lab.sampling(num_inference_steps=2), prompts, args.repeats)
+        print("where a 2-step preview's time goes (each part timed alone, median): "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()))
+
     scrub = _scrub_render(full, full.sampling(num_inference_steps=args.steps), args.scrub_frames)
     print(f"scrubbing a finished {args.scrub_frames}-frame render back and forth (a lookup of its own frames): "
           f"{scrub:.0f} frames/s, {scrub * statistics.median(rows[0][2]):.0f}x the full model's live rate")
@@ -121,6 +145,11 @@ def main(argv: list[str] | None = None) -> None:
                  "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {n} | {k} | {g:g} | {r:.1f} | {m * 1000:.1f} | {q * 1000:.1f} | {x:.1f}x |"
                   for n, k, g, r, m, q, x in table]
+        if parts:
+            total = sum(parts.values())
+            lines += ["\nWhere a 2-step preview's time goes (embedded-shapes-fast, each part timed alone, median):\n",
+                      "| part | ms | share |", "| --- | --- | --- |"]
+            lines += [f"| {k} | {v:.1f} | {v / total:.0%} |" for k, v in parts.items()]
         lines += [(f"\nScrubbing a finished {args.scrub_frames}-frame render in the Interpolator (the frames the video "
                   f"encoder received, bit for bit): {scrub:.0f} frames/s ({env}).\n")]
         lines += [(f"\n### Interactive latency: one image, embedded model, {s.num_inference_steps} DDIM steps, "
