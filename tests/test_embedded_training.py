@@ -186,6 +186,7 @@ def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
     train.main(["vae2", "--steps", "2", "--batch", "4", *common])
     assert train.latest_vae_stage(out) == "vae2"
     train.main(["unet", "--steps", "4", "--batch", "4", "--fg-weight", "2", *common])
+    train.main(["unet", "--steps", "5", "--batch", "4", "--small-share", "0.5", *common])  # the v3 UNet option
     after = json.loads((out / "unet-scaling.json").read_text())
     assert after["vae_stage"] == "vae2" and after["latent_std"] != before["latent_std"]
     train.main(["package", "--package-to", str(tmp_path / "model"), *common])

@@ -660,11 +660,20 @@ def train_unet(args) -> None:
     joint = Joint()
     ema = copy.deepcopy(joint).requires_grad_(False)
 
+    small = [p for p in world.training_prompts() if p[0] == "small"]
+
     def step_fn(step, scale):
+        n = args.batch or 64
+        k = round(n * args.small_share) if args.small_share else 0
         b = world.sample(
-            args.batch or 64, seed=args.seed * 1_000_003 + step, prompts=world.training_prompts(),
+            n - k, seed=args.seed * 1_000_003 + step, prompts=world.training_prompts(),
             drop_size=0.15, drop_background=0.10, jitter=args.jitter,
         )
+        if k:  # more small shapes (training prompts only): the size the UNet draws worst (v3)
+            more = world.sample(k, seed=args.seed * 1_000_003 + 900_000_000 + step, prompts=small,
+                                drop_size=0.15, drop_background=0.10, jitter=args.jitter)
+            b = world.Batch(torch.cat([b.images, more.images]), b.captions + more.captions,
+                            b.attributes + more.attributes)
         g = torch.Generator().manual_seed(10_000_000 + step)
         ids = tok(b.captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
         drop = torch.rand(len(ids), generator=g) < CAPTION_DROP
@@ -823,7 +832,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="decoder/vae2: share of the spliced items joined inside a random rectangle instead of at a cut "
                         "(v3 locality: any region)")
     p.add_argument("--small-share", type=float, default=0.0,
-                   help="decoder/vae2: share of each batch drawn from small-shape prompts (v3)")
+                   help="decoder/vae2/unet: share of each batch drawn from small-shape prompts (v3; unet: training "
+                        "prompts only)")
     p.add_argument("--edge-weight", type=float, default=0.0,
                    help="decoder/vae2: weight of an L1 loss on image gradients (sharp small shapes, v3)")
     p.add_argument("--adversarial", type=float, default=0.0,
