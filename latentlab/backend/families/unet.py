@@ -102,22 +102,38 @@ class CachedCrossAttention:
         return hidden_states / attn.rescale_output_factor
 
 
+_ATTENTION_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _attention_modules(unet) -> list:
+    """The UNet's attention modules (those with a processor), found once per UNet: diffusers' ``attn_processors``
+    and ``set_attn_processor`` walk every submodule on each call (~3 ms a request on the embedded UNet)."""
+    mods = _ATTENTION_MODULES.get(unet)
+    if mods is None:
+        mods = [m for m in unet.modules() if hasattr(m, "get_processor") and hasattr(m, "set_processor")]
+        _ATTENTION_MODULES[unet] = mods
+    return mods
+
+
 @contextlib.contextmanager
 def cached_cross_attention(unet):
     """Run ``unet`` with :class:`CachedCrossAttention` for the block, restoring its processors after. Does nothing
     when the UNet runs processors other than diffusers' default (a user's LoRA/IP-Adapter/custom processor is left
     alone)."""
-    old = unet.attn_processors
+    mods = _attention_modules(unet)
+    old = [m.processor for m in mods]
     base = _processor_base()
-    if not old or not all(type(p) is base for p in old.values()):
+    if not old or not all(type(p) is base for p in old):
         yield None
         return
     proc = CachedCrossAttention()
-    unet.set_attn_processor(proc)
+    for m in mods:
+        m.set_processor(proc)
     try:
         yield proc
     finally:
-        unet.set_attn_processor(old)
+        for m, p in zip(mods, old):
+            m.set_processor(p)
 
 
 def _latents_mean_std(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
