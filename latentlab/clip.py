@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from latentlab import _checks
+from latentlab._quiet import no_progress_bars
 
 __all__ = ["CLIP", "check_clip_folder"]
 
@@ -120,8 +121,6 @@ class CLIP:
         transformers = _import_transformers()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        from latentlab._quiet import no_progress_bars
-
         with no_progress_bars(transformers.utils.logging):
             model = transformers.CLIPModel.from_pretrained(str(model_id_or_path), dtype=dtype, use_safetensors=True)
         tok = transformers.CLIPTokenizer.from_pretrained(str(tokenizer or model_id_or_path))

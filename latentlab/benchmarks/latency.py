@@ -112,9 +112,8 @@ def main(argv: list[str] | None = None) -> None:
               f"p50 {med * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, {base / med:.1f}x the full model")
 
     parts = {}
-    if len(rows) > 1:
-        fast_lab = ll.Lab.default("embedded-shapes-fast")
-        parts = _breakdown(fast_lab, fast_lab.sampling(num_inference_steps=2), prompts, args.repeats)
+    if len(rows) > 1:  # the few-step model loaded above
+        parts = _breakdown(fast, fast.sampling(num_inference_steps=2), prompts, args.repeats)
         print("where a 2-step preview's time goes (each part timed alone, median): "
               + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()))
 
