@@ -354,12 +354,15 @@ class AtlasMap:
         simplex -- with the best candidate's noise and with blended noise, and two steps part of the way."""
         W = torch.stack([c[0] for c in cands])  # (n, k) float64
         Y = tried["landed"].double()  # (n, 2)
-        A = torch.linalg.lstsq(W, Y).solution  # (k, 2): Y ~ W @ A
+        # (k, 2): Y ~ W @ A, the least-norm fit. W is rank-deficient by construction (candidates share weights), and
+        # LAPACK's default rank-revealing QR (gelsy) judged its rank differently from call to call on the same input
+        # (a flaky map): the SVD pseudo-inverse with an explicit cut-off decides it the same way every time.
+        A = torch.linalg.pinv(W, rtol=1e-8) @ Y
         best = int((Y - pt.double()).norm(dim=1).argmin())
         w0 = W[best]
         C = torch.cat([A.T, torch.ones(1, W.shape[1], dtype=torch.float64)])  # (3, k): position and sum(w)
         r = torch.cat([pt.double(), torch.ones(1, dtype=torch.float64)]) - C @ w0
-        step = C.T @ torch.linalg.solve(C @ C.T + 1e-9 * torch.eye(3, dtype=torch.float64), r)
+        step = torch.linalg.pinv(C, rtol=1e-8) @ r  # the least change that the model says lands on the click
         out = []
         for a, label in ((1.0, "fitted"), (0.5, "half-way to fitted"), (0.25, "quarter-way to fitted")):
             w = (w0 + a * step).clamp_min(0)
