@@ -175,3 +175,42 @@ def test_pinned_facts_do_not_outlive_the_request(tiny_lab):
         assert tiny_lab.noise(0).dtype == torch.float64
     finally:
         engine.denoiser.to(torch.float32)
+
+
+@pytest.mark.parametrize("path", ["tiny_sd_path", "tiny_sd3_path", "tiny_flux_path"])
+def test_a_request_asks_the_pipeline_for_its_execution_device_once(request, path, monkeypatch):
+    """The pipeline's ``_execution_device`` walks every component (each ``vae.device`` below is one walk); within a
+    request it is answered once (two compute batches = two pipeline calls), outside one exactly as diffusers
+    does, and the pipeline keeps its class's name (``save_pretrained``/``AutoPipeline`` read it)."""
+    from diffusers import DiffusionPipeline
+
+    from latentlab.backend import Lab
+
+    lab = Lab.from_pretrained(request.getfixturevalue(path), device="cpu")
+    lab.defaults = lab.defaults.replace(num_inference_steps=2)
+    cond, z = lab.encode_prompt(["a red star", "a blue ring"]), lab.noise([3, 4])
+    plain = lab.generate(z, cond, batch_size=1)
+    pipe = lab.pipeline()
+    original = type(pipe).__mro__[1]
+    assert type(pipe).__name__ == original.__name__ and type(pipe).__module__ == original.__module__
+    assert isinstance(pipe, original) and isinstance(pipe, DiffusionPipeline)
+    assert pipe._execution_device == original._execution_device.fget(pipe)  # outside a request: diffusers' answer
+    vae_cls = type(lab.pipe.vae)
+    asked = []
+    wrapped = vae_cls.device
+
+    def counted(self):
+        asked.append(1)
+        return wrapped.fget(self)
+
+    monkeypatch.setattr(vae_cls, "device", property(counted))
+    again = lab.generate(z, cond, batch_size=1)
+    assert torch.equal(plain, again)
+    assert len(asked) == 1
+    asked.clear()
+    assert pipe._execution_device == torch.device("cpu") and len(asked) == 1  # not pinned between requests
+    with lab.pinned():
+        lab.generate(z, cond, batch_size=1)
+        lab.generate(z, cond, batch_size=1)
+        assert pipe._execution_device == torch.device("cpu")
+    assert len(asked) == 2

