@@ -200,3 +200,21 @@ def test_refinement_takes_the_least_norm_fit_when_candidates_share_weights(seed,
     assert out[0][2] == "fitted, best noise" and out[1][2] == "fitted, blended noise"
     again = AtlasMap._refined(None, pt, cands, {"landed": landed})
     assert all(torch.equal(a[0], b[0]) for a, b in zip(out, again, strict=True))
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.floats(0, 1), st.floats(0, 1))
+def test_further_rounds_run_only_while_the_click_loses_to_the_nearest_item(setup, u, v):
+    lab, atlas = setup
+    m = AtlasMap(atlas, space="image_embeds", clip=FakeCLIP())
+    lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
+    point = (lo + (hi - lo) * torch.tensor([u, v])).tolist()
+    _, plain = m.generate(lab, point, candidates=6, refine=1, more=0)
+    _, more = m.generate(lab, point, candidates=6, refine=1, more=2)
+    assert more.error <= plain.error + 1e-9  # the same candidates first, then more: the nearest can only be nearer
+    if plain.beats_nearest_item:
+        assert more.candidates == plain.candidates and more.error == plain.error
+    else:
+        assert more.candidates > plain.candidates
+    _, none = m.generate(lab, point, candidates=6, refine=0, more=2)
+    assert none.candidates == 6  # refine=0: no rounds at all

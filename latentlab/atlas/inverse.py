@@ -273,11 +273,13 @@ class AtlasMap:
     # --- the search ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, lab: Backend, point, *, k: int = 8, candidates: int = 12, refine: int = 2, seed: int = 0,
-                 slack: float = 0.0, sampling=None) -> tuple[torch.Tensor, Landing]:
+    def generate(self, lab: Backend, point, *, k: int = 8, candidates: int = 12, refine: int = 2, more: int = 2,
+                 seed: int = 0, slack: float = 0.0, sampling=None) -> tuple[torch.Tensor, Landing]:
         """The image (1, 3, H, W) whose own embedding lands nearest ``point`` among the candidates, and its
         :class:`Landing`. ``candidates`` first guesses, then ``refine`` rounds of four more from the local linear
-        model (0: none); every candidate is one image, each round generated as one batch. ``seed`` picks the
+        model (0: none, and no further rounds), then up to ``more`` further rounds while the nearest landing is still further from the
+        click than the nearest existing item (a click "show the nearest item" would beat); every candidate is one
+        image, each round generated as one batch. ``seed`` picks the
         fresh noise some candidates try (recorded in the landing's ``how``). Among the candidates landing within
         ``slack`` (share of the diagonal) of the nearest landing, the one most like the click's neighbourhood in
         the full space is shown; the default 0 shows the nearest landing (on 24 held-out items of a CLIP-PCA map,
@@ -286,15 +288,19 @@ class AtlasMap:
         k = _checks.positive_int(k, "k", minimum=1)
         n = _checks.positive_int(candidates, "candidates", minimum=1)
         refine = _checks.positive_int(refine, "refine", minimum=0)
+        more = _checks.positive_int(more, "more", minimum=0)
         slack = _checks.real(slack, "slack", low=0.0)
         idx, cands = self._candidates(pt, k, n, _checks.seed(seed, "seed"))
         tried = self._try(lab, idx, cands, sampling)
-        for _ in range(refine if len(cands) >= 3 else 0):
-            more = self._refined(pt, cands, tried)
-            if not more:
+        nearest = self.nearest_item_distance(pt) * self.diagonal_
+        for r in range(refine + more if refine and len(cands) >= 3 else 0):
+            if r >= refine and float((tried["landed"] - pt).norm(dim=1).min()) < nearest:
                 break
-            extra = self._try(lab, idx, more, sampling)
-            cands = cands + more
+            new = self._refined(pt, cands, tried)
+            if not new:
+                break
+            extra = self._try(lab, idx, new, sampling)
+            cands = cands + new
             tried = {key: torch.cat([tried[key], extra[key]]) for key in tried}
         err = (tried["landed"] - pt).norm(dim=1)
         best = self._pick(pt, idx, err, tried["vectors"], slack)

@@ -55,7 +55,7 @@ def _landing_of(m, lab, noise, cond, point) -> float:
     return float((landed[0] - torch.as_tensor(point, dtype=torch.float32)).norm()) / m.diagonal_
 
 
-def clicks(lab, m, n: int, *, seed: int, candidates: int, refine: int) -> dict:
+def clicks(lab, m, n: int, *, seed: int, candidates: int, refine: int, more: int = 0) -> dict:
     import torch
 
     lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
@@ -68,7 +68,7 @@ def clicks(lab, m, n: int, *, seed: int, candidates: int, refine: int) -> dict:
     t_base = time.perf_counter() - t0
     t0 = time.perf_counter()
     for p in pts.tolist():
-        _, landing = m.generate(lab, p, candidates=candidates, refine=refine)
+        _, landing = m.generate(lab, p, candidates=candidates, refine=refine, more=more)
         search.append(landing.error)
         near.append(landing.nearest_item)
     t_search = time.perf_counter() - t0
@@ -79,7 +79,8 @@ def clicks(lab, m, n: int, *, seed: int, candidates: int, refine: int) -> dict:
                        "beats_nearest": sum(s < q for s, q in zip(search, near)) / n, "seconds": t_search}}
 
 
-def held_out(lab, atlas, space: str, method: str, *, share: float, seed: int, candidates: int, refine: int) -> dict:
+def held_out(lab, atlas, space: str, method: str, *, share: float, seed: int, candidates: int, refine: int,
+             more: int = 0) -> dict:
     import torch
 
     from latentlab.atlas import AtlasMap
@@ -91,7 +92,7 @@ def held_out(lab, atlas, space: str, method: str, *, share: float, seed: int, ca
     out_idx, in_idx = sorted(perm[:k]), sorted(perm[k:])
     m = AtlasMap(_subset(atlas, in_idx), space=space, method=method)
     pts = m.transform(getattr(atlas, space)[out_idx].float())
-    images = torch.cat([m.generate(lab, p.tolist(), candidates=candidates, refine=refine)[0] for p in pts])
+    images = torch.cat([m.generate(lab, p.tolist(), candidates=candidates, refine=refine, more=more)[0] for p in pts])
     read = evaluate.attributes(images, evaluate.shape_classifier())
     truth = [{key: atlas.items[i][key] for key in ("background", "colour", "shape")} for i in out_idx]
     return {"held_out": k, **{key: sum(r[key] == t[key] for r, t in zip(read, truth)) / k
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["pca", "umap"])
     p.add_argument("--candidates", type=int, default=12)
     p.add_argument("--refine", type=int, default=2)
+    p.add_argument("--more", type=int, default=2, help="further rounds while a click loses to the nearest item")
     p.add_argument("--held-out", type=float, default=0.1)
     p.add_argument("--path-frames", type=int, default=24)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -149,10 +151,10 @@ def main(argv: list[str] | None = None) -> None:
             r = {}
             if args.clicks:
                 r["clicks"] = clicks(lab, m, args.clicks, seed=args.seed + 1, candidates=args.candidates,
-                                     refine=args.refine)
+                                     refine=args.refine, more=args.more)
             if args.held_out > 0:
                 r["held_out"] = held_out(lab, atlas, space, method, share=args.held_out, seed=args.seed + 2,
-                                         candidates=args.candidates, refine=args.refine)
+                                         candidates=args.candidates, refine=args.refine, more=args.more)
             if args.path_frames:
                 r["path"] = {"blend": path(lab, m, frames=args.path_frames, keyframes=5, faithful=False),
                              "search": path(lab, m, frames=args.path_frames, keyframes=5, faithful=True)}
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({f"{space}/{method}": r}), flush=True)
     lines = [(f"### Generative map fidelity: atlas of {args.prompts} held-out prompts x {len(args.seeds)} seeds, "
              f"{args.clicks} seeded random clicks per map, {args.candidates} candidates + {args.refine} refinement "
-             f"rounds, embedded model, {args.threads} CPU thread(s) ({platform.processor() or platform.machine()}, "
+             f"rounds (+ up to {args.more} while a click loses to the nearest item), embedded model, {args.threads} CPU thread(s) ({platform.processor() or platform.machine()}, "
              f"torch {torch.__version__})"), "",
              ("| map | median landing error, blend → search (share of diagonal) | clicks nearer than the nearest item, "
              "blend → search | held-out items regenerated: background / colour / shape | path: mean distance of "
