@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -19,6 +20,13 @@ settings.register_profile("ci", deadline=None, max_examples=50, derandomize=True
 settings.register_profile("default", deadline=None, max_examples=100)
 settings.register_profile("thorough", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default"))
+
+# A test runner started in the background by a shell without job control inherits SIGINT *ignored*, and so does every
+# process it starts: the tests that press Ctrl-C on a child (a render, an export, a training run) would then test
+# nothing a user sees (measured: they fail there, the child never stops). A handled signal is reset to the default
+# across exec, so restoring Python's own handler here gives every child a terminal's Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _tiny_tokenizer(folder):
