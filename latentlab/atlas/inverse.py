@@ -277,10 +277,10 @@ class AtlasMap:
                  seed: int = 0, slack: float = 0.0, sampling=None) -> tuple[torch.Tensor, Landing]:
         """The image (1, 3, H, W) whose own embedding lands nearest ``point`` among the candidates, and its
         :class:`Landing`. ``candidates`` first guesses, then ``refine`` rounds of four more from the local linear
-        model (0: none, and no further rounds), then up to ``more`` further rounds while the nearest landing is still further from the
-        click than the nearest existing item (a click "show the nearest item" would beat); every candidate is one
-        image, each round generated as one batch. ``seed`` picks the
-        fresh noise some candidates try (recorded in the landing's ``how``). Among the candidates landing within
+        model (0: none, and no further rounds), then up to ``more`` further rounds while the nearest landing is
+        still further from the click than the nearest existing item (a click "show the nearest item" would win);
+        every candidate is one image, each round generated as one batch. ``seed`` picks the fresh noise some
+        candidates try (recorded in the landing's ``how``). Among the candidates landing within
         ``slack`` (share of the diagonal) of the nearest landing, the one most like the click's neighbourhood in
         the full space is shown; the default 0 shows the nearest landing (on 24 held-out items of a CLIP-PCA map,
         slack 0.01 and 0.03 read the same background and colour as 0 and landed further: no measured gain)."""
