@@ -22,13 +22,18 @@ def _own_landing(m, lab, image, noise=None, latents=None):
     return m.transform(m.embed(noise, latents, image))[0]
 
 
+def _click(m, u, v) -> list[float]:
+    """The point at shares (u, v) of the map's bounding box."""
+    lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
+    return (lo + (hi - lo) * torch.tensor([u, v])).tolist()
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.floats(0, 1), st.floats(0, 1))
 def test_the_search_lands_where_it_says_and_never_worse_than_the_blend(setup, u, v):
     lab, atlas = setup
     m = AtlasMap(atlas, space="image_embeds", clip=FakeCLIP())
-    lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
-    point = (lo + (hi - lo) * torch.tensor([u, v])).tolist()
+    point = _click(m, u, v)
     image, landing = m.generate(lab, point, candidates=6, refine=1, slack=0.0)
     # the reported landing is the shown image's own embedding, projected with the same map
     torch.testing.assert_close(_own_landing(m, lab, image), torch.tensor(landing.landed), rtol=0, atol=1e-5)
@@ -207,8 +212,7 @@ def test_refinement_takes_the_least_norm_fit_when_candidates_share_weights(seed,
 def test_further_rounds_run_only_while_the_click_loses_to_the_nearest_item(setup, u, v):
     lab, atlas = setup
     m = AtlasMap(atlas, space="image_embeds", clip=FakeCLIP())
-    lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
-    point = (lo + (hi - lo) * torch.tensor([u, v])).tolist()
+    point = _click(m, u, v)
     _, plain = m.generate(lab, point, candidates=6, refine=1, more=0)
     _, more = m.generate(lab, point, candidates=6, refine=1, more=2)
     assert more.error <= plain.error + 1e-9  # the same candidates first, then more: the nearest can only be nearer

@@ -292,9 +292,9 @@ class AtlasMap:
         slack = _checks.real(slack, "slack", low=0.0)
         idx, cands = self._candidates(pt, k, n, _checks.seed(seed, "seed"))
         tried = self._try(lab, idx, cands, sampling)
-        nearest = self.nearest_item_distance(pt) * self.diagonal_
+        nearest_item = self.nearest_item_distance(pt)
         for r in range(refine + more if refine and len(cands) >= 3 else 0):
-            if r >= refine and float((tried["landed"] - pt).norm(dim=1).min()) < nearest:
+            if r >= refine and float((tried["landed"] - pt).norm(dim=1).min()) < nearest_item * self.diagonal_:
                 break
             new = self._refined(pt, cands, tried)
             if not new:
@@ -310,7 +310,7 @@ class AtlasMap:
                "construction": label,
                "seeds": [int(self.atlas.items[i]["seed"]) for i in idx.tolist()]}
         landing = Landing(tuple(map(float, pt)), tuple(map(float, tried["landed"][best])),
-                          float(err[best]) / self.diagonal_, self.nearest_item_distance(pt), len(cands), how)
+                          float(err[best]) / self.diagonal_, nearest_item, len(cands), how)
         return tried["images"][best : best + 1], landing
 
     def land(self, lab: Backend, noise: torch.Tensor, conditioning: Conditioning, *, sampling=None

@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({f"{space}/{method}": r}), flush=True)
     lines = [(f"### Generative map fidelity: atlas of {args.prompts} held-out prompts x {len(args.seeds)} seeds, "
              f"{args.clicks} seeded random clicks per map, {args.candidates} candidates + {args.refine} refinement "
-             f"rounds (+ up to {args.more} while a click loses to the nearest item), embedded model, {args.threads} CPU thread(s) ({platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__})"), "",
+             f"rounds (+ up to {args.more} while a click loses to the nearest item), embedded model, "
+             f"{args.threads} CPU thread(s) ({platform.processor() or platform.machine()}, torch {torch.__version__})"),
+             "",
              ("| map | median landing error, blend → search (share of diagonal) | clicks nearer than the nearest item, "
              "blend → search | held-out items regenerated: background / colour / shape | path: mean distance of "
              "frames from the stroke | s per click, blend → search |"),
