@@ -200,10 +200,15 @@ def test_every_training_stage_runs_and_packages_a_loadable_pipeline(tmp_path):
     # Unpack the packaged model and keep training from it (no original checkpoints needed).
     again = tmp_path / "again"
     train.main(["unpack", "--out", str(again), "--package-to", str(tmp_path / "model"), "--tokenizer", str(tok_dir),
-                "--threads", str(torch.get_num_threads())])
+                "--threads", str(torch.get_num_threads()), "--decoder-step", "7", "--decoder-minutes", "0.5"])
     train.main(["unet", "--steps", "1", "--batch", "4", "--out", str(again), "--tokenizer", str(tok_dir),
                 "--threads", str(torch.get_num_threads())])
     assert json.loads((again / "unet-ckpt" / "meta.json").read_text())["step"] == 1
+    # The decoder continues as a run at the given step and minutes (the v3 recipe's decoder stage).
+    assert json.loads((again / "decoder-ckpt" / "meta.json").read_text())["elapsed"] == 30.0
+    train.main(["decoder", "--steps", "8", "--batch", "2", "--out", str(again), "--tokenizer", str(tok_dir),
+                "--threads", str(torch.get_num_threads())])
+    assert json.loads((again / "decoder-ckpt" / "meta.json").read_text())["step"] == 8
 
 
 @pytest.mark.slow

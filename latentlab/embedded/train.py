@@ -803,6 +803,10 @@ def unpack(args) -> None:
             save_file(tensors, d / "ema.safetensors")
         save_file({}, d / "optimizer.safetensors")
         (d / "meta.json").write_text(meta)
+    if args.decoder_step is not None:  # the VAE as a decoder run's state, so `decoder --minutes` continues its schedule
+        shutil.copytree(args.out / "vae-ckpt", args.out / "decoder-ckpt")
+        (args.out / "decoder-ckpt" / "meta.json").write_text(json.dumps(
+            {"step": args.decoder_step, "elapsed": 60.0 * args.decoder_minutes, "log": [], "unpacked_from": str(src)}))
     (args.out / "unet-scaling.json").write_text(json.dumps({"scaling_factor": vae.config.scaling_factor}))
     if not args.tokenizer.exists():
         shutil.copytree(src / "tokenizer", args.tokenizer)
@@ -842,6 +846,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="decoder/vae2: step at which the adversarial loss starts (the discriminator trains from 0)")
     p.add_argument("--corrupt-low-t", type=float, default=0.0,
                    help="unet: chance of a one-attribute-wrong caption at low noise levels (v2.1: 0.5)")
+    p.add_argument("--decoder-step", type=int,
+                   help="unpack: also write decoder-ckpt as a decoder run at this step (v3: 1518, the v2.2 decoder's)")
+    p.add_argument("--decoder-minutes", type=float, default=0.0,
+                   help="unpack: the training minutes that decoder run had spent (v3: 45)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--package-to", type=Path, default=Path(__file__).parent / "model")
