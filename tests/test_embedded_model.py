@@ -99,3 +99,18 @@ def test_the_flow_twin_is_a_plain_sd3_folder_that_follows_prompts():
     assert flow.latent_shape() == Lab.default().latent_shape() == (4, 8, 8)
     assert torch.equal(flow.pipe.vae.state_dict()["decoder.conv_out.weight"],
                        Lab.default().pipe.vae.state_dict()["decoder.conv_out.weight"])  # the same VAE
+
+
+def test_the_few_step_model_shares_the_default_models_text_encoder_and_vae():
+    """The widgets draw previews with the few-step model from the *default* model's conditioning and latents
+    (``widgets._base.preview_lab``), so the two folders must hold the same text encoder and VAE, bit for bit: a new
+    default model ships with the few-step model's copies replaced."""
+    from safetensors.torch import load_file
+
+    if not embedded.is_available("embedded-shapes-fast"):
+        pytest.skip("the few-step model is not installed")
+    full, fast = embedded.model_path(), embedded.model_path("embedded-shapes-fast")
+    for part in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(full / part), load_file(fast / part)
+        assert a.keys() == b.keys(), part
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{part} differs between the default and few-step models"
