@@ -114,3 +114,28 @@ def test_the_few_step_model_shares_the_default_models_text_encoder_and_vae():
         a, b = load_file(full / part), load_file(fast / part)
         assert a.keys() == b.keys(), part
         assert all(torch.equal(a[k], b[k]) for k in a), f"{part} differs between the default and few-step models"
+
+
+def test_the_kept_training_candidate_is_a_plain_safetensors_pipeline_that_unpacks(tmp_path):
+    """data/candidates/ keeps a model a training session made and did not ship (runs/ does not outlive a session):
+    plain diffusers, safetensors only, and `train.py unpack` turns it into checkpoints the next session resumes."""
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+
+    from latentlab.embedded import train
+
+    root = Path(__file__).parent.parent / "data" / "candidates"
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not folders:
+        pytest.skip("no training candidate is kept")
+    for path in folders:
+        files = [p for p in path.rglob("*") if p.is_file()]
+        assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a large red circle on a blue background", num_inference_steps=2, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+        train.main(["unpack", "--out", str(tmp_path / path.name), "--package-to", str(path), "--decoder-step", "5"])
+        assert {p.name for p in (tmp_path / path.name).iterdir()} >= {"unet-ckpt", "vae-ckpt", "decoder-ckpt", "clip-ckpt"}

@@ -788,7 +788,9 @@ def unpack(args) -> None:
     if any((args.out / f"{s}-ckpt").exists() for s in ("vae", "clip", "unet")):
         raise FileExistsError(f"{args.out} already holds checkpoints; unpack into an empty folder")
     vae = AutoencoderKL.from_pretrained(src / "vae", dtype=torch.float32)
-    clip = CLIPModel.from_pretrained(src / "clip", dtype=torch.float32)
+    # A candidate folder may leave out the CLIP model it shares with the shipped one (data/candidates/).
+    clip = CLIPModel.from_pretrained((src if (src / "clip").is_dir() else Path(__file__).parent / "model") / "clip",
+                                     dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(src / "unet", dtype=torch.float32)
     text = CLIPTextModel.from_pretrained(src / "text_encoder", dtype=torch.float32)
     joint = {**{f"unet.{k}": v for k, v in unet.state_dict().items()},
@@ -847,9 +849,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--corrupt-low-t", type=float, default=0.0,
                    help="unet: chance of a one-attribute-wrong caption at low noise levels (v2.1: 0.5)")
     p.add_argument("--decoder-step", type=int,
-                   help="unpack: also write decoder-ckpt as a decoder run at this step (v3: 1518, the v2.2 decoder's)")
+                   help="unpack: also write decoder-ckpt as a decoder run at this step (v2.3: 1518, the v2.2 decoder's)")
     p.add_argument("--decoder-minutes", type=float, default=0.0,
-                   help="unpack: the training minutes that decoder run had spent (v3: 45)")
+                   help="unpack: the training minutes that decoder run had spent (v2.3: 45)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     p.add_argument("--package-to", type=Path, default=Path(__file__).parent / "model")
