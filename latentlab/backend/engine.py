@@ -380,6 +380,11 @@ class Engine:
             self._pipelines.clear()  # pipelines built from the old components are rebuilt on next use
         return self
 
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`optimize` compiled the denoiser (``torch.compile``)."""
+        return any(o.startswith("compile") for o in self._optimizations)
+
     def fingerprint(self) -> str:
         """A short hash that changes when the model changes: model id, component configs, and a sample of every
         weight tensor of the denoiser, VAE and text encoder(s) (first and last values; cheap, and any retraining
