@@ -9,13 +9,18 @@ from latentlab import Lab, embedded
 from latentlab.embedded import evaluate, world
 
 
+def _pickles(files) -> list:
+    """The files among ``files`` stored in a pickle-based format (a model folder ships safetensors only)."""
+    return [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+
+
 def test_shipped_folder_is_plain_diffusers_small_and_safetensors_only():
     from diffusers import StableDiffusionPipeline
 
     path = embedded.model_path()
     files = [p for p in path.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 40 * 1000**2
-    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert not _pickles(files)
     pipe = StableDiffusionPipeline.from_pretrained(path)  # no latentlab code involved
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a large red circle on a blue background", num_inference_steps=8, output_type="pt",
@@ -84,7 +89,7 @@ def test_the_flow_twin_is_a_plain_sd3_folder_that_follows_prompts():
     path = embedded.model_path("embedded-shapes-flow")
     files = [p for p in path.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 40 * 1000**2
-    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert not _pickles(files)
     pipe = DiffusionPipeline.from_pretrained(path)  # no latentlab code involved
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
@@ -131,7 +136,7 @@ def test_the_kept_training_candidate_is_a_plain_safetensors_pipeline_that_unpack
         pytest.skip("no training candidate is kept")
     for path in folders:
         files = [p for p in path.rglob("*") if p.is_file()]
-        assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+        assert not _pickles(files)
         pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
         out = pipe("a large red circle on a blue background", num_inference_steps=2, output_type="pt",

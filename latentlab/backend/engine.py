@@ -373,7 +373,7 @@ class Engine:
             if channels_last and "channels_last" not in done:
                 self.denoiser.to(memory_format=torch.channels_last)
                 done.append("channels_last")
-            if compile and not any(o.startswith("compile") for o in done):
+            if compile and not self.compiled:
                 setattr(self.pipe, name, torch.compile(self.denoiser, mode=compile_mode))
                 done.append(f"compile:{compile_mode or 'default'}")
             self._optimizations = tuple(done)
