@@ -24,13 +24,14 @@ Examples
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-__all__ = ["Ranks", "available_cores", "launched", "ranks"]
+__all__ = ["Ranks", "available_cores", "launched", "ranks", "shutdown"]
 
 
 def available_cores() -> int:
@@ -144,6 +145,10 @@ def _state():
 
     cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
+    # Leave the group while the interpreter is still whole: a process that exits with it alive (a rank that finished
+    # its share while rank 0 still writes the video) can abort in gloo's teardown ("terminate called without an
+    # active exception", SIGABRT), which fails the whole launch although every frame was written.
+    atexit.register(shutdown)
     if not cpu:
         torch.cuda.set_device(state.local_process_index)
     else:
@@ -163,3 +168,16 @@ def ranks() -> Ranks:
         return Ranks()
     s = _state()
     return Ranks(s.process_index, s.num_processes)
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (no-op otherwise; safe to call twice).
+
+    Registered to run at exit by the first :func:`ranks` call of a launched process; call it yourself to leave
+    earlier. Local to this process: it waits for no other rank.
+
+    >>> shutdown()  # one process: nothing to leave
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _state.cache_clear()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fakes import FakeBackend
 
-from latentlab.distributed import Ranks, launched, ranks
+from latentlab.distributed import Ranks, launched, ranks, shutdown
 from latentlab.morph import Keyframe, MorphSettings, cache_dir, manifest_path, render_morph
 from latentlab.video import read_video
 
@@ -65,6 +65,19 @@ def test_one_process_is_rank_0_of_1_without_importing_accelerate():
     assert not launched() and ranks() == Ranks(0, 1)
 
 
+def test_shutdown_leaves_the_process_group_and_is_safe_twice(tmp_path):
+    """A launched process leaves its group at exit (registered by ranks()): a rank that finished first and exited
+    with gloo's group alive could abort in its teardown and fail the launch. shutdown() is a no-op without a group."""
+    import torch.distributed as dist
+
+    shutdown()  # no group yet: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    shutdown()
+    assert not dist.is_initialized()
+    shutdown()
+
+
 def test_shares_partition_the_frames_in_whole_blocks():
     for world in (1, 2, 3, 5):
         for n in (0, 1, 7, 22, 64):
@@ -113,6 +126,15 @@ def test_a_failed_distributed_render_fails_on_every_rank_and_resumes(tmp_path):
     assert man["frames_reused_from_cache"] == kept
 
 
+def _free_port() -> int:
+    """A port nothing listens on now (a fixed one fails the launch while an earlier run's socket lingers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.skipif(not Path(sys.executable).with_name("accelerate").exists(), reason="no accelerate launcher")
 @pytest.mark.slow
 def test_cli_morph_under_accelerate_launch_with_two_cpu_processes(tmp_path):
@@ -121,7 +143,7 @@ def test_cli_morph_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     out = tmp_path / "m.mp4"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "29533", "-m", "latentlab.cli", "morph", "a large red circle on a blue background",
+           "--main_process_port", str(_free_port()), "-m", "latentlab.cli", "morph", "a large red circle on a blue background",
            "a small yellow star on a black background", "--frames", "12", "--steps", "6", "-o", str(out)]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
