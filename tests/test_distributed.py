@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakes import FakeBackend
+from helpers import free_port
 
 from latentlab.distributed import Ranks, launched, ranks, shutdown
 from latentlab.morph import Keyframe, MorphSettings, cache_dir, manifest_path, render_morph
@@ -126,15 +127,6 @@ def test_a_failed_distributed_render_fails_on_every_rank_and_resumes(tmp_path):
     assert man["frames_reused_from_cache"] == kept
 
 
-def _free_port() -> int:
-    """A port nothing listens on now (a fixed one fails the launch while an earlier run's socket lingers)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not Path(sys.executable).with_name("accelerate").exists(), reason="no accelerate launcher")
 @pytest.mark.slow
 def test_cli_morph_under_accelerate_launch_with_two_cpu_processes(tmp_path):
@@ -143,7 +135,7 @@ def test_cli_morph_under_accelerate_launch_with_two_cpu_processes(tmp_path):
     out = tmp_path / "m.mp4"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(_free_port()), "-m", "latentlab.cli", "morph", "a large red circle on a blue background",
+           "--main_process_port", str(free_port()), "-m", "latentlab.cli", "morph", "a large red circle on a blue background",
            "a small yellow star on a black background", "--frames", "12", "--steps", "6", "-o", str(out)]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
