@@ -46,3 +46,12 @@ def threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (oneDNN's own answer: AVX512-BF16 or AMX); without it
+    bfloat16 is emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False

@@ -31,6 +31,7 @@ class FakeBackend:
         self.layout, self.channels = layout, 16 if flow else 4
         self.calls: list[int] = []  # items per denoiser call
         self.generated: list[int] = []  # items per generate() request
+        self.live_calls = 0  # generate_live() requests
 
     @property
     def vae_scale_factor(self) -> int:
@@ -82,6 +83,10 @@ class FakeBackend:
         x = latents[:, :3] * 0.3 * self.weight + colour[:, :, None, None] + 0.01 * s.num_inference_steps
         x = torch.nn.functional.interpolate(x, scale_factor=self.factor, mode="nearest")
         return torch.sigmoid(x)
+
+    def generate_live(self, latents, conditioning, *, sampling=None, preview=False, **overrides):
+        self.live_calls += 1
+        return self.generate(latents, conditioning, sampling=sampling, batch_size=1, **overrides)
 
     def generate(self, latents, conditioning, *, sampling=None, batch_size=None, output_type="pt", **overrides):
         s = self.sampling(sampling, **overrides)

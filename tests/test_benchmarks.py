@@ -48,10 +48,14 @@ def test_latency_benchmark_runs_and_writes_its_table(tmp_path, capsys):
     from latentlab import embedded
 
     previews = [r.split("|") for r in md.read_text().splitlines() if r.startswith("| embedded-shapes")]
-    # the full model, and the fast model at 1, 2 and 4 steps when it ships; every row a positive rate
-    assert [r[1].strip() for r in previews] == ["embedded-shapes"] + ["embedded-shapes-fast"] * (
-        3 * embedded.is_available("embedded-shapes-fast"))
-    assert all(float(r[4]) > 0 and float(r[5]) <= float(r[6]) for r in previews)
+    # the full model, and the fast model at 1, 2 and 4 steps when it ships, each through generate and
+    # generate_live (the widgets' call); every row a positive rate, p50 <= p95
+    fast = embedded.is_available("embedded-shapes-fast")
+    assert [r[1].strip() for r in previews] == ["embedded-shapes"] * 2 + ["embedded-shapes-fast"] * (6 * fast)
+    assert [r[4].strip() for r in previews] == ["generate(batch_size=1)", "generate_live"] + [
+        "generate(batch_size=1)", "generate_live(preview=True)"] * (3 * fast)
+    assert all(float(r[5]) > 0 and float(r[6]) <= float(r[7]) for r in previews)
+    assert all(r[9].strip() == "1.00x" for r in previews[::2])  # generate against itself
     parts = [r.split("|")[1].strip() for r in md.read_text().splitlines()
              if r.startswith("| ") and r.split("|")[1].strip() in ("encode prompt", "denoise", "decode (VAE)")]
     assert parts == ["encode prompt", "denoise", "decode (VAE)"] * embedded.is_available("embedded-shapes-fast")

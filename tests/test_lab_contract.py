@@ -19,6 +19,7 @@ from latentlab.backend import Conditioning, Lab
 #: Every public Lab method with tensor or conditioning arguments -> those arguments (the inventory).
 METHODS = {
     "generate": ("latents", "conditioning"),
+    "generate_live": ("latents", "conditioning"),
     "decode": ("latents",),
     "encode": ("images",),
     "img2img": ("latents", "conditioning"),
@@ -72,6 +73,7 @@ def _args(lab, method: str) -> dict:
     c = lab.encode_prompt(["a red star", "a blue ring"])
     images = torch.rand(2, 3, 16, 16)
     return {"generate": {"latents": z, "conditioning": c},
+            "generate_live": {"latents": z, "conditioning": c},
             "decode": {"latents": z},
             "encode": {"images": images},
             "img2img": {"latents": z, "conditioning": c, "strength": 0.5},

@@ -184,6 +184,7 @@ class Engine:
     _auto_batch: int | None = field(default=None, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
     _optimizations: tuple[str, ...] = field(default=(), repr=False)
+    _live: dict[bool, Any] = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _pin: threading.local = field(default_factory=threading.local, repr=False)
 
@@ -378,6 +379,7 @@ class Engine:
                 done.append(f"compile:{compile_mode or 'default'}")
             self._optimizations = tuple(done)
             self._pipelines.clear()  # pipelines built from the old components are rebuilt on next use
+            self._live.clear()  # so are live generators (a compiled denoiser is not traced)
         return self
 
     @property

@@ -70,6 +70,11 @@ class Backend(Protocol):
         """Images (batch, 3, H, W) in [0, 1] (or final latents with ``output_type="latent"``); ``conditioning`` may
         mix two prompts' predictions per item (:class:`~latentlab.backend.PredictionMix`)."""
 
+    def generate_live(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
+                      preview: bool = False, **overrides) -> torch.Tensor:
+        """What ``generate(..., batch_size=1)`` returns, for a live control, as fast as it can be exact;
+        ``preview=True`` allows the last bits to differ for speed."""
+
     def decode(self, latents: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
         """Final latents -> images in [0, 1]."""
 

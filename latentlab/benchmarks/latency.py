@@ -4,8 +4,10 @@ Two measurements in the same process, threads pinned and reported:
 
 - **previews**: one image end to end (prompt encoded -- a new prompt every time, so the text encoder runs --,
   denoised, decoded) at compute batch 1, for the full model (``embedded-shapes``, its 20 DDIM steps at guidance 4)
-  and the few-step model (``embedded-shapes-fast`` at 1, 2 and 4 steps, no guidance branch):
-  previews per second, p50 and p95, and the speed-up over the full model;
+  and the few-step model (``embedded-shapes-fast`` at 1, 2 and 4 steps, no guidance branch), each two ways,
+  interleaved: ``generate(..., batch_size=1)`` (the pipeline call) and ``generate_live`` as the widgets call it
+  (the full model's final image exact; the few-step model's preview with ``preview=True``): previews per second,
+  p50 and p95, the speed-up over the full model's ``generate`` and of ``generate_live`` over ``generate``;
 - **scrub a render**: the Interpolator's "render frame" slider over a finished morph, back and forth (a lookup of
   the frames the video encoder received);
 - **compute batch**: the full model's image at compute batch 1 against the CPU default compute batch (16, padded:
@@ -27,14 +29,24 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def _previews(lab, sampling, prompts, repeats: int) -> list[float]:
-    lab.generate(lab.noise(0), lab.encode_prompt(prompts[0]), sampling=sampling, batch_size=1)  # warm
-    times = []
+def _previews(lab, sampling, prompts, repeats: int, *, preview: bool) -> tuple[list[float], list[float]]:
+    """Seconds per image of ``generate(batch_size=1)`` and of ``generate_live``, interleaved; every request encodes
+    a prompt the lab has not seen (each variant gets its own spelling of it, so neither finds it cached)."""
+    def plain(z, p):
+        return lab.generate(z, lab.encode_prompt(p), sampling=sampling, batch_size=1)
+
+    def live(z, p):
+        return lab.generate_live(z, lab.encode_prompt(p), sampling=sampling, preview=preview)
+
+    plain(lab.noise(0), prompts[0])  # warm (the live path traces its UNet here)
+    live(lab.noise(0), prompts[0])
+    times: tuple[list[float], list[float]] = ([], [])
     for i in range(repeats):
-        t0 = time.perf_counter()
-        lab.generate(lab.noise(i + 1), lab.encode_prompt(prompts[1 + i % (len(prompts) - 1)]), sampling=sampling,
-                     batch_size=1)
-        times.append(time.perf_counter() - t0)
+        prompt = prompts[1 + i % (len(prompts) - 1)]
+        for k, (fn, spelling) in enumerate(((plain, prompt), (live, prompt + " "))):
+            t0 = time.perf_counter()
+            fn(lab.noise(i + 1), f"{spelling}{' ' * (i // (len(prompts) - 1))}")
+            times[k].append(time.perf_counter() - t0)
     return times
 
 
@@ -44,7 +56,7 @@ def _breakdown(lab, sampling, prompts, repeats: int) -> dict[str, float]:
     parts: dict[str, list[float]] = {"encode prompt": [], "denoise": [], "decode (VAE)": []}
     for i in range(repeats):
         t0 = time.perf_counter()
-        cond = lab.encode_prompt(f"{prompts[1 + i % (len(prompts) - 1)]} ")  # a prompt not in the cache
+        cond = lab.encode_prompt(f"{prompts[1 + i % (len(prompts) - 1)]}  ")  # a spelling not in the cache
         t1 = time.perf_counter()
         z = lab.generate(lab.noise(i + 1), cond, sampling=sampling, batch_size=1, output_type="latent")
         t2 = time.perf_counter()
@@ -95,21 +107,25 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [world.caption(*q) for q in world.all_prompts()][: args.repeats + 1]
     full = ll.Lab.default()
     s = full.sampling(num_inference_steps=args.steps)
-    rows = [("embedded-shapes", s, _previews(full, s, prompts, args.repeats))]
+    rows = [("embedded-shapes", s, "generate_live", _previews(full, s, prompts, args.repeats, preview=False))]
     if embedded.is_available("embedded-shapes-fast"):
         fast = ll.Lab.default("embedded-shapes-fast")
         for k in (1, 2, 4):
             s = fast.sampling(num_inference_steps=k)
-            rows.append(("embedded-shapes-fast", s, _previews(fast, s, prompts, args.repeats)))
-    base = statistics.median(rows[0][2])
+            rows.append(("embedded-shapes-fast", s, "generate_live(preview=True)",
+                         _previews(fast, s, prompts, args.repeats, preview=True)))
+    base = statistics.median(rows[0][3][0])
     print(f"previews: one image end to end (new prompt, denoise, decode) at compute batch 1, {args.threads} threads, "
-          f"{args.repeats} repeats:")
+          f"{args.repeats} repeats each way, interleaved:")
     table = []
-    for name, s, times in rows:
-        med, p95 = statistics.median(times), _percentile(times, 0.95)
-        table.append((name, s.num_inference_steps, s.guidance_scale, 1 / med, med, p95, base / med))
-        print(f"  {name}, {s.num_inference_steps} steps, guidance {s.guidance_scale:g}: {1 / med:.1f} images/s, "
-              f"p50 {med * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, {base / med:.1f}x the full model")
+    for name, s, live_name, (plain, live) in rows:
+        for how, times in (("generate(batch_size=1)", plain), (live_name, live)):
+            med, p95 = statistics.median(times), _percentile(times, 0.95)
+            gain = statistics.median(plain) / med
+            table.append((name, s.num_inference_steps, s.guidance_scale, how, 1 / med, med, p95, base / med, gain))
+            print(f"  {name}, {s.num_inference_steps} steps, guidance {s.guidance_scale:g}, {how}: "
+                  f"{1 / med:.1f} images/s, p50 {med * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, "
+                  f"{base / med:.1f}x the full model's generate, {gain:.2f}x generate")
 
     parts = {}
     if len(rows) > 1:  # the few-step model loaded above
@@ -119,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
     scrub = _scrub_render(full, full.sampling(num_inference_steps=args.steps), args.scrub_frames)
     print(f"scrubbing a finished {args.scrub_frames}-frame render back and forth (a lookup of its own frames): "
-          f"{scrub:.0f} frames/s, {scrub * statistics.median(rows[0][2]):.0f}x the full model's live rate")
+          f"{scrub:.0f} frames/s, {scrub * statistics.median(rows[0][3][1]):.0f}x the full model's live rate")
 
     s = full.sampling(num_inference_steps=args.steps)
     cond = full.encode_prompt(prompts[0])
@@ -140,10 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         env = f"{args.threads} CPU threads ({platform.machine()}, torch {torch.__version__})"
         lines = [f"\n### Previews: one image end to end at compute batch 1, {env}, {args.repeats} repeats\n",
-                 "| model | steps | guidance | images/s | p50 (ms) | p95 (ms) | speed-up vs full |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {n} | {k} | {g:g} | {r:.1f} | {m * 1000:.1f} | {q * 1000:.1f} | {x:.1f}x |"
-                  for n, k, g, r, m, q, x in table]
+                 "| model | steps | guidance | how | images/s | p50 (ms) | p95 (ms) | speed-up vs full | vs generate |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {n} | {k} | {g:g} | {h} | {r:.1f} | {m * 1000:.1f} | {q * 1000:.1f} | {x:.1f}x | {y:.2f}x |"
+                  for n, k, g, h, r, m, q, x, y in table]
         if parts:
             total = sum(parts.values())
             lines += ["\nWhere a 2-step preview's time goes (embedded-shapes-fast, each part timed alone, median):\n",

@@ -210,6 +210,18 @@ class Family:
                    **self.call_kwargs(engine, cond, negative, sampling)).images
         return self.unpack(out, z.shape[2], z.shape[3])
 
+    def live_loop(self, engine: Engine, sampling: Sampling) -> bool:
+        """Whether :meth:`live_denoise` can run a request with these settings (live single images,
+        :mod:`latentlab.backend.live`); by default no: such requests go through :meth:`generate`."""
+        return False
+
+    def live_denoise(self, engine: Engine, z: torch.Tensor, cond: Conditioning, negative: Conditioning,
+                     sampling: Sampling, scheduler: Any, call) -> torch.Tensor:
+        """The pipeline's denoising loop for VAE-layout latents ``z``, bit for bit, with ``scheduler`` (a private
+        one of the pipeline's type and config) and ``call(sample, timestep, encoder_hidden_states, added_cond)``
+        in place of the denoiser; returns the final latents (VAE layout)."""
+        raise NotImplementedError
+
     def img2img(self, engine: Engine, z0: torch.Tensor, noise: torch.Tensor, cond: Conditioning,
                 negative: Conditioning, sampling: Sampling, strength: float, keep: torch.Tensor | None
                 ) -> torch.Tensor:

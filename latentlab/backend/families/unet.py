@@ -246,6 +246,32 @@ class UNetFamily(Family):
                 kw["negative_pooled_prompt_embeds"] = neg.pooled_prompt_embeds
         return kw
 
+    def live_loop(self, engine: Engine, sampling: Sampling) -> bool:
+        # LCM-style guidance embedding (``timestep_cond``) is the pipeline's own business.
+        return engine.pipe.unet.config.time_cond_proj_dim is None
+
+    def live_denoise(self, engine, z, cond, negative, sampling, scheduler, call):
+        """StableDiffusion(XL)Pipeline's loop with given ``latents``: ``latents * init_noise_sigma``, then per
+        timestep ``scale_model_input`` (of the doubled batch under guidance), the UNet, ``uncond + guidance_scale *
+        (text - uncond)`` and ``scheduler.step`` with what ``prepare_extra_step_kwargs`` passes (the item's seeded
+        CPU generator, eta 0)."""
+        s = sampling
+        guided, emb, added = self.unet_inputs(engine, cond, negative, s.guidance_scale, z)
+        scheduler.set_timesteps(s.num_inference_steps, device=engine.device)
+        params = inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": cpu_generators(step_seeds(z))} if "generator" in params else {}
+        if "eta" in params:
+            step_kwargs["eta"] = 0.0
+        x = z.to(engine.device, engine.dtype) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([x] * 2) if guided else x, t)
+            out = call(model_in, t, emb, added)
+            if guided:
+                uncond, text = out.chunk(2)
+                out = uncond + s.guidance_scale * (text - uncond)
+            x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+        return x
+
     def renoise(self, scheduler, z0, noise, step, timesteps):
         return scheduler.add_noise(z0, noise, timesteps[step : step + 1].repeat(len(z0)))
 

@@ -1,0 +1,127 @@
+"""Live single images (``Lab.generate_live``): the same bits as ``generate(..., batch_size=1)``, by a faster path
+that must actually run, and that must step aside whenever it cannot be exact (hooks, LoRA layers, other families,
+stochastic schedulers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentlab import _tensors
+from latentlab.backend import Conditioning, PredictionMix
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def unet_lab(request):
+    from latentlab.backend import Lab
+
+    path = request.getfixturevalue("tiny_sd_path" if request.param == "sd" else "tiny_sdxl_path")
+    lab = Lab.from_pretrained(path, device="cpu")
+    lab.defaults = lab.defaults.replace(num_inference_steps=4, guidance_scale=3.0)
+    return lab
+
+
+def _same(lab, z, cond, **kw):
+    live = lab.generate_live(z, cond, **kw)
+    plain = lab.generate(z, cond, batch_size=1, **kw)
+    assert live.shape == plain.shape and live.dtype == torch.float32
+    assert torch.equal(live, plain), (live - plain).abs().max()
+    return live
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_live_images_are_generate_at_batch_one_bit_for_bit(unet_lab, guidance_scale):
+    cond = unet_lab.encode_prompt(["a red star", "a blue ring", "a green cross"])
+    z = unet_lab.noise([3, 4, 5])
+    _same(unet_lab, z, cond, guidance_scale=guidance_scale)
+    _same(unet_lab, z[:1], cond[1:2], guidance_scale=guidance_scale)
+    _same(unet_lab, z, cond[:1], guidance_scale=guidance_scale, num_inference_steps=2)  # one conditioning for all
+    live = unet_lab._live[False]
+    assert live.speedups(unet_lab.sampling(guidance_scale=guidance_scale)) == ("own-loop", "jit-trace")
+    assert live._traces, "the traced UNet never ran"
+
+
+def test_the_embedded_models_live_images_and_previews():
+    from latentlab.backend import Lab
+
+    for name, steps in (("embedded-shapes-fast", (1, 2, 4)), ("embedded-shapes", (20,))):
+        lab = Lab.default(name)
+        cond = lab.encode_prompt("a small red star on a blue background")
+        for k in steps:
+            exact = _same(lab, lab.noise(7), cond, num_inference_steps=k)
+            preview = lab.generate_live(lab.noise(7), cond, num_inference_steps=k, preview=True)
+            assert (preview - exact).abs().max() < 0.05  # bfloat16 decode where native, else the same bits
+            assert torch.equal(preview, exact) != _tensors.native_bfloat16()
+
+
+def test_a_hook_or_new_processor_drops_the_trace_and_runs_eagerly(tiny_lab):
+    cond, z = tiny_lab.encode_prompt("a red star"), tiny_lab.noise(2)
+    _same(tiny_lab, z, cond)
+    live = tiny_lab._live[False]
+    assert live._traces
+    seen = []
+    block = tiny_lab.pipe.unet.down_blocks[0]
+    handle = block.register_forward_hook(lambda m, a, out: seen.append(1))
+    try:
+        _same(tiny_lab, z, cond)
+        assert seen and not any(isinstance(v, torch.jit.ScriptModule) for v in live._traces.values())
+    finally:
+        handle.remove()
+    # Another attention processor (here one that doubles every attention output): the trace made with the old one
+    # must not serve it.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Doubling(AttnProcessor2_0):
+        def __call__(self, *args, **kwargs):
+            return 2 * super().__call__(*args, **kwargs)
+
+    before = _same(tiny_lab, z, cond)
+    tiny_lab.pipe.unet.set_attn_processor(Doubling())
+    assert not torch.equal(_same(tiny_lab, z, cond), before)
+
+
+def test_a_lora_layer_is_never_traced(tiny_lab):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    cond, z = tiny_lab.encode_prompt("a red star"), tiny_lab.noise(2)
+    _same(tiny_lab, z, cond)
+    tiny_lab.pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"],
+                                              init_lora_weights="gaussian"))
+    with torch.no_grad():  # peft starts B at zero (a no-op adapter)
+        for name, p in tiny_lab.pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    with_lora = _same(tiny_lab, z, cond)
+    tiny_lab.pipe.unet.disable_adapters()  # a Python flag inside the LoRA layers: a trace would have frozen it
+    without = _same(tiny_lab, z, cond)
+    assert not torch.equal(with_lora, without)
+
+
+def test_other_families_schedulers_and_mixes_go_through_generate(tiny_lab, tiny_sd3_path):
+    from latentlab.backend import Lab
+
+    cond, z = tiny_lab.encode_prompt(["a red star", "a blue ring"]), tiny_lab.noise([1, 2])
+    for scheduler in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        _same(tiny_lab, z, cond, scheduler=scheduler)
+    stochastic = tiny_lab.sampling(scheduler="EulerAncestralDiscreteScheduler")
+    assert tiny_lab._live[False].speedups(stochastic) == ("own-loop", "jit-trace")  # the pipeline's generators
+    mix = PredictionMix(cond[:1].map(lambda t: t.expand(2, *t.shape[1:])),
+                        cond[1:].map(lambda t: t.expand(2, *t.shape[1:])), torch.tensor([0.25, 0.75]))
+    assert torch.equal(tiny_lab.generate_live(z, mix), tiny_lab.generate(z, mix, batch_size=1))
+    flow = Lab.from_pretrained(tiny_sd3_path, device="cpu")
+    flow.defaults = flow.defaults.replace(num_inference_steps=3)
+    _same(flow, flow.noise([1, 2]), flow.encode_prompt("a red star"))
+    assert flow._live[False].speedups() == ()
+
+
+def test_bad_input_is_refused_before_any_model_work(tiny_lab):
+    cond = tiny_lab.encode_prompt("a red star")
+    with pytest.raises(TypeError, match="`preview` must be a bool, got str"):
+        tiny_lab.generate_live(tiny_lab.noise(1), cond, preview="yes")
+    with pytest.raises(ValueError, match="`latents` must have shape"):
+        tiny_lab.generate_live(torch.zeros(1, 3, 8, 8), cond)
+    with pytest.raises(ValueError, match="`conditioning` must have 1 or 2 items"):
+        tiny_lab.generate_live(tiny_lab.noise([1, 2]), Conditioning.cat([cond] * 3))
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        tiny_lab.generate_live(tiny_lab.noise(1), cond, num_inference_steps=0)
