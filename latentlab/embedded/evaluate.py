@@ -522,12 +522,15 @@ def _morph_inputs(lab, a, b, k: int, ts: torch.Tensor):
 
 @torch.no_grad()
 def fast_model(fast, full, shape_net: ShapeNet, *, n: int = 256, steps=(1, 2, 4), seed: int = 0, pairs: int = 16,
-               frames: int = 48) -> dict:
+               frames: int = 48, live_steps: int = 2) -> dict:
     """The few-step model against its teacher (both latentlab Labs, each with its documented sampling):
 
     - ``attributes``: per step count, the held-out attribute scores (as :func:`generation`, seeds ``seed + i``);
     - ``fidelity``: per step count, the share of images whose four attributes read the same as the full model's
       image for the same seed and prompt (what a preview promises: the final image will look like this);
+    - ``live_preview``: the widgets' preview itself (``generate_live(..., preview=True)`` at ``live_steps`` steps, one
+      item at a time, the decoder in bfloat16 where the CPU has it natively): its fidelity to the full model's
+      image, and the share that reads the same as the batched images of the same step count;
     - ``path_coherence``: along ``pairs`` morphs of ``frames`` frames between held-out prompts (slerp noise, lerp
       prompt), the largest frame-to-frame RMS change (pixels in [0, 1]) of the fast model divided by the full
       model's on the same path: median, worst, and the share of paths at or under 2.
@@ -547,10 +550,18 @@ def fast_model(fast, full, shape_net: ShapeNet, *, n: int = 256, steps=(1, 2, 4)
 
     ref = attributes(images(full), shape_net)
     result: dict = {"full": score(ref, truth), "attributes": {}, "fidelity": {}}
+    batched = {}
     for k in steps:
-        pred = attributes(images(fast, k), shape_net)
+        pred = batched[k] = attributes(images(fast, k), shape_net)
         result["attributes"][k] = score(pred, truth) | {"shape_by_size": shape_by_size(pred, truth)}
         result["fidelity"][k] = sum(p == r for p, r in zip(pred, ref)) / n
+    if live_steps in batched:
+        s = fast.sampling(num_inference_steps=live_steps)
+        live = attributes(torch.cat([fast.generate_live(fast.noise(seed + i), fast.encode_prompt(world.caption(*p)),
+                                                        sampling=s, preview=True) for i, p in enumerate(prompts)]),
+                          shape_net)
+        result["live_preview"] = {"steps": live_steps, "fidelity": sum(p == r for p, r in zip(live, ref)) / n,
+                                  "reads_as_batched": sum(p == r for p, r in zip(live, batched[live_steps])) / n}
     g = torch.Generator().manual_seed(seed + 4242)
     idx = torch.randint(len(world.held_out_prompts()), (pairs, 2), generator=g).tolist()
     ts = torch.linspace(0, 1, frames)
