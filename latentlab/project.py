@@ -197,6 +197,21 @@ class UMAP:
                              f"got {x.shape[1]}")
         return torch.as_tensor(self.umap_.transform(self._pre(x, False).float().numpy()))
 
+    def inverse_transform(self, Z) -> torch.Tensor:
+        """Points of the fitted space for map points ``Z`` (n, n_components): umap-learn's ``inverse_transform``
+        (a weighted mean of the training points whose map neighbourhood holds each point; McInnes et al., the
+        UMAP documentation's "inverse transforms"), through the PCA back to the input's shape when one ran first.
+        Euclidean metric only (umap-learn's own limit for this method)."""
+        if not hasattr(self, "umap_"):
+            raise RuntimeError("this UMAP is not fitted yet: call fit(X) first")
+        z, _ = _as_2d(Z)
+        if z.shape[1] != self.n_components:
+            raise ValueError(f"`Z` points must have {self.n_components} coordinates, got shape {tuple(z.shape)}")
+        x = torch.as_tensor(self.umap_.inverse_transform(z.float().numpy())).float()
+        if hasattr(self, "pca_"):
+            x = self.pca_.inverse_transform(x)
+        return x.reshape(len(z), *self.item_shape_)
+
 
 # --- directions ------------------------------------------------------------------------------------------------
 

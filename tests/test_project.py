@@ -118,6 +118,16 @@ def test_umap_contract_and_pca_first_for_wide_inputs():
     assert u.transform(x[:5]).shape == (5, 2)
     with pytest.raises(ValueError, match=r"more than `n_neighbors` = 10 samples, got 5"):
         UMAP(n_neighbors=10).fit(x[:5])
+    # the way back: a cluster's map point inverts to that cluster (through the PCA, in the input's shape)
+    centres = torch.stack([emb[labels == c].mean(0) for c in range(3)])
+    back = u.inverse_transform(centres)
+    assert back.shape == (3, 80)
+    means = torch.stack([x[labels == c].mean(0) for c in range(3)])
+    assert torch.equal(torch.cdist(back, means).argmin(1), torch.arange(3))
+    with pytest.raises(ValueError, match=r"`Z` points must have 2 coordinates, got shape \(1, 3\)"):
+        u.inverse_transform(torch.zeros(1, 3))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        UMAP().inverse_transform(centres)
 
 
 # --- inverse projections ------------------------------------------------------------------------------------------
