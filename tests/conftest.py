@@ -85,6 +85,17 @@ def tiny_lab(tiny_sd_path):
     return lab
 
 
+@pytest.fixture(params=["sd", "sdxl"])
+def unet_lab(request):
+    """The tiny SD and SDXL models (the UNet family), 4 steps at guidance 3."""
+    from latentlab.backend import Lab
+
+    path = request.getfixturevalue("tiny_sd_path" if request.param == "sd" else "tiny_sdxl_path")
+    lab = Lab.from_pretrained(path, device="cpu")
+    lab.defaults = lab.defaults.replace(num_inference_steps=4, guidance_scale=3.0)
+    return lab
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory):
     """A tiny random SDXL-layout pipeline (two text encoders, pooled embeds, time ids): 16x16 images, f=2."""

@@ -11,16 +11,6 @@ from latentlab import _tensors
 from latentlab.backend import Conditioning, PredictionMix
 
 
-@pytest.fixture(params=["sd", "sdxl"])
-def unet_lab(request):
-    from latentlab.backend import Lab
-
-    path = request.getfixturevalue("tiny_sd_path" if request.param == "sd" else "tiny_sdxl_path")
-    lab = Lab.from_pretrained(path, device="cpu")
-    lab.defaults = lab.defaults.replace(num_inference_steps=4, guidance_scale=3.0)
-    return lab
-
-
 def _same(lab, z, cond, **kw):
     live = lab.generate_live(z, cond, **kw)
     plain = lab.generate(z, cond, batch_size=1, **kw)

@@ -10,16 +10,6 @@ import torch
 from latentlab.backend.families import unet as unet_family
 
 
-@pytest.fixture(params=["sd", "sdxl"])
-def unet_lab(request):
-    from latentlab.backend import Lab
-
-    path = request.getfixturevalue("tiny_sd_path" if request.param == "sd" else "tiny_sdxl_path")
-    lab = Lab.from_pretrained(path, device="cpu")
-    lab.defaults = lab.defaults.replace(num_inference_steps=4, guidance_scale=3.0)
-    return lab
-
-
 def _without_cache(monkeypatch):
     monkeypatch.setattr(unet_family.UNetFamily, "denoising", lambda self, engine: contextlib.nullcontext())
 
