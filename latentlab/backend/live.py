@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -126,7 +125,6 @@ class LiveGenerator:
         self._schedulers: dict[int, Any] = {}
         self._decoder = None
         self._decoder_traces: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
 
     # --- what runs --------------------------------------------------------------------------------------------
 
@@ -156,29 +154,31 @@ class LiveGenerator:
         else:
             cond = e.check_request(latents, conditioning)
             with e._lock, e.pinned(), torch.no_grad():
-                z = torch.cat([self._denoise(latents[i : i + 1], cond[i : i + 1], s) for i in range(len(latents))])
+                z = self._denoise(latents, cond, s)
         return self._decode(z)
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
-    def _denoise(self, z: torch.Tensor, cond: Conditioning, s: Sampling) -> torch.Tensor:
-        """The family's denoising loop for one item, with a private scheduler and the (traced) denoiser call."""
+    def _denoise(self, latents: torch.Tensor, cond: Conditioning, s: Sampling) -> torch.Tensor:
+        """The family's denoising loop for each item alone, with a private scheduler and the (traced) denoiser call;
+        what is the same for every item (pipeline, scheduler, negative, the trace check) is looked up once."""
         e = self.engine
-        pipe = e.pipeline("text2image", s.scheduler)
+        scheduler = self._scheduler(e.pipeline("text2image", s.scheduler).scheduler)
         traced = self.trace and self._check_traces()
         negative = e.negative_conditioning(s.negative_prompt)
         # The cross-attention cache swaps processors per request: a traced graph would not see them (and is exact
         # without them).
         with contextlib.nullcontext() if traced else e.adapter.denoising(e):
-            x = e.adapter.live_denoise(e, z, cond, negative, s, self._scheduler(pipe.scheduler),
-                                       lambda *args: self._unet(*args, traced))
-        return x.float().cpu()
+            out = [e.adapter.live_denoise(e, latents[i : i + 1], cond[i : i + 1], negative, s, scheduler,
+                                          lambda *args: self._unet(*args, traced)) for i in range(len(latents))]
+        return torch.cat(out).float().cpu()
 
     def _scheduler(self, like: Any) -> Any:
         """A private scheduler of the pipeline's type and config (schedulers keep per-request state)."""
-        if id(like) not in self._schedulers:
-            self._schedulers[id(like)] = type(like).from_config(like.config)
-        return self._schedulers[id(like)]
+        held = self._schedulers.get(id(like))
+        if held is None or held[0] is not like:  # keyed by identity (an id can be reused once its object is gone)
+            held = self._schedulers[id(like)] = (like, type(like).from_config(like.config))
+        return held[1]
 
     def _check_traces(self) -> bool:
         """Whether the UNet may run traced now: its structure is the one traced (else the traces are dropped)."""
@@ -192,16 +192,12 @@ class LiveGenerator:
         unet = self.engine.denoiser
         keys = tuple(added) if added else ()
         extra = tuple(added[k] for k in keys) if added else ()
-        if not traced:
-            return unet(sample, t, encoder_hidden_states=emb, added_cond_kwargs=dict(zip(keys, extra)) or None,
-                        return_dict=False)[0]
+        if not traced or not hasattr(torch.jit, "trace"):  # eager (see the module notes on torch versions)
+            return unet(sample, t, encoder_hidden_states=emb, added_cond_kwargs=added or None, return_dict=False)[0]
         key = (tuple(sample.shape), sample.dtype, tuple(t.shape), t.dtype, tuple(emb.shape), keys,
                tuple(tuple(a.shape) for a in extra), id(unet))
         fn = self._traces.get(key)
         if fn is None:
-            if not hasattr(torch.jit, "trace"):
-                return unet(sample, t, encoder_hidden_states=emb,
-                            added_cond_kwargs=dict(zip(keys, extra)) or None, return_dict=False)[0]
             with warnings.catch_warnings():  # diffusers' shape checks warn that they are frozen: they are, per key
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+: see the module notes
@@ -216,13 +212,12 @@ class LiveGenerator:
         if self.decode_dtype is None or self.decode_dtype == e.vae_dtype:
             return e.decode(z, batch_size=1)
         _checks.tensor(z, "latents", min_ndim=4)
-        with self._lock:
+        z = z.to(e.device, self.decode_dtype)
+        with e._lock, torch.no_grad():
             if self._decoder is None:
                 # torch's own ``to``: diffusers' override warns about modules to keep in float32, which this VAE
                 # (no such modules) does not have; a preview decoder is allowed to lose the last bits anyway.
                 self._decoder = torch.nn.Module.to(copy.deepcopy(e.pipe.vae), self.decode_dtype)
-        z = z.to(e.device, self.decode_dtype)
-        with e._lock, torch.no_grad():
             if not self.trace or not hasattr(torch.jit, "trace"):
                 img = e.adapter.vae_decode(self._decoder, z)
             else:  # the private copy never changes: one trace per latent shape (measured 0.75 ms of 20, bit-identical)
