@@ -10,7 +10,7 @@ torch.Size([1, 4, 8, 8])
 """
 
 from latentlab._version import __version__ as __version__
-from latentlab.backend import Backend, Conditioning, Inversion, Lab, PredictionMix
+from latentlab.backend import AttentionMix, Backend, Conditioning, Inversion, Lab, PredictionMix
 from latentlab.clip import CLIP
 from latentlab.ops import (
     add_direction,
@@ -30,6 +30,7 @@ from latentlab.seeds import noise, variation_noise
 __all__ = [
     "CLIP",
     "EASINGS",
+    "AttentionMix",
     "Backend",
     "Conditioning",
     "Inversion",

@@ -338,7 +338,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     """``export``: a rendered morph's per-frame noise and conditioning for ComfyUI, its keyframes for Deforum."""
     from latentlab import exports
     from latentlab._files import check_output
-    from latentlab.backend import PredictionMix
+    from latentlab.backend import AttentionMix, PredictionMix
     from latentlab.morph import MorphSettings, plan, read_manifest
     from latentlab.sampling import Sampling
 
@@ -360,10 +360,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                  shift_factor=lab.vae_shift_factor,
                                  overwrite=args.overwrite)
     wrote = [names["noise"]]
-    if isinstance(cond, PredictionMix):
-        print(f"{names['cond'].name} not written: this morph mixes two prompts' predictions in every frame (prompt "
-              "interpolation 'mix'), which no single conditioning per frame reproduces; render with --prompt-interp "
-              "lerp for one", file=sys.stderr)
+    if isinstance(cond, (PredictionMix, AttentionMix)):
+        how = ("mixes two prompts' predictions in every frame (prompt interpolation 'mix')"
+               if isinstance(cond, PredictionMix) else
+               "shares every text attention between two prompts (prompt interpolation 'attention')")
+        print(f"{names['cond'].name} not written: this morph {how}, which no single conditioning per frame "
+              "reproduces; render with --prompt-interp lerp for one", file=sys.stderr)
     else:
         exports.write_comfyui_conditioning(cond, names["cond"], overwrite=args.overwrite)
         wrote.append(names["cond"])
@@ -405,7 +407,9 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
     m.add_argument("--prompt-interp", choices=PROMPT_METHODS, default="lerp",
                    help="prompt path (default: %(default)s): lerp/slerp interpolate the prompt encodings; 'mix' "
                         "denoises every frame with both keyframes' prompts and mixes the predictions (fewer third "
-                        "colours or shapes between prompts one attribute apart, about twice the work)")
+                        "colours or shapes between prompts one attribute apart, about twice the work); 'attention' "
+                        "lets every text attention see both prompts' tokens, shared by the frame's weight (AID; "
+                        "SD-family and SD3 models, about the cost of lerp)")
     m.add_argument("--prompt-easing", choices=EASINGS, default="linear")
     m.add_argument("--pacing", choices=PACINGS, default="none",
                    help="'even': re-time from a cheap preview so consecutive frames change by about the same amount")

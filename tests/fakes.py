@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from latentlab.backend import Conditioning, Inversion, PredictionMix
+from latentlab.backend import AttentionMix, Conditioning, Inversion, PredictionMix
 from latentlab.sampling import Sampling
 from latentlab.seeds import noise as seeded_noise
 
@@ -102,6 +102,12 @@ class FakeBackend:
                 self.calls.append(2 * size)
                 w = c.weight.float().view(-1, 1, 1, 1)
                 outs.append((1 - w) * self._images(z, c.a, s) + w * self._images(z, c.b, s))
+                continue
+            if isinstance(c, AttentionMix):  # one call with both prompts: here, the weighted conditioning
+                self.calls.append(size)
+                w = c.weight.to(c.a.prompt_embeds.dtype)
+                outs.append(self._images(z, Conditioning(torch.lerp(c.a.prompt_embeds, c.b.prompt_embeds,
+                                                                    w.view(-1, 1, 1))), s))
                 continue
             self.calls.append(size)
             outs.append(self._images(z, c, s))

@@ -91,7 +91,7 @@ def test_one_item_conditionings_and_weights_broadcast(tiny_lab):
 def test_requests_that_cannot_mix_say_so(tiny_lab):
     z, a, b = _two(tiny_lab)
     mix = PredictionMix(a, b, torch.tensor([0.5, 0.5]))
-    with pytest.raises(TypeError, match="prediction mixing is for generate"):
+    with pytest.raises(TypeError, match="mixing two prompts is for generate"):
         tiny_lab.trajectory(z, mix)
     with pytest.raises(ValueError, match="1 or 2 items"):
         tiny_lab.generate(z, PredictionMix(a.map(lambda t: t.repeat(2, 1, 1)[:3]), b.map(lambda t: t.repeat(2, 1, 1)[:3]),

@@ -30,7 +30,7 @@ from hypothesis.extra import numpy as hnp
 import latentlab
 from latentlab import audio, exports, metrics, project, seeds, store, toy2d, video
 from latentlab.atlas import Atlas
-from latentlab.backend import Conditioning, PredictionMix
+from latentlab.backend import AttentionMix, Conditioning, PredictionMix
 
 #: Modules whose tensor functions another generated test owns (the module -> that test).
 COVERED_ELSEWHERE = {
@@ -196,6 +196,9 @@ def _cases(folder: Path) -> dict[str, Case]:
         "backend.records.PredictionMix.__init__": Case(
             lambda weight: PredictionMix(Conditioning(torch.ones(2, 3, 4)), Conditioning(torch.zeros(2, 3, 4)),
                                          weight).weight, lambda: {"weight": torch.tensor([0.25, 0.75])}),
+        "backend.records.AttentionMix.__init__": Case(
+            lambda weight: AttentionMix(Conditioning(torch.ones(2, 3, 4)), Conditioning(torch.zeros(2, 3, 4)),
+                                        weight).weight, lambda: {"weight": torch.tensor([0.25, 0.75])}),
         **{f"clip.CLIP.{m}": Case(call, lambda: {"images": _frames(2)}, needs={"clip": "clip"}) for m, call in {
             "preprocess": lambda images, clip: clip.preprocess(images),
             "embed_images": lambda images, clip: clip.embed_images(images),
@@ -419,7 +422,7 @@ FUZZED = ("audio.onset_strength", "audio.onsets", "audio.frame_envelope", "metri
           "seeds.variation_noise", "toy2d.forward_noise", "toy2d.sliced_wasserstein", "toy2d.straightness",
           "video.image_grid", "video.png_bytes", "backend.records.Conditioning.__init__",
           "backend.records.Conditioning.weighted_sum", "backend.records.PredictionMix.__init__",
-          "atlas.inverse.AtlasMap.transform", "toy2d.ToyModel.predict")
+          "backend.records.AttentionMix.__init__", "atlas.inverse.AtlasMap.transform", "toy2d.ToyModel.predict")
 
 
 @pytest.mark.parametrize("fn", FUZZED)

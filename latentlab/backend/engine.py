@@ -30,7 +30,7 @@ import torch
 
 from latentlab import _checks
 from latentlab._quiet import quiet_transformers_image_processor_warning
-from latentlab.backend.records import Conditioning, PredictionMix, Tokens
+from latentlab.backend.records import AttentionMix, Conditioning, PredictionMix, Tokens, _PairMix
 from latentlab.sampling import Sampling, check_prompt
 
 __all__ = ["CPU_BATCH_SIZE", "PROMPT_CACHE_SIZE", "Engine", "cpu_generators", "import_diffusers", "mixed_predictions",
@@ -57,8 +57,8 @@ def import_diffusers():
 
 
 def _pad_batch(x, pad: int):
-    """Repeat the last batch item ``pad`` times (tensors, Conditioning and PredictionMix)."""
-    if isinstance(x, (Conditioning, PredictionMix)):
+    """Repeat the last batch item ``pad`` times (tensors, Conditioning, PredictionMix and AttentionMix)."""
+    if isinstance(x, (Conditioning, _PairMix)):
         return x.map(lambda t: _pad_batch(t, pad))
     return torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
 
@@ -526,9 +526,10 @@ class Engine:
             raise ValueError(f"`latents` height and width must be multiples of {m} for this {self.family} model "
                              f"(images: multiples of {self.size_factor_text}), got {tuple(latents.shape)}")
         _checks.finite(latents, "latents")
-        if isinstance(conditioning, PredictionMix):
-            raise TypeError("`conditioning` must be a Conditioning (from encode_prompt), got a PredictionMix: "
-                            "prediction mixing is for generate (and morphs), not for this request")
+        if isinstance(conditioning, _PairMix):
+            raise TypeError(f"`conditioning` must be a Conditioning (from encode_prompt), got a "
+                            f"{type(conditioning).__name__}: mixing two prompts is for generate (and morphs), not for "
+                            "this request")
         if not isinstance(conditioning, Conditioning):
             raise TypeError(f"`conditioning` must be a Conditioning (from encode_prompt), got {type(conditioning).__name__}")
         self.adapter.check_conditioning(self.pipe, conditioning)
@@ -570,13 +571,19 @@ class Engine:
         item, seeded from the item's latent (:func:`step_seeds`), so a seed means one image with any scheduler.
         ``output_type="latent"`` returns the final latents (VAE layout, scaled as the denoiser sees them).
         ``conditioning`` may be a :class:`~latentlab.backend.PredictionMix` (two conditionings per item whose
-        predictions are mixed at every step; twice the denoiser's work).
+        predictions are mixed at every step; twice the denoiser's work) or an
+        :class:`~latentlab.backend.AttentionMix` (both prompts' tokens in one attention, shared by weight).
         """
         s = self.sampling(sampling, **overrides)
-        if isinstance(conditioning, PredictionMix):
+        if isinstance(conditioning, _PairMix):
+            if isinstance(conditioning, AttentionMix):
+                why = self.adapter.attention_mix_unsupported(self.pipe)
+                if why is not None:
+                    raise ValueError(f"`conditioning` is an AttentionMix, which {why}: use a PredictionMix (prompt "
+                                     "interpolation 'mix') or interpolate the encodings (lerp)")
             a, b = self.check_request(latents, conditioning.a), self.check_request(latents, conditioning.b)
             w = conditioning.weight
-            conditioning = PredictionMix(a, b, w.expand(len(a)) if len(w) == 1 else w)
+            conditioning = type(conditioning)(a, b, w.expand(len(a)) if len(w) == 1 else w)
         else:
             conditioning = self.check_request(latents, conditioning)
         _checks.choice(output_type, "output_type", ("pt", "latent"))
@@ -587,6 +594,8 @@ class Engine:
         def run(z, cond):
             z = z.to(self.device, self.dtype)
             with self.adapter.denoising(self):
+                if isinstance(cond, AttentionMix):
+                    return self.adapter.generate_attention_mix(self, z, cond, negative, s)
                 if not isinstance(cond, PredictionMix):
                     return self.adapter.generate(self, z, cond, negative, s)
                 with mixed_predictions(self.denoiser, cond.weight):

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from latentlab.backend.records import Conditioning, Inversion, PredictionMix
+from latentlab.backend.records import AttentionMix, Conditioning, Inversion, PredictionMix
 from latentlab.sampling import Sampling
 
 __all__ = ["Backend"]
@@ -64,11 +64,12 @@ class Backend(Protocol):
     def encode_prompt(self, prompt: str | Sequence[str]) -> Conditioning:
         """Text conditioning, one item per prompt."""
 
-    def generate(self, latents: torch.Tensor, conditioning: Conditioning | PredictionMix, *,
+    def generate(self, latents: torch.Tensor, conditioning: Conditioning | PredictionMix | AttentionMix, *,
                  sampling: Sampling | None = None, batch_size: int | None = None, output_type: str = "pt",
                  **overrides) -> torch.Tensor:
         """Images (batch, 3, H, W) in [0, 1] (or final latents with ``output_type="latent"``); ``conditioning`` may
-        mix two prompts' predictions per item (:class:`~latentlab.backend.PredictionMix`)."""
+        mix two prompts' predictions per item (:class:`~latentlab.backend.PredictionMix`) or share the text
+        attention between two prompts (:class:`~latentlab.backend.AttentionMix`)."""
 
     def generate_live(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
                       preview: bool = False, **overrides) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from latentlab import _checks
 
-__all__ = ["Conditioning", "Inversion", "PredictionMix", "Trajectory"]
+__all__ = ["AttentionMix", "Conditioning", "Inversion", "PredictionMix", "Trajectory"]
 
 
 def _item_slice(idx):
@@ -104,7 +104,53 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
-class PredictionMix:
+class _PairMix:
+    """Two conditionings per item and one weight per item in [0, 1] (0: exactly ``a``, 1: exactly ``b``): what the
+    two ways of mixing prompts share (validation, slicing, batching)."""
+
+    a: Conditioning
+    b: Conditioning
+    weight: torch.Tensor
+
+    def __post_init__(self):
+        kind = type(self).__name__
+        for name in ("a", "b"):
+            if not isinstance(getattr(self, name), Conditioning):
+                raise TypeError(f"`{kind}.{name}` must be a Conditioning, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.weight, torch.Tensor):
+            raise TypeError(f"`{kind}.weight` must be a 1-D tensor (one weight per item), got "
+                            f"{type(self.weight).__name__}")
+        if self.weight.ndim != 1 or self.weight.is_complex() or self.weight.dtype == torch.bool:
+            raise TypeError(f"`{kind}.weight` must be a 1-D real tensor (one weight per item), got dtype "
+                            f"{self.weight.dtype} and shape {tuple(self.weight.shape)}")
+        if not (len(self.a) == len(self.b) == len(self.weight)):
+            raise ValueError(f"`{kind}` needs as many items in `a`, `b` and `weight`, got {len(self.a)}, "
+                             f"{len(self.b)} and {len(self.weight)}")
+        w = self.weight.double()
+        if not bool(torch.isfinite(w).all()) or bool(((w < 0) | (w > 1)).any()):
+            bad = int((~(torch.isfinite(w) & (w >= 0) & (w <= 1))).sum())
+            raise ValueError(f"`{kind}.weight` must lie in [0, 1], got {bad} of {len(w)} value(s) outside "
+                             "(or NaN/infinite)")
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, idx):
+        idx = _item_slice(idx)
+        return type(self)(self.a[idx], self.b[idx], self.weight[idx])
+
+    def map(self, fn):
+        """``fn`` on every item-indexed tensor (both conditionings and the weights): batching and padding."""
+        return type(self)(self.a.map(fn), self.b.map(fn), fn(self.weight))
+
+    @classmethod
+    def cat(cls, items: Sequence):
+        return cls(Conditioning.cat([m.a for m in items]), Conditioning.cat([m.b for m in items]),
+                   torch.cat([m.weight for m in items]))
+
+
+@dataclass(frozen=True)
+class PredictionMix(_PairMix):
     """Conditioning by *prediction mixing*: item ``i`` is denoised once with ``a[i]`` and once with ``b[i]`` from
     the same latent, and at every step the denoiser's two outputs are combined, ``(1 - weight[i]) * out_a +
     weight[i] * out_b``, before the scheduler steps (AID's "outer" interpolation taken to the model's output; as
@@ -123,44 +169,28 @@ class PredictionMix:
     (3, [0.5, 1.0])
     """
 
-    a: Conditioning
-    b: Conditioning
-    weight: torch.Tensor
 
-    def __post_init__(self):
-        for name in ("a", "b"):
-            if not isinstance(getattr(self, name), Conditioning):
-                raise TypeError(f"`PredictionMix.{name}` must be a Conditioning, got {type(getattr(self, name)).__name__}")
-        if not isinstance(self.weight, torch.Tensor):
-            raise TypeError(f"`PredictionMix.weight` must be a 1-D tensor (one weight per item), got "
-                            f"{type(self.weight).__name__}")
-        if self.weight.ndim != 1 or self.weight.is_complex() or self.weight.dtype == torch.bool:
-            raise TypeError(f"`PredictionMix.weight` must be a 1-D real tensor (one weight per item), got dtype "
-                            f"{self.weight.dtype} and shape {tuple(self.weight.shape)}")
-        if not (len(self.a) == len(self.b) == len(self.weight)):
-            raise ValueError(f"`PredictionMix` needs as many items in `a`, `b` and `weight`, got {len(self.a)}, "
-                             f"{len(self.b)} and {len(self.weight)}")
-        w = self.weight.double()
-        if not bool(torch.isfinite(w).all()) or bool(((w < 0) | (w > 1)).any()):
-            bad = int((~(torch.isfinite(w) & (w >= 0) & (w <= 1))).sum())
-            raise ValueError(f"`PredictionMix.weight` must lie in [0, 1], got {bad} of {len(w)} value(s) outside "
-                             "(or NaN/infinite)")
+@dataclass(frozen=True)
+class AttentionMix(_PairMix):
+    """Conditioning by *attention interpolation* (AID's fused interpolation, He et al., "AID: Attention
+    Interpolation of Text-to-Image Diffusion", 2024): item ``i`` is denoised once, and every attention over the
+    text sees both prompts' tokens side by side -- ``a[i]``'s keys with their logits raised by ``log(1 - w)``,
+    ``b[i]``'s by ``log(w)`` -- so one softmax shares the attention between the two prompts in proportion
+    ``(1 - w) : w`` (each prompt's own attention pattern kept within its share). Nothing is asked about the
+    midpoint of two encodings (which can name a third thing), and, unlike :class:`PredictionMix`, the model forms
+    one picture from both prompts at every layer rather than averaging two pictures' predictions. Weight 0 is
+    ``a``'s generation (``b``'s tokens get no attention at all), 1 ``b``'s, up to float rounding. About the cost
+    of one generation (the text keys double). Pooled embeddings (SDXL, SD3) are interpolated linearly.
 
-    def __len__(self) -> int:
-        return len(self.a)
+    Supported where the adapter knows the text attention (the UNet family: cross-attention; SD3: joint
+    attention); other families refuse it before any model work.
 
-    def __getitem__(self, idx) -> PredictionMix:
-        idx = _item_slice(idx)
-        return PredictionMix(self.a[idx], self.b[idx], self.weight[idx])
-
-    def map(self, fn) -> PredictionMix:
-        """``fn`` on every item-indexed tensor (both conditionings and the weights): batching and padding."""
-        return PredictionMix(self.a.map(fn), self.b.map(fn), fn(self.weight))
-
-    @staticmethod
-    def cat(items: Sequence[PredictionMix]) -> PredictionMix:
-        return PredictionMix(Conditioning.cat([m.a for m in items]), Conditioning.cat([m.b for m in items]),
-                             torch.cat([m.weight for m in items]))
+    >>> import torch
+    >>> from latentlab import Conditioning
+    >>> a, b = Conditioning(torch.zeros(2, 4, 8)), Conditioning(torch.ones(2, 4, 8))
+    >>> AttentionMix(a, b, torch.tensor([0.25, 0.75]))[0].weight.tolist()
+    [0.25]
+    """
 
 
 @dataclass(frozen=True)

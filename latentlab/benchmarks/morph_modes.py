@@ -28,6 +28,8 @@ from pathlib import Path
 MODES: dict[str, dict] = {
     "default": {},
     "prediction mix": {"prompt_interpolation": "mix"},
+    "attention (AID fused)": {"prompt_interpolation": "attention"},
+    "attention + pacing even (pixels)": {"prompt_interpolation": "attention", "pacing": "even"},
     "prompt slerp": {"prompt_interpolation": "slerp"},
     "smoothstep easing": {"prompt_easing": "smoothstep", "noise_easing": "smoothstep"},
     "pacing even (pixels)": {"pacing": "even"},

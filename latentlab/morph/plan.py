@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from latentlab.backend import Backend, Conditioning, PredictionMix
+from latentlab.backend import AttentionMix, Backend, Conditioning, PredictionMix
 from latentlab.metrics import embedding_distance, pixel_distance
-from latentlab.morph.settings import MorphSettings
+from latentlab.morph.settings import PROMPT_MIXES, MorphSettings
 from latentlab.ops import blend
 from latentlab.paths import ease, path_at, retime, schedule, schedule_at
 
@@ -44,21 +44,22 @@ class Plan:
     frames: list[dict] = field(default_factory=list)
     image_keyframes: list[dict] = field(default_factory=list)
 
-    def inputs(self, start: int, stop: int) -> tuple[torch.Tensor, Conditioning | PredictionMix]:
+    def inputs(self, start: int, stop: int) -> tuple[torch.Tensor, Conditioning | PredictionMix | AttentionMix]:
         """Initial latents (n, C, h, w) and conditioning (n items) of frames ``start:stop``: a
-        :class:`~latentlab.backend.PredictionMix` of each frame's two keyframe prompts with prompt interpolation
-        ``"mix"``."""
+        :class:`~latentlab.backend.PredictionMix` (prompt interpolation ``"mix"``) or an
+        :class:`~latentlab.backend.AttentionMix` (``"attention"``) of each frame's two keyframe prompts."""
         fr = self.frames[start:stop]
         s = self.settings
         lat = path_at(self.keys, [f["noise_segment"] for f in fr], [f["noise_t"] for f in fr],
                       method=s.noise_interpolation, loop=s.loop)[:, 0]
-        if s.prompt_interpolation == "mix" and self.mixes:
+        if s.prompt_interpolation in PROMPT_MIXES and self.mixes:
             k = len(self.conds)
             seg = [f["prompt_segment"] for f in fr]
             a = Conditioning.cat([self.conds[i] for i in seg])
             b = Conditioning.cat([self.conds[(i + 1) % k] for i in seg])
-            return lat, PredictionMix(a, b, torch.tensor([float(f["prompt_t"]) for f in fr], dtype=torch.float64))
-        method = "lerp" if s.prompt_interpolation == "mix" else s.prompt_interpolation  # "mix" of one prompt
+            record = PredictionMix if s.prompt_interpolation == "mix" else AttentionMix
+            return lat, record(a, b, torch.tensor([float(f["prompt_t"]) for f in fr], dtype=torch.float64))
+        method = "lerp" if s.prompt_interpolation in PROMPT_MIXES else s.prompt_interpolation  # one prompt: no mix
         cond = Conditioning.cat(self.conds).map(
             lambda t: path_at([x.float().cpu().unsqueeze(0) for x in t], [f["prompt_segment"] for f in fr],
                               [f["prompt_t"] for f in fr], method=method, loop=s.loop)[:, 0].to(t.dtype)
@@ -67,7 +68,7 @@ class Plan:
 
     @property
     def mixes(self) -> bool:
-        """Whether prompt interpolation ``"mix"`` has anything to mix: some keyframe's conditioning differs from the
+        """Whether prompt interpolation ``"mix"`` or ``"attention"`` has anything to mix: some keyframe's conditioning differs from the
         next one's. Decided for the whole morph (never per slice), so a frame is computed the same way however the
         frames are batched, cached or re-created."""
         k = len(self.conds)
@@ -79,7 +80,7 @@ class Plan:
         return self.inputs(0, len(self.frames))[0]
 
     @property
-    def conditioning(self) -> Conditioning | PredictionMix:
+    def conditioning(self) -> Conditioning | PredictionMix | AttentionMix:
         return self.inputs(0, len(self.frames))[1]
 
 

@@ -29,7 +29,7 @@ import torch
 
 from latentlab import _checks
 from latentlab._files import check_output, disk_full_hint, partial_path
-from latentlab.backend import Backend, Conditioning, PredictionMix
+from latentlab.backend import AttentionMix, Backend, Conditioning, PredictionMix
 from latentlab.distributed import Ranks, ranks
 from latentlab.morph.manifest import MANIFEST_VERSION, manifest_path, write_manifest
 from latentlab.morph.plan import pixel_distance, plan
@@ -123,8 +123,9 @@ def frame_key(lab: Backend, latents: torch.Tensor, conditioning: Conditioning, s
     fingerprint, scheduler config, compute batch, device, dtype), the complete ``sampling``, the versions of
     torch/diffusers/latentlab, and the exact bytes of the frame's initial latent and conditioning."""
     _checks.tensor(latents, "latents", min_ndim=2)
-    if not isinstance(conditioning, (Conditioning, PredictionMix)):
-        raise TypeError(f"`conditioning` must be a Conditioning or a PredictionMix, got {type(conditioning).__name__}")
+    if not isinstance(conditioning, (Conditioning, PredictionMix, AttentionMix)):
+        raise TypeError("`conditioning` must be a Conditioning, a PredictionMix or an AttentionMix, got "
+                        f"{type(conditioning).__name__}")
     if not isinstance(sampling, Sampling):
         raise TypeError(f"`sampling` must be a Sampling, got {type(sampling).__name__}")
     return _frame_key(_key_prefix(lab, sampling, batch_size), latents, conditioning)
@@ -136,10 +137,11 @@ def _key_prefix(lab: Backend, sampling: Sampling, batch_size: int | None) -> byt
     return json.dumps(meta, sort_keys=True, default=str).encode()
 
 
-def _frame_key(prefix: bytes, latents: torch.Tensor, conditioning: Conditioning | PredictionMix) -> str:
+def _frame_key(prefix: bytes, latents: torch.Tensor, conditioning: Conditioning | PredictionMix | AttentionMix
+               ) -> str:
     h = hashlib.sha256(prefix)
-    if isinstance(conditioning, PredictionMix):
-        h.update(b"prediction-mix")
+    if isinstance(conditioning, (PredictionMix, AttentionMix)):
+        h.update(b"prediction-mix" if isinstance(conditioning, PredictionMix) else b"attention-mix")
         conds, extra = (conditioning.a, conditioning.b), (conditioning.weight.double(),)
     else:
         conds, extra = (conditioning,), ()

@@ -16,14 +16,18 @@ from latentlab import _checks
 from latentlab.paths import EASINGS, METHODS
 from latentlab.sampling import Sampling, check_prompt
 
-__all__ = ["AUDIO_PACINGS", "MAX_FRAMES", "PACINGS", "PROMPT_METHODS", "AudioTrack", "Keyframe", "Mix",
+__all__ = ["AUDIO_PACINGS", "MAX_FRAMES", "PACINGS", "PROMPT_METHODS", "PROMPT_MIXES", "AudioTrack", "Keyframe", "Mix",
            "MorphSettings", "frames_for_duration"]
 
 PACINGS: tuple[str, ...] = ("none", "even")
 #: How the prompt path moves between keyframes: an interpolation of the prompt encodings (:data:`latentlab.paths.
-#: METHODS`), or ``"mix"``: every frame is denoised with both keyframes' prompts and their predictions are mixed
-#: (:class:`latentlab.backend.PredictionMix`; twice the work, no in-between encoding that names a third thing).
-PROMPT_METHODS: tuple[str, ...] = (*METHODS, "mix")
+#: METHODS`); ``"mix"``: every frame is denoised with both keyframes' prompts and their predictions are mixed
+#: (:class:`latentlab.backend.PredictionMix`; twice the work, no in-between encoding that names a third thing); or
+#: ``"attention"``: every attention over the text sees both prompts' tokens, shared by the frame's weight
+#: (:class:`latentlab.backend.AttentionMix`, AID's fused interpolation; the UNet family and SD3).
+PROMPT_METHODS: tuple[str, ...] = (*METHODS, "mix", "attention")
+#: The prompt paths that denoise each in-between with both keyframes' prompts (a record of two per frame).
+PROMPT_MIXES: tuple[str, ...] = ("mix", "attention")
 #: How music paces a morph: the path moves faster where the music is loud/percussive ("envelope"), keyframes land
 #: on beats ("beats"), or the audio is only muxed ("none").
 AUDIO_PACINGS: tuple[str, ...] = ("envelope", "beats", "none")

@@ -13,7 +13,7 @@ import ipywidgets as widgets
 import torch
 
 from latentlab import _checks
-from latentlab.backend import Backend, Conditioning, PredictionMix
+from latentlab.backend import AttentionMix, Backend, Conditioning, PredictionMix
 from latentlab.ops import lerp, norm_zscore, slerp
 from latentlab.sampling import Sampling
 from latentlab.widgets._base import Panel, check_folder_arg, check_key, check_text, data_url, free_path
@@ -94,7 +94,7 @@ class Interpolator(Panel):
         self.t = widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.01, description="t", continuous_update=True,
                                      layout=widgets.Layout(width="380px"))
         self.noise_method = widgets.Dropdown(options=["slerp", "lerp"], value="slerp", description="noise path")
-        self.prompt_method = widgets.Dropdown(options=["lerp", "slerp", "mix"], value="lerp", description="prompt path")
+        self.prompt_method = widgets.Dropdown(options=["lerp", "slerp", "mix", "attention"], value="lerp", description="prompt path")
         self.frame = widgets.Image(format="png", layout=widgets.Layout(width="256px", height="256px"))
         self.frame.add_class("ll-frame")
         self.norm_plot = widgets.Image(format="png")
@@ -147,10 +147,10 @@ class Interpolator(Panel):
 
     def _at(self, ts: torch.Tensor, za, zb, ca: Conditioning, cb: Conditioning):
         z = _INTERP[self.noise_method.value](za, zb, ts)[:, 0]
-        if self.prompt_method.value == "mix":  # both prompts' predictions mixed (PredictionMix)
+        if self.prompt_method.value in ("mix", "attention"):  # both prompts in every frame
             w = ts.double().flatten()
             a, b = (c.map(lambda t: t.expand(len(w), *t.shape[1:])) for c in (ca, cb))
-            return z, PredictionMix(a, b, w)
+            return z, (PredictionMix if self.prompt_method.value == "mix" else AttentionMix)(a, b, w)
         pick = _INTERP[self.prompt_method.value]
         cond = Conditioning.cat([ca, cb]).map(lambda t: pick(t[:1], t[1:], ts)[:, 0])
         return z, cond

@@ -210,6 +210,16 @@ class Family:
                    **self.call_kwargs(engine, cond, negative, sampling)).images
         return self.unpack(out, z.shape[2], z.shape[3])
 
+    def attention_mix_unsupported(self, pipe: Any) -> str | None:
+        """Why this model cannot denoise an :class:`~latentlab.backend.AttentionMix` (a phrase: "it ..."), or
+        None. By default no family can: only adapters that know where the text attention is implement it."""
+        return f"is not implemented for {self.display_name or 'a ' + self.family} model"
+
+    def generate_attention_mix(self, engine: Engine, z: torch.Tensor, mix, negative: Conditioning,
+                               sampling: Sampling) -> torch.Tensor:
+        """:meth:`generate` for an :class:`~latentlab.backend.AttentionMix` (one compute batch)."""
+        raise NotImplementedError
+
     def live_loop(self, engine: Engine, sampling: Sampling) -> bool:
         """Whether :meth:`live_denoise` can run a request with these settings (live single images,
         :mod:`latentlab.backend.live`); by default no: such requests go through :meth:`generate`."""

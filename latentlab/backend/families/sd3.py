@@ -36,13 +36,13 @@ __all__ = ["SD3Family"]
 SD3_MAX_SEQUENCE_LENGTH = 256
 
 
-class RepeatedTokenProcessor:
-    """SD3 joint attention where the last context token stands for ``repeats`` identical tokens: its attention
-    logit is raised by ``log(repeats)``, exactly what ``repeats`` copies contribute to each softmax. Image-only
-    attention (SD3.5's second attention) is computed as usual."""
+class ContextBiasProcessor:
+    """SD3 joint attention with an additive logit bias on the context (text) keys, the image keys unbiased:
+    ``context_bias(rows, tokens)`` gives it, ``(1 or rows, tokens)``. Image-only attention (SD3.5's second
+    attention) is computed as usual. Subclasses say what the bias is."""
 
-    def __init__(self, repeats: int):
-        self.repeats = int(repeats)
+    def context_bias(self, rows: int, tokens: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         b, n_img = hidden_states.shape[0], hidden_states.shape[1]
@@ -65,16 +65,48 @@ class RepeatedTokenProcessor:
             if attn.norm_added_k is not None:
                 ck = attn.norm_added_k(ck)
             q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-            bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
-            bias[..., -1] = math.log(self.repeats)
+            ctx = self.context_bias(b, ck.shape[2]).to(q.device, q.dtype)
+            bias = torch.cat([torch.zeros(len(ctx), n_img, dtype=q.dtype, device=q.device), ctx], 1)
+            bias = bias.view(len(ctx), 1, 1, k.shape[2])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
         if encoder_hidden_states is None:
             return attn.to_out[1](attn.to_out[0](out))
-        img, ctx = out[:, :n_img], out[:, n_img:]
+        img, ctx_out = out[:, :n_img], out[:, n_img:]
         if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
-        return attn.to_out[1](attn.to_out[0](img)), ctx
+            ctx_out = attn.to_add_out(ctx_out)
+        return attn.to_out[1](attn.to_out[0](img)), ctx_out
+
+
+class RepeatedTokenProcessor(ContextBiasProcessor):
+    """SD3 joint attention where the last context token stands for ``repeats`` identical tokens: its attention
+    logit is raised by ``log(repeats)``, exactly what ``repeats`` copies contribute to each softmax."""
+
+    def __init__(self, repeats: int):
+        self.repeats = int(repeats)
+
+    def context_bias(self, rows: int, tokens: int) -> torch.Tensor:
+        bias = torch.zeros(1, tokens, dtype=torch.float64)
+        bias[:, -1] = math.log(self.repeats)
+        return bias
+
+
+class MixedTextProcessor(ContextBiasProcessor):
+    """SD3 joint attention over two prompts' tokens side by side (:class:`~latentlab.backend.AttentionMix`): the
+    bias of :func:`~latentlab.backend.families.textmix.text_key_bias`, plus ``log(repeats)`` on each half's last
+    token where trailing zero tokens were collapsed (as :class:`RepeatedTokenProcessor`)."""
+
+    def __init__(self, weight: torch.Tensor, repeats: int = 1):
+        self.weight, self.repeats = weight, int(repeats)
+
+    def context_bias(self, rows: int, tokens: int) -> torch.Tensor:
+        from latentlab.backend.families.textmix import text_key_bias
+
+        half = tokens // 2
+        bias = text_key_bias(self.weight, half, tokens - half, rows=rows)
+        if self.repeats > 1:
+            bias[:, [half - 1, tokens - 1]] += math.log(self.repeats)
+        return bias
 
 
 def trailing_zero_tokens(*conds: Conditioning) -> int:
@@ -149,6 +181,35 @@ class SD3Family(FlowFamily):
             return
         with repeated_last_token(pipe.transformer, n):
             yield self._drop(cond, n), self._drop(negative, n)
+
+    def attention_mix_unsupported(self, pipe: Any) -> str | None:
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        procs = pipe.transformer.attn_processors.values()
+        if not all(type(p) is JointAttnProcessor2_0 for p in procs):
+            other = next(type(p).__name__ for p in procs if type(p) is not JointAttnProcessor2_0)
+            return f"needs diffusers' default attention processors, but this model runs {other}"
+        return None
+
+    def generate_attention_mix(self, engine, z, mix, negative, sampling):
+        """Both prompts' tokens in one joint attention (:class:`MixedTextProcessor`), each half's trailing zero
+        tokens collapsed into one as :meth:`generate` does for one prompt."""
+        from latentlab.backend.families.textmix import join
+
+        guided = sampling.guidance_scale > 1.0
+        n = trailing_zero_tokens(mix.a, mix.b, *([negative] if guided else []))
+        n = n if n >= 2 else 1
+        if n > 1:
+            mix = type(mix)(self._drop(mix.a, n), self._drop(mix.b, n), mix.weight)
+            negative = self._drop(negative, n)
+        cond, neg = join(mix, negative)
+        transformer = engine.pipe.transformer
+        old = transformer.attn_processors
+        transformer.set_attn_processor(MixedTextProcessor(mix.weight, n))
+        try:  # non-default processors: generate collapses nothing more
+            return self.generate(engine, z, cond, neg, sampling)
+        finally:
+            transformer.set_attn_processor(old)
 
     def generate(self, engine, z, cond, negative, sampling):
         if sampling.scheduler != "FlowMatchEulerDiscreteScheduler":

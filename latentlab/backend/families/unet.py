@@ -165,6 +165,7 @@ class UNetFamily(Family):
     """Stable Diffusion 1.x/2.x (``StableDiffusionPipeline``)."""
 
     family = "sd"
+    display_name = "a Stable Diffusion"
     denoiser_name = "unet"
     pipelines = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 
@@ -206,6 +207,24 @@ class UNetFamily(Family):
         if engine.compiled:
             return contextlib.nullcontext()
         return cached_cross_attention(engine.pipe.unet)
+
+    def attention_mix_unsupported(self, pipe: Any) -> str | None:
+        """Only over diffusers' default processors (a user's IP-Adapter or custom processor would silently be
+        replaced by :class:`~latentlab.backend.families.textmix.FusedCrossAttention`)."""
+        base = _processor_base()
+        for m in _attention_modules(pipe.unet):
+            if getattr(m, "is_cross_attention", False) and not isinstance(m.processor, (base, CachedCrossAttention)):
+                return f"needs diffusers' default attention processors, but this model runs {type(m.processor).__name__}"
+        return None
+
+    def generate_attention_mix(self, engine, z, mix, negative, sampling):
+        """Both prompts' tokens in one request, every cross-attention layer running :class:`~latentlab.backend.
+        families.textmix.FusedCrossAttention` (AID's fused interpolation)."""
+        from latentlab.backend.families.textmix import fused_cross_attention, join
+
+        cond, neg = join(mix, negative)
+        with fused_cross_attention(_attention_modules(engine.pipe.unet), mix.weight, mix.a.prompt_embeds.shape[1]):
+            return self.generate(engine, z, cond, neg, sampling)
 
     def guided(self, pipe: Any, sampling: Sampling) -> bool:
         """Whether the pipeline runs the unconditional branch (LCM-style guidance-embedded UNets never do)."""
