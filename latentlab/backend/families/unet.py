@@ -26,7 +26,8 @@ from latentlab.sampling import Sampling
 if TYPE_CHECKING:
     from latentlab.backend.engine import Engine
 
-__all__ = ["CachedCrossAttention", "SDXLFamily", "UNetFamily", "alphas_cumprod_at", "cached_cross_attention"]
+__all__ = ["CachedCrossAttention", "FusedCrossAttention", "SDXLFamily", "UNetFamily", "alphas_cumprod_at",
+           "cached_cross_attention", "fused_cross_attention"]
 
 
 def _processor_base():
@@ -67,10 +68,17 @@ class CachedCrossAttention:
         self._cache[id(attn)] = (weakref.ref(ehs), ehs._version, key, value)
         return key, value
 
+    def bias(self, batch_size: int, keys: int, like: torch.Tensor) -> torch.Tensor | None:
+        """An additive bias of the attention logits (None here; see :class:`FusedCrossAttention`)."""
+        return None
+
+    def declines(self, attention_mask, args, kwargs) -> bool:
+        """Whether a cross-attention call goes to diffusers' processor as it is (training, masks, LoRA scale)."""
+        return torch.is_grad_enabled() or attention_mask is not None or bool(args) or kwargs.get("scale") is not None
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
-        if (encoder_hidden_states is None or torch.is_grad_enabled() or attention_mask is not None or args
-                or kwargs.get("scale") is not None):
+        if encoder_hidden_states is None or self.declines(attention_mask, args, kwargs):
             return self._base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         import torch.nn.functional as F
 
@@ -90,8 +98,9 @@ class CachedCrossAttention:
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                                       is_causal=False)
+        hidden_states = F.scaled_dot_product_attention(query, key, value,
+                                                       attn_mask=self.bias(batch_size, key.shape[2], query),
+                                                       dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -107,6 +116,55 @@ class CachedCrossAttention:
 # take); a function carrying ``__signature__`` answers at once instead of being parsed again (18 -> 9 us, 28 calls a
 # UNet call). The signature is the function's own: nothing is filtered differently.
 CachedCrossAttention.__call__.__signature__ = inspect.signature(CachedCrossAttention.__call__)
+
+
+class FusedCrossAttention(CachedCrossAttention):
+    """Cross attention over two prompts' tokens side by side (:class:`~latentlab.backend.AttentionMix`, AID's fused
+    interpolation), their logits biased by :func:`~latentlab.backend.families.textmix.text_key_bias`: ``a``'s
+    first ``tokens_a`` keys by ``log(1 - w)``, ``b``'s by ``log(w)``. Otherwise :class:`CachedCrossAttention`
+    (keys and values once per request); self attention runs unchanged."""
+
+    def __init__(self, weight: torch.Tensor, tokens_a: int):
+        super().__init__()
+        self.weight, self.tokens_a = weight, int(tokens_a)
+        self._bias: dict[tuple, torch.Tensor] = {}
+
+    def bias(self, batch_size: int, keys: int, like: torch.Tensor) -> torch.Tensor:
+        from latentlab.backend.families.textmix import text_key_bias
+
+        key = (batch_size, keys, like.dtype, like.device)
+        if key not in self._bias:
+            b = text_key_bias(self.weight, self.tokens_a, keys - self.tokens_a, rows=batch_size)
+            self._bias[key] = b.to(like.device, like.dtype).view(batch_size, 1, 1, keys)
+        return self._bias[key]
+
+    def declines(self, attention_mask, args, kwargs) -> bool:
+        if attention_mask is not None or args or kwargs.get("scale") is not None:
+            raise RuntimeError("attention interpolation: this UNet's cross attention is called with a mask or a "
+                               "LoRA scale, which attention interpolation does not support; use prediction mixing "
+                               "(PredictionMix)")
+        return False
+
+    def _kv(self, attn, ehs: torch.Tensor, batch_size: int):
+        if torch.is_grad_enabled():  # no cache under autograd (the projections need their gradients)
+            self._cache.pop(id(attn), None)
+        return super()._kv(attn, ehs, batch_size)
+
+
+@contextlib.contextmanager
+def fused_cross_attention(unet, weight: torch.Tensor, tokens_a: int):
+    """Run ``unet``'s cross-attention layers with :class:`FusedCrossAttention` for the block (processors restored
+    after; one processor for all layers, so one bias per request)."""
+    cross = [m for m in _attention_modules(unet) if getattr(m, "is_cross_attention", False)]
+    old = [m.processor for m in cross]
+    proc = FusedCrossAttention(weight, tokens_a)
+    for m in cross:
+        m.set_processor(proc)
+    try:
+        yield
+    finally:
+        for m, p in zip(cross, old):
+            m.set_processor(p)
 
 _ATTENTION_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -210,7 +268,7 @@ class UNetFamily(Family):
 
     def attention_mix_unsupported(self, pipe: Any) -> str | None:
         """Only over diffusers' default processors (a user's IP-Adapter or custom processor would silently be
-        replaced by :class:`~latentlab.backend.families.textmix.FusedCrossAttention`)."""
+        replaced by :class:`FusedCrossAttention`)."""
         base = _processor_base()
         for m in _attention_modules(pipe.unet):
             if getattr(m, "is_cross_attention", False) and not isinstance(m.processor, (base, CachedCrossAttention)):
@@ -219,11 +277,11 @@ class UNetFamily(Family):
 
     def generate_attention_mix(self, engine, z, mix, negative, sampling):
         """Both prompts' tokens in one request, every cross-attention layer running :class:`~latentlab.backend.
-        families.textmix.FusedCrossAttention` (AID's fused interpolation)."""
-        from latentlab.backend.families.textmix import fused_cross_attention, join
+        families.unet.FusedCrossAttention` (AID's fused interpolation)."""
+        from latentlab.backend.families.textmix import join
 
         cond, neg = join(mix, negative)
-        with fused_cross_attention(_attention_modules(engine.pipe.unet), mix.weight, mix.a.prompt_embeds.shape[1]):
+        with fused_cross_attention(engine.pipe.unet, mix.weight, mix.a.prompt_embeds.shape[1]):
             return self.generate(engine, z, cond, neg, sampling)
 
     def guided(self, pipe: Any, sampling: Sampling) -> bool:
