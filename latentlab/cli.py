@@ -409,7 +409,7 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
                         "denoises every frame with both keyframes' prompts and mixes the predictions (fewer third "
                         "colours or shapes between prompts one attribute apart, about twice the work); 'attention' "
                         "lets every text attention see both prompts' tokens, shared by the frame's weight (AID; "
-                        "SD-family and SD3 models, about the cost of lerp)")
+                        "SD 1.x/2.x, SDXL, SD3 and Flux.1 models, about the cost of lerp)")
     m.add_argument("--prompt-easing", choices=EASINGS, default="linear")
     m.add_argument("--pacing", choices=PACINGS, default="none",
                    help="'even': re-time from a cheap preview so consecutive frames change by about the same amount")

@@ -157,15 +157,33 @@ def test_the_joint_attention_bias_is_the_weighted_softmax(tiny_sd3_path):
     assert (ours_img - img).abs().max() < 1e-4 and (ours_ctx - ctx).abs().max() < 1e-4
 
 
+#: The flow families that support AttentionMix (the others refuse it before any model work).
+SUPPORTED = ("sd3", "sd3-no-t5", "flux", "flux-schnell")
+
+
 @pytest.mark.slow
-def test_families_without_it_refuse_before_any_model_work(flow_lab):
+def test_every_flow_family_mixes_or_refuses_before_any_model_work(flow_lab):
+    """Supported families: weight 0/1 are each prompt's own generation, a prompt mixed with itself is that prompt
+    (the shares add up to one prompt's), a weight in between is neither; with and without guidance (Flux dev's
+    embedded guidance, schnell's true CFG). The others refuse by name, before the transformer runs."""
     lab = flow_lab
     size = 8 * lab.vae_scale_factor
     z, a, b = _two(lab, size)
-    mix = AttentionMix(a, b, torch.tensor([0.5, 0.5]))
-    if lab.kind.startswith("sd3"):
-        assert lab.generate(z, mix, output_type="latent").shape == z.shape
+    if lab.kind in SUPPORTED:
+        for guidance in (1.0, 2.5):
+            only_a = lab.generate(z, a, guidance_scale=guidance, output_type="latent")
+            only_b = lab.generate(z, b, guidance_scale=guidance, output_type="latent")
+            ends = lab.generate(z, AttentionMix(a, b, torch.tensor([0.0, 1.0])), guidance_scale=guidance,
+                                output_type="latent")
+            assert (ends[0] - only_a[0]).abs().max() < 2e-3 and (ends[1] - only_b[1]).abs().max() < 2e-3
+            same = lab.generate(z, AttentionMix(a, a, torch.tensor([0.3, 0.6])), guidance_scale=guidance,
+                                output_type="latent")
+            assert (same - only_a).abs().max() < 2e-3
+            mid = lab.generate(z, AttentionMix(a, b, torch.tensor([0.5, 0.5])), guidance_scale=guidance,
+                               output_type="latent")
+            assert (mid - only_a).abs().max() > 1e-3 and (mid - only_b).abs().max() > 1e-3
         return
+    mix = AttentionMix(a, b, torch.tensor([0.5, 0.5]))
     calls = []
     handle = lab.pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
     try:

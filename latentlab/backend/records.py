@@ -180,10 +180,11 @@ class AttentionMix(_PairMix):
     midpoint of two encodings (which can name a third thing), and, unlike :class:`PredictionMix`, the model forms
     one picture from both prompts at every layer rather than averaging two pictures' predictions. Weight 0 is
     ``a``'s generation (``b``'s tokens get no attention at all), 1 ``b``'s, up to float rounding. About the cost
-    of one generation (the text keys double). Pooled embeddings (SDXL, SD3) are interpolated linearly.
+    of one generation (the text keys double). Pooled embeddings (SDXL, SD3, Flux) are interpolated linearly.
 
-    Supported where the adapter knows the text attention (the UNet family: cross-attention; SD3: joint
-    attention); other families refuse it before any model work.
+    Supported where the adapter knows the text attention: SD 1.x/2.x and SDXL (cross attention), SD3 and Flux.1
+    (joint attention, where the image keys keep their share and the two prompts split the text's); other families
+    (Chroma, Lumina 2, Qwen-Image, Flux.2) refuse it before any model work.
 
     >>> import torch
     >>> from latentlab import Conditioning

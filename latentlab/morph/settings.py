@@ -24,7 +24,7 @@ PACINGS: tuple[str, ...] = ("none", "even")
 #: METHODS`); ``"mix"``: every frame is denoised with both keyframes' prompts and their predictions are mixed
 #: (:class:`latentlab.backend.PredictionMix`; twice the work, no in-between encoding that names a third thing); or
 #: ``"attention"``: every attention over the text sees both prompts' tokens, shared by the frame's weight
-#: (:class:`latentlab.backend.AttentionMix`, AID's fused interpolation; the UNet family and SD3).
+#: (:class:`latentlab.backend.AttentionMix`, AID's fused interpolation; SD, SDXL, SD3, Flux.1).
 PROMPT_METHODS: tuple[str, ...] = (*METHODS, "mix", "attention")
 #: The prompt paths that denoise each in-between with both keyframes' prompts (a record of two per frame).
 PROMPT_MIXES: tuple[str, ...] = ("mix", "attention")

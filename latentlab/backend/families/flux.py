@@ -12,11 +12,13 @@ One responsibility: Flux's side of the adapter interface --
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from latentlab.backend.families.base import Family
 from latentlab.backend.families.flow import FlowFamily
 from latentlab.backend.records import Conditioning
 from latentlab.sampling import Sampling
@@ -61,6 +63,44 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device, dtype)
 
 
+class MixedTextBias:
+    """Flux attention over two prompts' tokens side by side (:class:`~latentlab.backend.AttentionMix`): the
+    text-key bias of :func:`~latentlab.backend.families.textmix.text_key_bias` handed to the layer's own processor
+    as its additive attention mask. Flux puts the text first: the context of a double-stream block, the first
+    ``2 * tokens`` positions of a single-stream block's sequence; image keys are unbiased."""
+
+    def __init__(self, processor, weight: torch.Tensor, tokens: int):
+        self.processor, self.weight, self.tokens = processor, weight, int(tokens)
+        self._bias: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from latentlab.backend.families.textmix import text_key_bias
+
+        if attention_mask is not None:
+            raise RuntimeError("attention interpolation: this Flux model masks its attention, which attention "
+                               "interpolation does not support; use prediction mixing (PredictionMix)")
+        rows = hidden_states.shape[0]
+        keys = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
+        key = (rows, keys, hidden_states.dtype, hidden_states.device)
+        if key not in self._bias:
+            text = text_key_bias(self.weight, self.tokens, self.tokens, rows=rows)
+            bias = torch.cat([text, torch.zeros(rows, keys - text.shape[1], dtype=text.dtype)], 1)
+            self._bias[key] = bias.to(hidden_states.device, hidden_states.dtype).view(rows, 1, 1, keys)
+        return self.processor(attn, hidden_states, encoder_hidden_states, self._bias[key], image_rotary_emb)
+
+
+@contextlib.contextmanager
+def mixed_text(transformer, weight: torch.Tensor, tokens: int):
+    """Run every attention layer of a Flux ``transformer`` through :class:`MixedTextBias` for the block (its own
+    processors restored after)."""
+    old = transformer.attn_processors
+    transformer.set_attn_processor({name: MixedTextBias(p, weight, tokens) for name, p in old.items()})
+    try:
+        yield
+    finally:
+        transformer.set_attn_processor(old)
+
+
 class FluxFamily(FlowFamily):
     family = "flux"
     latent_patch = 2
@@ -99,6 +139,26 @@ class FluxFamily(FlowFamily):
         emb, pooled, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=device, num_images_per_prompt=1)
         return Conditioning(emb, pooled)
 
+
+    def attention_mix_unsupported(self, pipe: Any) -> str | None:
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        if self.needs_mask:  # Chroma: its own text mask would have to be merged with the bias
+            return Family.attention_mix_unsupported(self, pipe)
+        for p in pipe.transformer.attn_processors.values():
+            if type(p) is not FluxAttnProcessor:
+                return f"needs diffusers' default attention processors, but this model runs {type(p).__name__}"
+        return None
+
+    def generate_attention_mix(self, engine, z, mix, negative, sampling):
+        """Both prompts' tokens in every attention, their share set by the text-key bias (:class:`MixedTextBias`);
+        true classifier-free guidance calls the transformer once per branch, each with the same bias (the negative's
+        two halves are the same tokens)."""
+        from latentlab.backend.families.textmix import join
+
+        cond, neg = join(mix, negative)
+        with mixed_text(engine.pipe.transformer, mix.weight, mix.a.prompt_embeds.shape[1]):
+            return self.generate(engine, z, cond, neg, sampling)
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         return pack(latents)
