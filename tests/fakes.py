@@ -88,6 +88,9 @@ class FakeBackend:
         self.live_calls += 1
         return self.generate(latents, conditioning, sampling=sampling, batch_size=1, **overrides)
 
+    def attention_mix_unsupported(self):
+        return None
+
     def generate(self, latents, conditioning, *, sampling=None, batch_size=None, output_type="pt", **overrides):
         s = self.sampling(sampling, **overrides)
         n = len(latents)

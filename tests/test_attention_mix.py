@@ -255,3 +255,22 @@ def test_the_interpolator_widget_offers_attention(tiny_lab, tmp_path):
     want = tiny_lab.generate(slerp(tiny_lab.noise(1), tiny_lab.noise(2), ts)[:, 0], AttentionMix(a, b, ts.double()),
                              sampling=w.sampling)
     assert torch.equal(w._strip_images, want)
+
+
+def test_a_morph_asks_the_model_first_and_refuses_before_any_work():
+    from fakes import FakeBackend
+
+    from latentlab.morph import Keyframe, MorphSettings, plan
+
+    class NoAttention(FakeBackend):
+        def attention_mix_unsupported(self):
+            return "is not implemented for a Qwen-Image model"
+
+    lab = NoAttention()
+    s = MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe("a blue ring", 2)), n_frames=4,
+                      prompt_interpolation="attention")
+    with pytest.raises(ValueError, match="prompt_interpolation.*'attention'.*Qwen-Image.*'mix'"):
+        plan(lab, s)
+    assert not lab.generated and not lab.calls
+    assert isinstance(plan(lab, MorphSettings(keyframes=s.keyframes, n_frames=4, prompt_interpolation="mix"))
+                      .inputs(0, 4)[1], PredictionMix)

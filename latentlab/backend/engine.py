@@ -551,6 +551,11 @@ class Engine:
                 raise ValueError(f"`conditioning.{name}` must have width {theirs.shape[-1]} (this model's text "
                                  f"encoder), got shape {tuple(mine.shape)}: use lab.encode_prompt of this model")
 
+    def attention_mix_unsupported(self) -> str | None:
+        """Why this model cannot denoise an :class:`~latentlab.backend.AttentionMix` (a phrase after "it", e.g.
+        "is not implemented for a Chroma model"), or None when it can."""
+        return self.adapter.attention_mix_unsupported(self.pipe)
+
     @_pinning
     def generate(
         self,
@@ -577,7 +582,7 @@ class Engine:
         s = self.sampling(sampling, **overrides)
         if isinstance(conditioning, _PairMix):
             if isinstance(conditioning, AttentionMix):
-                why = self.adapter.attention_mix_unsupported(self.pipe)
+                why = self.attention_mix_unsupported()
                 if why is not None:
                     raise ValueError(f"`conditioning` is an AttentionMix, which {why}: use a PredictionMix (prompt "
                                      "interpolation 'mix') or interpolate the encodings (lerp)")

@@ -71,6 +71,10 @@ class Backend(Protocol):
         mix two prompts' predictions per item (:class:`~latentlab.backend.PredictionMix`) or share the text
         attention between two prompts (:class:`~latentlab.backend.AttentionMix`)."""
 
+    def attention_mix_unsupported(self) -> str | None:
+        """Why this model cannot denoise an :class:`~latentlab.backend.AttentionMix` (a phrase after "it"), or
+        None when it can."""
+
     def generate_live(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
                       preview: bool = False, **overrides) -> torch.Tensor:
         """What ``generate(..., batch_size=1)`` returns, for a live control, as fast as it can be exact;

@@ -108,6 +108,8 @@ def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[d
     on top: a frame's ``t`` is ``retime(ease(raw))``, so easing still shapes the (now perceptual) speed and frames
     still land exactly on the keyframes.
     """
+    if settings.prompt_interpolation == "attention" and (why := lab.attention_mix_unsupported()) is not None:
+        raise ValueError(f"`prompt_interpolation` 'attention' (AttentionMix) {why}: use 'mix' or 'lerp'")
     prompts, seeds = settings.resolved()
     shape = (1, *lab.latent_shape(height=settings.height, width=settings.width))
     keys = [_seed_noise(lab, s, settings) for s in seeds]
