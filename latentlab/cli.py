@@ -339,7 +339,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from latentlab import exports
     from latentlab._files import check_output
     from latentlab.backend import AttentionMix, PredictionMix
-    from latentlab.morph import MorphSettings, plan, read_manifest
+    from latentlab.morph import manifest_settings, plan, read_manifest
     from latentlab.sampling import Sampling
 
     data = read_manifest(args.manifest)
@@ -351,7 +351,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for path in names.values():
         if path.exists():
             check_output(path, "--output", overwrite=args.overwrite)
-    settings = MorphSettings.from_dict(data["settings"])
+    settings = manifest_settings(data)
     lab = _lab_for_manifest(data, None)
     folder.mkdir(parents=True, exist_ok=True)
     p = plan(lab, settings, frames=data["frames"])
@@ -404,8 +404,9 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
     m.add_argument("--noise-interp", choices=METHODS, default=None if walk else "slerp",
                    help="noise path (default: " + ("spline for 3+ seeds, else slerp)" if walk else "%(default)s)"))
     m.add_argument("--noise-easing", choices=EASINGS, default="linear")
-    m.add_argument("--prompt-interp", choices=PROMPT_METHODS, default="lerp",
-                   help="prompt path (default: %(default)s): lerp/slerp interpolate the prompt encodings; 'mix' "
+    m.add_argument("--prompt-interp", choices=PROMPT_METHODS, default="auto",
+                   help="prompt path (default: %(default)s: 'attention' where the model supports it, else 'lerp'): "
+                        "lerp/slerp interpolate the prompt encodings; 'mix' "
                         "denoises every frame with both keyframes' prompts and mixes the predictions (fewer third "
                         "colours or shapes between prompts one attribute apart, about twice the work); 'attention' "
                         "lets every text attention see both prompts' tokens, shared by the frame's weight (AID; "

@@ -274,3 +274,40 @@ def test_a_morph_asks_the_model_first_and_refuses_before_any_work():
     assert not lab.generated and not lab.calls
     assert isinstance(plan(lab, MorphSettings(keyframes=s.keyframes, n_frames=4, prompt_interpolation="mix"))
                       .inputs(0, 4)[1], PredictionMix)
+
+
+def test_the_default_prompt_path_is_resolved_per_model_and_recorded(tiny_lab, tmp_path):
+    """``"auto"``: attention where the model supports it, else lerp; the manifest records what ran, and a frame is
+    re-created the way it ran even if the model would now pick otherwise (or the settings predate the field)."""
+    import json
+
+    from fakes import FakeBackend
+
+    from latentlab.morph import Keyframe, MorphSettings, manifest_path, plan, read_manifest, render_frame, render_morph
+
+    keys = (Keyframe("a red star", 1), Keyframe("a blue ring", 2))
+    s = MorphSettings(keyframes=keys, n_frames=5)
+    assert s.prompt_interpolation == "auto" and plan(tiny_lab, s).prompt_method == "attention"
+
+    class NoAttention(FakeBackend):
+        def attention_mix_unsupported(self):
+            return "is not implemented for this model"
+
+    assert plan(NoAttention(), s).prompt_method == "lerp"
+    assert isinstance(plan(NoAttention(), s).inputs(0, 5)[1], Conditioning)
+    out = render_morph(tiny_lab, s, tmp_path / "m.gif", progress=False)
+    man = json.loads(manifest_path(out).read_text())
+    assert man["settings"]["prompt_interpolation"] == "auto" and man["prompt_method"] == "attention"
+    lerped = MorphSettings(keyframes=keys, n_frames=5, prompt_interpolation="lerp")
+    lat, lerp_cond = plan(tiny_lab, lerped).inputs(2, 3)
+    want_lerp = tiny_lab.generate(lat, lerp_cond)
+    assert (render_frame(tiny_lab, man, 2) - want_lerp).abs().max() > 1e-3  # attention ran
+    assert (render_frame(tiny_lab, {**man, "prompt_method": "lerp"}, 2) - want_lerp).abs().max() < 1e-5
+    old = {**man, "settings": {k: v for k, v in man["settings"].items() if k != "prompt_interpolation"}}
+    old.pop("prompt_method")
+    assert (render_frame(tiny_lab, old, 2) - want_lerp).abs().max() < 1e-5  # written before the field: lerp
+    no_method = {k: v for k, v in man.items() if k != "prompt_method"}
+    with pytest.raises(ValueError, match="'auto' but no resolved `prompt_method`"):
+        read_manifest(no_method)
+    with pytest.raises(ValueError, match="`prompt_method` must be one of"):
+        read_manifest({**man, "prompt_method": "auto"})

@@ -369,7 +369,9 @@ def test_mix_keyframes_blend_seeds_and_prompts_and_round_trip_through_the_manife
     p = plan(fake, s)
     torch.testing.assert_close(p.latents[-1], blend([fake.noise(i) for i in (1, 2, 3)], [0.5, 0.3, 0.2])[0])
     e = fake.encode_prompt(["a red star", "a blue ring"]).prompt_embeds
-    torch.testing.assert_close(p.conditioning.prompt_embeds[-1], 0.25 * e[0] + 0.75 * e[1])
+    cond = p.conditioning  # the default prompt path: attention, the last frame is b (the Mix keyframe) alone
+    assert p.prompt_method == "attention" and float(cond.weight[-1]) == 1.0
+    torch.testing.assert_close(cond.b.prompt_embeds[-1], 0.25 * e[0] + 0.75 * e[1])
     out = render_morph(fake, s, tmp_path / "mix.gif", progress=False)
     assert MorphSettings.from_dict(json.loads(manifest_path(out).read_text())["settings"]) == s
     lat, cond = p.inputs(4, 5)

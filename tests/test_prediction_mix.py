@@ -111,7 +111,8 @@ def test_a_morph_with_prompt_mix_plans_pairs_keys_frames_and_records_it(tiny_lab
     keys = (Keyframe("a red star", 1), Keyframe("a blue ring", 2), Keyframe("a green cross"))
     mixed = MorphSettings(keyframes=keys, n_frames=7, prompt_interpolation="mix")
     lerped = MorphSettings(keyframes=keys, n_frames=7, prompt_interpolation="lerp")
-    assert MorphSettings(keyframes=keys).prompt_interpolation == "lerp"  # the default
+    default = MorphSettings(keyframes=keys)
+    assert default.prompt_interpolation == "auto" and plan(tiny_lab, default).prompt_method == "attention"
     p = plan(tiny_lab, mixed)
     lat, cond = p.inputs(0, 7)
     assert isinstance(cond, PredictionMix)

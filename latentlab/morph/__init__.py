@@ -11,7 +11,7 @@ manifest.
 All of it talks to the backend only through :class:`latentlab.backend.Backend`.
 """
 
-from latentlab.morph.manifest import MANIFEST_VERSION, manifest_path, read_manifest, render_frame
+from latentlab.morph.manifest import MANIFEST_VERSION, manifest_path, manifest_settings, read_manifest, render_frame
 from latentlab.morph.plan import IMAGE_KEYFRAME_MIN_PSNR, Plan, clip_distance, pixel_distance, plan
 from latentlab.morph.render import RenderLocked, cache_dir, check_render, frame_key, render_morph
 from latentlab.morph.settings import (
@@ -28,4 +28,5 @@ from latentlab.morph.settings import (
 __all__ = ["AUDIO_PACINGS", "IMAGE_KEYFRAME_MIN_PSNR", "MANIFEST_VERSION", "MAX_FRAMES", "PACINGS", "AudioTrack",
            "Keyframe", "Mix", "MorphSettings",
            "Plan", "RenderLocked", "cache_dir", "check_render", "clip_distance", "frame_key", "frames_for_duration",
-           "manifest_path", "pixel_distance", "plan", "read_manifest", "render_frame", "render_morph"]
+           "manifest_path", "manifest_settings", "pixel_distance", "plan", "read_manifest", "render_frame",
+           "render_morph"]

@@ -8,6 +8,7 @@ record) are read too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -18,15 +19,16 @@ import torch
 from latentlab import _checks
 from latentlab._files import atomic_write_text
 from latentlab.backend import Backend
-from latentlab.morph.settings import MorphSettings
+from latentlab.morph.settings import PROMPT_METHODS, MorphSettings
 from latentlab.sampling import Sampling
 
-__all__ = ["MANIFEST_VERSION", "manifest_path", "read_manifest", "render_frame", "write_manifest"]
+__all__ = ["MANIFEST_VERSION", "manifest_path", "manifest_settings", "read_manifest", "render_frame",
+           "write_manifest"]
 
 MANIFEST_VERSION = 2
 _REQUIRED = ("manifest_version", "video", "model", "sampling", "backend", "settings", "frames")
 _OPTIONAL = ("pacing_distance", "resolved_keyframes", "upscale", "frames_reused_from_cache", "damaged_cache_frames",
-             "image_keyframes", "versions", "distributed", "workers", "schedule")
+             "image_keyframes", "versions", "distributed", "workers", "schedule", "prompt_method")
 
 
 def manifest_path(video: str | os.PathLike) -> Path:
@@ -89,7 +91,7 @@ def read_manifest(manifest: str | os.PathLike | dict) -> dict:
     if unknown:
         raise ValueError(f"{name} has unknown key(s) {unknown} (edited, or from another tool?)")
     try:
-        settings = MorphSettings.from_dict(data["settings"])
+        settings = MorphSettings.from_dict(_settings_as_written(data["settings"]))
         Sampling.from_dict(data["sampling"])
     except FileNotFoundError:
         raise
@@ -100,8 +102,31 @@ def read_manifest(manifest: str | os.PathLike | dict) -> dict:
                          f"{len(data['frames']) if isinstance(data['frames'], list) else type(data['frames']).__name__}")
     if not isinstance(data["model"], str):
         raise ValueError(f"{name} has no model name")
+    method = data.get("prompt_method")
+    if method is not None and (method not in PROMPT_METHODS or method == "auto"):
+        raise ValueError(f"{name}: `prompt_method` must be one of {[m for m in PROMPT_METHODS if m != 'auto']}, "
+                         f"got {method!r}")
+    if settings.prompt_interpolation == "auto" and method is None:
+        raise ValueError(f"{name} has prompt interpolation 'auto' but no resolved `prompt_method`")
     _check_nested(data, settings, name)
     return data
+
+
+def _settings_as_written(d):
+    """Settings written before the prompt path was a setting ran ``"lerp"`` (not today's default)."""
+    if isinstance(d, dict) and "prompt_interpolation" not in d:
+        return {**d, "prompt_interpolation": "lerp"}
+    return d
+
+
+def manifest_settings(data: dict) -> MorphSettings:
+    """The settings of a validated manifest as they ran: prompt interpolation ``"auto"`` replaced by the method
+    the render resolved (``prompt_method``), so a frame is re-created the same way whatever this model would
+    pick now; settings written before the prompt path was recorded ran ``"lerp"``."""
+    settings = MorphSettings.from_dict(_settings_as_written(data["settings"]))
+    if settings.prompt_interpolation == "auto":
+        settings = dataclasses.replace(settings, prompt_interpolation=data["prompt_method"])
+    return settings
 
 
 def _is_int(x: object) -> bool:
@@ -150,7 +175,7 @@ def render_frame(lab: Backend, manifest: str | os.PathLike | dict, index: int) -
     from latentlab.morph.plan import plan
 
     data = read_manifest(manifest)
-    settings = MorphSettings.from_dict(data["settings"])
+    settings = manifest_settings(data)
     _checks.positive_int(index, "index", minimum=0)
     if index >= settings.n_frames:
         raise ValueError(f"`index` must be < {settings.n_frames} (the number of frames), got {index}")

@@ -43,6 +43,15 @@ class Plan:
     conds: list[Conditioning]
     frames: list[dict] = field(default_factory=list)
     image_keyframes: list[dict] = field(default_factory=list)
+    #: The prompt path this plan runs: ``settings.prompt_interpolation`` with ``"auto"`` resolved for the model.
+    prompt_method: str = ""
+
+    def __post_init__(self):
+        if not self.prompt_method:
+            if self.settings.prompt_interpolation == "auto":
+                raise ValueError("a Plan of prompt interpolation 'auto' needs its resolved `prompt_method` "
+                                 "(made by latentlab.morph.plan)")
+            object.__setattr__(self, "prompt_method", self.settings.prompt_interpolation)
 
     def inputs(self, start: int, stop: int) -> tuple[torch.Tensor, Conditioning | PredictionMix | AttentionMix]:
         """Initial latents (n, C, h, w) and conditioning (n items) of frames ``start:stop``: a
@@ -52,14 +61,14 @@ class Plan:
         s = self.settings
         lat = path_at(self.keys, [f["noise_segment"] for f in fr], [f["noise_t"] for f in fr],
                       method=s.noise_interpolation, loop=s.loop)[:, 0]
-        if s.prompt_interpolation in PROMPT_MIXES and self.mixes:
+        if self.prompt_method in PROMPT_MIXES and self.mixes:
             k = len(self.conds)
             seg = [f["prompt_segment"] for f in fr]
             a = Conditioning.cat([self.conds[i] for i in seg])
             b = Conditioning.cat([self.conds[(i + 1) % k] for i in seg])
-            record = PredictionMix if s.prompt_interpolation == "mix" else AttentionMix
+            record = PredictionMix if self.prompt_method == "mix" else AttentionMix
             return lat, record(a, b, torch.tensor([float(f["prompt_t"]) for f in fr], dtype=torch.float64))
-        method = "lerp" if s.prompt_interpolation in PROMPT_MIXES else s.prompt_interpolation  # one prompt: no mix
+        method = "lerp" if self.prompt_method in PROMPT_MIXES else self.prompt_method  # one prompt: no mix
         cond = Conditioning.cat(self.conds).map(
             lambda t: path_at([x.float().cpu().unsqueeze(0) for x in t], [f["prompt_segment"] for f in fr],
                               [f["prompt_t"] for f in fr], method=method, loop=s.loop)[:, 0].to(t.dtype)
@@ -108,8 +117,12 @@ def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[d
     on top: a frame's ``t`` is ``retime(ease(raw))``, so easing still shapes the (now perceptual) speed and frames
     still land exactly on the keyframes.
     """
-    if settings.prompt_interpolation == "attention" and (why := lab.attention_mix_unsupported()) is not None:
-        raise ValueError(f"`prompt_interpolation` 'attention' (AttentionMix) {why}: use 'mix' or 'lerp'")
+    method = settings.prompt_interpolation
+    if method in ("auto", "attention"):
+        why = lab.attention_mix_unsupported()
+        if method == "attention" and why is not None:
+            raise ValueError(f"`prompt_interpolation` 'attention' (AttentionMix) {why}: use 'mix' or 'lerp'")
+        method = "attention" if why is None else "lerp"
     prompts, seeds = settings.resolved()
     shape = (1, *lab.latent_shape(height=settings.height, width=settings.width))
     keys = [_seed_noise(lab, s, settings) for s in seeds]
@@ -124,7 +137,7 @@ def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[d
     if frames is not None:
         if len(frames) != settings.n_frames:
             raise ValueError(f"`frames` must have {settings.n_frames} records, got {len(frames)}")
-        return Plan(settings, keys, conds, [dict(f) for f in frames], images)
+        return Plan(settings, keys, conds, [dict(f) for f in frames], images, method)
     from latentlab.morph.music import frame_positions
 
     k = len(prompts)
@@ -141,8 +154,8 @@ def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[d
         for i in range(settings.n_frames)
     ]
     if settings.pacing == "even":
-        records = _pace(lab, settings, keys, conds, records, ns, ps, distance or pixel_distance)
-    return Plan(settings, keys, conds, records, images)
+        records = _pace(lab, settings, keys, conds, records, ns, ps, distance or pixel_distance, method)
+    return Plan(settings, keys, conds, records, images, method)
 
 
 def _image_key(lab: Backend, path: str, cond: Conditioning, shape, settings: MorphSettings):
@@ -191,13 +204,13 @@ def file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _pace(lab: Backend, settings: MorphSettings, keys, conds, records, ns, ps, distance):
+def _pace(lab: Backend, settings: MorphSettings, keys, conds, records, ns, ps, distance, method: str):
     n_seg = ns.n_segments
     m = settings.pacing_samples
     grid = [j / m for j in range(m + 1)]
     probe = Plan(settings, keys, conds, [
         {"noise_segment": s, "noise_t": g, "prompt_segment": s, "prompt_t": g} for s in range(n_seg) for g in grid
-    ])
+    ], prompt_method=method)
     s = lab.sampling(settings.sampling)
     steps = settings.pacing_steps or max(2, s.num_inference_steps // 2)
     lat, cond = probe.inputs(0, len(probe.frames))

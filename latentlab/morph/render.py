@@ -463,6 +463,7 @@ themselves, as ``(n, H, W, 3)`` uint8 arrays exactly as they go to the video enc
             "backend": lab.provenance(batch_size),
             "schedule": lab.schedule(height=lh * lab.vae_scale_factor, width=lw * lab.vae_scale_factor, sampling=s),
             "settings": settings.to_dict(),
+            "prompt_method": p.prompt_method,
             "pacing_distance": None if settings.pacing == "none"
             else getattr(distance or pixel_distance, "__name__", "?"),
             "resolved_keyframes": [{"prompt": pr, "seed": sd} for pr, sd in zip(prompts, seeds)],
