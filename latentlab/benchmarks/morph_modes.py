@@ -27,6 +27,7 @@ from pathlib import Path
 #: name -> MorphSettings overrides. The first is the default morph (the baseline of the ratios).
 MODES: dict[str, dict] = {
     "default": {},
+    "prompt lerp (the default before attention)": {"prompt_interpolation": "lerp"},
     "prediction mix": {"prompt_interpolation": "mix"},
     "attention (AID fused)": {"prompt_interpolation": "attention"},
     "attention + pacing even (pixels)": {"prompt_interpolation": "attention", "pacing": "even"},
