@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from latentlab.backend import Conditioning, Lab
+from latentlab.backend import AttentionMix, Conditioning, Lab
 
 #: Every public Lab method with tensor or conditioning arguments -> those arguments (the inventory).
 METHODS = {
@@ -27,6 +27,7 @@ METHODS = {
     "invert": ("latents", "conditioning"),
     "trajectory": ("latents", "conditioning"),
     "check_request": ("latents", "conditioning"),
+    "check_mix": ("latents",),
     "comfyui_latents": ("latents",),
 }
 #: Arguments that may be None (an optional input).
@@ -82,6 +83,7 @@ def _args(lab, method: str) -> dict:
             "invert": {"latents": z, "conditioning": c},
             "trajectory": {"latents": z, "conditioning": c},
             "check_request": {"latents": z, "conditioning": c},
+            "check_mix": {"latents": z, "mix": AttentionMix(c, c, torch.full((len(c),), 0.5))},
             "comfyui_latents": {"latents": z}}[method]
 
 

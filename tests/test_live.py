@@ -115,3 +115,27 @@ def test_bad_input_is_refused_before_any_model_work(tiny_lab):
         tiny_lab.generate_live(tiny_lab.noise([1, 2]), Conditioning.cat([cond] * 3))
     with pytest.raises(ValueError, match="num_inference_steps"):
         tiny_lab.generate_live(tiny_lab.noise(1), cond, num_inference_steps=0)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_attention_mixes_run_the_traced_loop_bit_for_bit(unet_lab, guidance_scale):
+    """An AttentionMix (the morph's and the Interpolator's default prompt path) takes the own, traced loop: the bias
+    is an input of the trace, so one trace serves every weight, and each weight gives generate's bits."""
+    from latentlab.backend import AttentionMix
+
+    lab = unet_lab
+    a = lab.encode_prompt(["a red star", "a red star", "a red star"])
+    b = lab.encode_prompt(["a blue ring", "a blue ring", "a blue ring"])
+    z = lab.noise([3, 4, 5])
+    for w in ([0.0, 0.5, 1.0], [0.3, 0.7, 0.9]):
+        _same(lab, z, AttentionMix(a, b, torch.tensor(w, dtype=torch.float64)), guidance_scale=guidance_scale)
+    live = lab._live[False]
+    mix_traces = [k for k in live._traces if k[-1]]
+    assert len(mix_traces) == 1, "one trace for every weight"
+    eager = type(live)(lab, trace=False)
+    mix = AttentionMix(a[:1], b[:1], torch.tensor([0.4]))
+    s = lab.sampling(guidance_scale=guidance_scale)
+    assert torch.equal(eager(z[:1], mix, sampling=s), lab.generate(z[:1], mix, sampling=s, batch_size=1))
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    assert all(type(p) is AttnProcessor2_0 for p in lab.pipe.unet.attn_processors.values())  # restored

@@ -542,6 +542,18 @@ class Engine:
             raise ValueError(f"`conditioning` must have 1 or {n} items (one per latent), got {len(conditioning)}")
         return conditioning
 
+    def check_mix(self, latents: torch.Tensor, mix: _PairMix) -> _PairMix:
+        """Validate a PredictionMix/AttentionMix request before any model work (an AttentionMix only where this
+        model supports it); one item per latent, weights broadcast."""
+        if isinstance(mix, AttentionMix):
+            why = self.attention_mix_unsupported()
+            if why is not None:
+                raise ValueError(f"`conditioning` is an AttentionMix, which {why}: use a PredictionMix (prompt "
+                                 "interpolation 'mix') or interpolate the encodings (lerp)")
+        a, b = self.check_request(latents, mix.a), self.check_request(latents, mix.b)
+        w = mix.weight
+        return type(mix)(a, b, w.expand(len(a)) if len(w) == 1 else w)
+
     def _check_widths(self, conditioning: Conditioning) -> None:
         """The conditioning's feature widths are this model's (compared with its encoding of the empty prompt)."""
         ref = self.encode_prompt("")
@@ -581,14 +593,7 @@ class Engine:
         """
         s = self.sampling(sampling, **overrides)
         if isinstance(conditioning, _PairMix):
-            if isinstance(conditioning, AttentionMix):
-                why = self.attention_mix_unsupported()
-                if why is not None:
-                    raise ValueError(f"`conditioning` is an AttentionMix, which {why}: use a PredictionMix (prompt "
-                                     "interpolation 'mix') or interpolate the encodings (lerp)")
-            a, b = self.check_request(latents, conditioning.a), self.check_request(latents, conditioning.b)
-            w = conditioning.weight
-            conditioning = type(conditioning)(a, b, w.expand(len(a)) if len(w) == 1 else w)
+            conditioning = self.check_mix(latents, conditioning)
         else:
             conditioning = self.check_request(latents, conditioning)
         _checks.choice(output_type, "output_type", ("pt", "latent"))

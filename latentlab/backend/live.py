@@ -17,6 +17,10 @@ that it can run a traced UNet). Optional, each named by :meth:`LiveGenerator.spe
   21 -> 15 ms on one thread with native bfloat16, pixels within ~1e-2), traced too with ``trace=True``. For previews
   only; the final image keeps the VAE's dtype.
 
+An :class:`~latentlab.backend.AttentionMix` runs the same loop with the family's live attention processor
+(``live_attention_mix``: the UNet family's cross attention takes its text-key bias as an input), so one trace per
+shape serves every weight.
+
 Everything else (other families, LCM-style guidance-embedding UNets, prediction mixes) goes through
 :meth:`Engine.generate` with ``batch_size=1``, so a LiveGenerator works for every model and is only faster where it
 can be exact. ``torch.jit.trace`` is deprecated since torch 2.9 in favour of ``torch.compile``/``torch.export``
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from latentlab import _checks
-from latentlab.backend.records import Conditioning
+from latentlab.backend.records import AttentionMix, Conditioning
 from latentlab.sampling import Sampling
 
 if TYPE_CHECKING:
@@ -62,12 +66,14 @@ def _structure(module: torch.nn.Module) -> tuple | None:
 class _Call(torch.nn.Module):
     """The UNet call of the pipeline's loop as a module of tensors only (what ``torch.jit.trace`` records)."""
 
-    def __init__(self, unet: torch.nn.Module, added_keys: tuple[str, ...]):
+    def __init__(self, unet: torch.nn.Module, added_keys: tuple[str, ...], bias_slot: Any = None):
         super().__init__()
-        self.unet, self.added_keys = unet, added_keys
+        self.unet, self.added_keys, self.bias_slot = unet, added_keys, bias_slot
 
-    def forward(self, sample, timestep, encoder_hidden_states, *added):
-        added_cond = dict(zip(self.added_keys, added)) or None
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        if self.bias_slot is not None:  # an AttentionMix: the text-key bias is the first extra input
+            self.bias_slot.current, extra = extra[0], extra[1:]
+        added_cond = dict(zip(self.added_keys, extra)) or None
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                          added_cond_kwargs=added_cond, return_dict=False)[0]
 
@@ -143,34 +149,61 @@ class LiveGenerator:
             out += (f"decode:{str(self.decode_dtype).removeprefix('torch.')}",)
         return out
 
-    def __call__(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, conditioning: Conditioning | AttentionMix, *,
+                 sampling: Sampling | None = None) -> torch.Tensor:
         """Images (batch, 3, H, W) in [0, 1], float32, on the CPU: each item denoised and decoded alone, with
         ``sampling`` (resolved by the engine, as :meth:`Engine.generate` resolves it)."""
         e = self.engine
         s = e.sampling(sampling)
-        if not isinstance(conditioning, Conditioning) or not self.own_loop(s):  # e.g. a PredictionMix
+        mix = isinstance(conditioning, AttentionMix)
+        if not (isinstance(conditioning, Conditioning) or mix) or not self.own_loop(s):  # e.g. a PredictionMix
             z = e.generate(latents, conditioning, sampling=s, batch_size=1, output_type="latent")
         else:
-            cond = e.check_request(latents, conditioning)
+            cond = e.check_mix(latents, conditioning) if mix else e.check_request(latents, conditioning)
             with e._lock, e.pinned(), torch.no_grad():
                 z = self._denoise(latents, cond, s)
         return self._decode(z)
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
-    def _denoise(self, latents: torch.Tensor, cond: Conditioning, s: Sampling) -> torch.Tensor:
+    def _denoise(self, latents: torch.Tensor, cond: Conditioning | AttentionMix, s: Sampling) -> torch.Tensor:
         """The family's denoising loop for each item alone, with a private scheduler and the (traced) denoiser call;
         what is the same for every item (pipeline, scheduler, negative, the trace check) is looked up once."""
         e = self.engine
         scheduler = self._scheduler(e.pipeline("text2image", s.scheduler).scheduler)
         traced = self.trace and self._check_traces()
         negative = e.negative_conditioning(s.negative_prompt)
+        if isinstance(cond, AttentionMix):
+            return self._denoise_mix(latents, cond, negative, s, scheduler, traced)
         # The cross-attention cache swaps processors per request: a traced graph would not see them (and is exact
         # without them).
         with contextlib.nullcontext() if traced else e.adapter.denoising(e):
             out = [e.adapter.live_denoise(e, latents[i : i + 1], cond[i : i + 1], negative, s, scheduler,
                                           lambda *args: self._unet(*args, traced)) for i in range(len(latents))]
+        return torch.cat(out).float().cpu()
+
+    def _denoise_mix(self, latents, mix: AttentionMix, negative, s, scheduler, traced: bool) -> torch.Tensor:
+        """An AttentionMix item by item: both prompts' tokens in one conditioning (as ``generate`` joins them), the
+        family's live attention processor taking each call's text-key bias (rows: the call's batch)."""
+        from latentlab.backend.families.textmix import join, text_key_bias
+
+        e = self.engine
+        tokens = mix.a.prompt_embeds.shape[1]
+        out = []
+        with e.adapter.live_attention_mix(e) as slot:
+            for i in range(len(latents)):
+                item = mix[i : i + 1]
+                cond, neg = join(item, negative)
+                biases: dict[int, torch.Tensor] = {}
+
+                def call(sample, t, emb, added, item=item, biases=biases):
+                    rows = sample.shape[0]
+                    if rows not in biases:
+                        biases[rows] = text_key_bias(item.weight, tokens, tokens, rows=rows).to(
+                            sample.device, sample.dtype).view(rows, 1, 1, 2 * tokens)
+                    return self._unet(sample, t, emb, added, traced, bias=biases[rows], slot=slot)
+
+                out.append(e.adapter.live_denoise(e, latents[i : i + 1], cond, neg, s, scheduler, call))
         return torch.cat(out).float().cpu()
 
     def _scheduler(self, like: Any) -> Any:
@@ -188,20 +221,26 @@ class LiveGenerator:
             self._traced_structure = now
         return now is not None
 
-    def _unet(self, sample, t, emb, added: dict | None, traced: bool):
+    def _unet(self, sample, t, emb, added: dict | None, traced: bool, *, bias=None, slot=None):
+        """One denoiser call, traced or eager; with ``bias`` (an AttentionMix), ``slot`` is the live attention
+        processor that reads it."""
         unet = self.engine.denoiser
         keys = tuple(added) if added else ()
         extra = tuple(added[k] for k in keys) if added else ()
         if not traced or not hasattr(torch.jit, "trace"):  # eager (see the module notes on torch versions)
+            if slot is not None:
+                slot.current = bias
             return unet(sample, t, encoder_hidden_states=emb, added_cond_kwargs=added or None, return_dict=False)[0]
+        if bias is not None:
+            extra = (bias, *extra)
         key = (tuple(sample.shape), sample.dtype, tuple(t.shape), t.dtype, tuple(emb.shape), keys,
-               tuple(tuple(a.shape) for a in extra), id(unet))
+               tuple(tuple(a.shape) for a in extra), id(unet), slot is not None)
         fn = self._traces.get(key)
         if fn is None:
             with warnings.catch_warnings():  # diffusers' shape checks warn that they are frozen: they are, per key
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.9+: see the module notes
-                fn = torch.jit.trace(_Call(unet, keys).eval(), (sample, t, emb, *extra), check_trace=False)
+                fn = torch.jit.trace(_Call(unet, keys, slot).eval(), (sample, t, emb, *extra), check_trace=False)
             self._traces[key] = fn
         return fn(sample, t, emb, *extra)
 

@@ -215,6 +215,11 @@ class Family:
         None. By default no family can: only adapters that know where the text attention is implement it."""
         return f"is not implemented for {self.display_name or 'a ' + self.family} model"
 
+    def live_attention_mix(self, engine: Engine) -> contextlib.AbstractContextManager:
+        """For :meth:`live_denoise` of an AttentionMix: a context whose value has a ``current`` attribute, the text-key
+        bias ``(rows, 1, 1, keys)`` of the next denoiser call (only families with a live loop implement it)."""
+        raise NotImplementedError
+
     def generate_attention_mix(self, engine: Engine, z: torch.Tensor, mix, negative: Conditioning,
                                sampling: Sampling) -> torch.Tensor:
         """:meth:`generate` for an :class:`~latentlab.backend.AttentionMix` (one compute batch)."""

@@ -26,7 +26,8 @@ from latentlab.sampling import Sampling
 if TYPE_CHECKING:
     from latentlab.backend.engine import Engine
 
-__all__ = ["CachedCrossAttention", "FusedCrossAttention", "SDXLFamily", "UNetFamily", "alphas_cumprod_at",
+__all__ = ["CachedCrossAttention", "FusedCrossAttention", "InputBiasCrossAttention", "SDXLFamily", "UNetFamily",
+           "alphas_cumprod_at",
            "cached_cross_attention", "fused_cross_attention"]
 
 
@@ -146,25 +147,51 @@ class FusedCrossAttention(CachedCrossAttention):
         return False
 
     def _kv(self, attn, ehs: torch.Tensor, batch_size: int):
-        if torch.is_grad_enabled():  # no cache under autograd (the projections need their gradients)
-            self._cache.pop(id(attn), None)
+        if torch.is_grad_enabled() or torch.jit.is_tracing():  # autograd needs the projections' gradients; a trace
+            self._cache.pop(id(attn), None)  # must record them, not a cached tensor as a constant
         return super()._kv(attn, ehs, batch_size)
 
 
+class InputBiasCrossAttention(FusedCrossAttention):
+    """:class:`FusedCrossAttention` whose bias is whatever tensor ``current`` holds when the layer runs, ``(rows, 1,
+    1, keys)``: set before each UNet call, so a ``torch.jit.trace`` of that call records the bias as an input
+    rather than a constant (the live loop's traced UNet serves every weight)."""
+
+    def __init__(self):
+        super().__init__(torch.zeros(1), 0)
+        self.current: torch.Tensor | None = None
+
+    def bias(self, batch_size: int, keys: int, like: torch.Tensor) -> torch.Tensor:
+        if self.current is None or self.current.shape != (batch_size, 1, 1, keys):
+            raise RuntimeError(f"attention interpolation: the live bias is "
+                               f"{None if self.current is None else tuple(self.current.shape)}, the layer needs "
+                               f"{(batch_size, 1, 1, keys)}")
+        return self.current
+
+
 @contextlib.contextmanager
+def _swapped(modules: list, proc):
+    """``modules`` (attention modules) run ``proc`` for the block (their own processors restored after)."""
+    old = [m.processor for m in modules]
+    for m in modules:
+        m.set_processor(proc)
+    try:
+        yield proc
+    finally:
+        for m, p in zip(modules, old):
+            m.set_processor(p)
+
+
+def _cross_processor(unet, proc):
+    """``unet``'s cross-attention layers run ``proc`` for the block."""
+    return _swapped([m for m in _attention_modules(unet) if getattr(m, "is_cross_attention", False)], proc)
+
+
 def fused_cross_attention(unet, weight: torch.Tensor, tokens_a: int):
     """Run ``unet``'s cross-attention layers with :class:`FusedCrossAttention` for the block (processors restored
     after; one processor for all layers, so one bias per request)."""
-    cross = [m for m in _attention_modules(unet) if getattr(m, "is_cross_attention", False)]
-    old = [m.processor for m in cross]
-    proc = FusedCrossAttention(weight, tokens_a)
-    for m in cross:
-        m.set_processor(proc)
-    try:
-        yield
-    finally:
-        for m, p in zip(cross, old):
-            m.set_processor(p)
+    return _cross_processor(unet, FusedCrossAttention(weight, tokens_a))
+
 
 _ATTENTION_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -190,14 +217,8 @@ def cached_cross_attention(unet):
     if not old or not all(type(p) is base for p in old):
         yield None
         return
-    proc = CachedCrossAttention()
-    for m in mods:
-        m.set_processor(proc)
-    try:
+    with _swapped(mods, CachedCrossAttention()) as proc:
         yield proc
-    finally:
-        for m, p in zip(mods, old):
-            m.set_processor(p)
 
 
 def _latents_mean_std(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -283,6 +304,11 @@ class UNetFamily(Family):
         cond, neg = join(mix, negative)
         with fused_cross_attention(engine.pipe.unet, mix.weight, mix.a.prompt_embeds.shape[1]):
             return self.generate(engine, z, cond, neg, sampling)
+
+    def live_attention_mix(self, engine: Engine):
+        """For the live loop: the cross-attention layers run :class:`InputBiasCrossAttention` for the block; yields
+        it (set its ``current`` bias before each UNet call)."""
+        return _cross_processor(engine.pipe.unet, InputBiasCrossAttention())
 
     def guided(self, pipe: Any, sampling: Sampling) -> bool:
         """Whether the pipeline runs the unconditional branch (LCM-style guidance-embedded UNets never do)."""
