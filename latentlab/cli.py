@@ -405,12 +405,13 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
                    help="noise path (default: " + ("spline for 3+ seeds, else slerp)" if walk else "%(default)s)"))
     m.add_argument("--noise-easing", choices=EASINGS, default="linear")
     m.add_argument("--prompt-interp", choices=PROMPT_METHODS, default="auto",
-                   help="prompt path (default: %(default)s: 'attention' where the model supports it, else 'lerp'): "
+                   help="prompt path (default: %(default)s: 'attention' for SD-family UNet models, else 'lerp'): "
                         "lerp/slerp interpolate the prompt encodings; 'mix' "
                         "denoises every frame with both keyframes' prompts and mixes the predictions (fewer third "
                         "colours or shapes between prompts one attribute apart, about twice the work); 'attention' "
                         "lets every text attention see both prompts' tokens, shared by the frame's weight (AID; "
-                        "SD 1.x/2.x, SDXL, SD3 and Flux.1 models, about the cost of lerp)")
+                        "SD 1.x/2.x, SDXL at the cost of lerp; SD3 and Flux.1, whose text tokens run through every "
+                        "block, at more)")
     m.add_argument("--prompt-easing", choices=EASINGS, default="linear")
     m.add_argument("--pacing", choices=PACINGS, default="none",
                    help="'even': re-time from a cheap preview so consecutive frames change by about the same amount")

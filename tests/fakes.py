@@ -91,6 +91,9 @@ class FakeBackend:
     def attention_mix_unsupported(self):
         return None
 
+    def default_prompt_interpolation(self):
+        return "attention" if self.attention_mix_unsupported() is None else "lerp"
+
     def generate(self, latents, conditioning, *, sampling=None, batch_size=None, output_type="pt", **overrides):
         s = self.sampling(sampling, **overrides)
         n = len(latents)

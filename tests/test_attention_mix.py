@@ -276,8 +276,8 @@ def test_a_morph_asks_the_model_first_and_refuses_before_any_work():
                       .inputs(0, 4)[1], PredictionMix)
 
 
-def test_the_default_prompt_path_is_resolved_per_model_and_recorded(tiny_lab, tmp_path):
-    """``"auto"``: attention where the model supports it, else lerp; the manifest records what ran, and a frame is
+def test_the_default_prompt_path_is_resolved_per_model_and_recorded(tiny_lab, tmp_path, request):
+    """``"auto"``: attention for the UNet family, else lerp; the manifest records what ran, and a frame is
     re-created the way it ran even if the model would now pick otherwise (or the settings predate the field)."""
     import json
 
@@ -294,6 +294,14 @@ def test_the_default_prompt_path_is_resolved_per_model_and_recorded(tiny_lab, tm
             return "is not implemented for this model"
 
     assert plan(NoAttention(), s).prompt_method == "lerp"
+    # joint-attention families take it when asked, but "auto" stays on lerp (measured no cleaner on the flow twin)
+    from latentlab.backend import Lab
+
+    sd3 = Lab.from_pretrained(request.getfixturevalue("tiny_sd3_path"), device="cpu")
+    assert sd3.attention_mix_unsupported() is None and sd3.default_prompt_interpolation() == "lerp"
+    assert plan(sd3, s).prompt_method == "lerp"
+    assert plan(sd3, MorphSettings(keyframes=keys, n_frames=5, prompt_interpolation="attention")).prompt_method == \
+        "attention"
     assert isinstance(plan(NoAttention(), s).inputs(0, 5)[1], Conditioning)
     out = render_morph(tiny_lab, s, tmp_path / "m.gif", progress=False)
     man = json.loads(manifest_path(out).read_text())

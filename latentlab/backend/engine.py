@@ -568,6 +568,15 @@ class Engine:
         "is not implemented for a Chroma model"), or None when it can."""
         return self.adapter.attention_mix_unsupported(self.pipe)
 
+    def default_prompt_interpolation(self) -> str:
+        """The morph's prompt path under ``"auto"`` for this model: ``"attention"`` for the UNet family (measured
+        cleaner than lerp at its cost), ``"lerp"`` elsewhere (on the SD3-layout flow twin attention measured no
+        cleaner at 1.6x the time; its text tokens run through every transformer block) and wherever an
+        AttentionMix is not supported."""
+        if self.attention_mix_unsupported() is not None:
+            return "lerp"
+        return self.adapter.default_prompt_path
+
     @_pinning
     def generate(
         self,

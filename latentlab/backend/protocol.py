@@ -75,6 +75,9 @@ class Backend(Protocol):
         """Why this model cannot denoise an :class:`~latentlab.backend.AttentionMix` (a phrase after "it"), or
         None when it can."""
 
+    def default_prompt_interpolation(self) -> str:
+        """The morph's prompt path under ``"auto"`` for this model (``"attention"`` or ``"lerp"``)."""
+
     def generate_live(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
                       preview: bool = False, **overrides) -> torch.Tensor:
         """What ``generate(..., batch_size=1)`` returns, for a live control, as fast as it can be exact;

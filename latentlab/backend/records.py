@@ -179,8 +179,10 @@ class AttentionMix(_PairMix):
     ``(1 - w) : w`` (each prompt's own attention pattern kept within its share). Nothing is asked about the
     midpoint of two encodings (which can name a third thing), and, unlike :class:`PredictionMix`, the model forms
     one picture from both prompts at every layer rather than averaging two pictures' predictions. Weight 0 is
-    ``a``'s generation (``b``'s tokens get no attention at all), 1 ``b``'s, up to float rounding. About the cost
-    of one generation (the text keys double). Pooled embeddings (SDXL, SD3, Flux) are interpolated linearly.
+    ``a``'s generation (``b``'s tokens get no attention at all), 1 ``b``'s, up to float rounding. In a UNet the
+    cost of one generation (only the text keys double); in SD3/Flux the text tokens run through every transformer
+    block, so more (1.6x on the embedded flow twin, whose text outnumbers its image tokens). Pooled embeddings
+    (SDXL, SD3, Flux) are interpolated linearly.
 
     Supported where the adapter knows the text attention: SD 1.x/2.x and SDXL (cross attention), SD3 and Flux.1
     (joint attention, where the image keys keep their share and the two prompts split the text's); other families

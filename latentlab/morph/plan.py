@@ -118,11 +118,10 @@ def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[d
     still land exactly on the keyframes.
     """
     method = settings.prompt_interpolation
-    if method in ("auto", "attention"):
-        why = lab.attention_mix_unsupported()
-        if method == "attention" and why is not None:
-            raise ValueError(f"`prompt_interpolation` 'attention' (AttentionMix) {why}: use 'mix' or 'lerp'")
-        method = "attention" if why is None else "lerp"
+    if method == "attention" and (why := lab.attention_mix_unsupported()) is not None:
+        raise ValueError(f"`prompt_interpolation` 'attention' (AttentionMix) {why}: use 'mix' or 'lerp'")
+    if method == "auto":
+        method = lab.default_prompt_interpolation()
     prompts, seeds = settings.resolved()
     shape = (1, *lab.latent_shape(height=settings.height, width=settings.width))
     keys = [_seed_noise(lab, s, settings) for s in seeds]

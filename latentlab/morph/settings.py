@@ -20,8 +20,9 @@ __all__ = ["AUDIO_PACINGS", "MAX_FRAMES", "PACINGS", "PROMPT_METHODS", "PROMPT_M
            "MorphSettings", "frames_for_duration"]
 
 PACINGS: tuple[str, ...] = ("none", "even")
-#: How the prompt path moves between keyframes: ``"auto"`` (the default): ``"attention"`` where the model supports
-#: it, else ``"lerp"`` (the plan resolves it; manifests record both); an interpolation of the prompt encodings
+#: How the prompt path moves between keyframes: ``"auto"`` (the default): the model's own choice
+#: (``Backend.default_prompt_interpolation``: ``"attention"`` for the UNet family, else ``"lerp"``; the plan
+#: resolves it, manifests record both); an interpolation of the prompt encodings
 #: (:data:`latentlab.paths.METHODS`); ``"mix"``: every frame is denoised with both keyframes' prompts and their predictions are mixed
 #: (:class:`latentlab.backend.PredictionMix`; twice the work, no in-between encoding that names a third thing); or
 #: ``"attention"``: every attention over the text sees both prompts' tokens, shared by the frame's weight
@@ -118,10 +119,11 @@ class AudioTrack:
 class MorphSettings:
     """Everything that determines the frames of a morph (serialised into the manifest).
 
-    The prompt path (``prompt_interpolation``, :data:`PROMPT_METHODS`): by default (``"auto"``) every in-between
-    is denoised with both keyframes' prompts in every text attention, shared by the frame's weight (``"attention"``,
-    :class:`~latentlab.backend.AttentionMix`, AID's fused interpolation; about the cost of ``"lerp"``) where the
-    model supports it (SD, SDXL, SD3, Flux.1), else the prompt encodings are interpolated (``"lerp"``). Measured on
+    The prompt path (``prompt_interpolation``, :data:`PROMPT_METHODS`): by default (``"auto"``) a UNet model (SD,
+    SDXL) denoises every in-between with both keyframes' prompts in every cross attention, shared by the frame's
+    weight (``"attention"``, :class:`~latentlab.backend.AttentionMix`, AID's fused interpolation; the cost of
+    ``"lerp"``); other models interpolate the prompt encodings (``"lerp"``; SD3 and Flux.1 take ``"attention"``
+    when asked, but on the SD3-layout flow twin it measured no cleaner at 1.6x the time). Measured on
     the embedded model (BENCHMARKS.md): between held-out prompts one attribute apart 83.5 % of attention in-betweens
     read as one of the two prompts' attributes against 72.2 % with lerp (random pairs: 72.0 % against 53.8 %), with
     more monotonic morphs and a shorter perceptual path, but the change comes in sharper steps; ``pacing="even"``

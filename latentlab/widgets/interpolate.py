@@ -94,8 +94,7 @@ class Interpolator(Panel):
         self.t = widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.01, description="t", continuous_update=True,
                                      layout=widgets.Layout(width="380px"))
         self.noise_method = widgets.Dropdown(options=["slerp", "lerp"], value="slerp", description="noise path")
-        # the morph's default ("auto"): attention where the model supports it
-        default = "attention" if self.lab.attention_mix_unsupported() is None else "lerp"
+        default = self.lab.default_prompt_interpolation()  # the morph's default ("auto") for this model
         self.prompt_method = widgets.Dropdown(options=["lerp", "slerp", "mix", "attention"], value=default,
                                               description="prompt path")
         self.frame = widgets.Image(format="png", layout=widgets.Layout(width="256px", height="256px"))

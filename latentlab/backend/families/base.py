@@ -62,6 +62,9 @@ class Family:
     #: Whether img2img/inpainting run the adapter's own loop (:meth:`img2img`) rather than diffusers' img2img
     #: pipeline (``pipelines[1]``): for families whose diffusers has none.
     own_img2img: ClassVar[bool] = False
+    #: The morph's prompt path under ``"auto"`` for this family where it can take an AttentionMix: ``"attention"``
+    #: where it was measured better than lerp, else ``"lerp"`` (BENCHMARKS.md, "Attention interpolation").
+    default_prompt_path: ClassVar[str] = "lerp"
 
     # --- facts ----------------------------------------------------------------------------------------------------
 
