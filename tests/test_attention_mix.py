@@ -319,3 +319,18 @@ def test_the_default_prompt_path_is_resolved_per_model_and_recorded(tiny_lab, tm
         read_manifest(no_method)
     with pytest.raises(ValueError, match="`prompt_method` must be one of"):
         read_manifest({**man, "prompt_method": "auto"})
+
+
+def test_the_interpolator_offers_attention_only_where_the_model_takes_it(tmp_path):
+    from fakes import FakeBackend
+
+    from latentlab.widgets import Interpolator
+
+    class NoAttention(FakeBackend):
+        def attention_mix_unsupported(self):
+            return "is not implemented for this model"
+
+    w = Interpolator(NoAttention(), ("a red star", 1), ("a blue ring", 2), clip=None, frames=3, output_dir=tmp_path)
+    assert "attention" not in w.prompt_method.options and w.prompt_method.value == "lerp"
+    w = Interpolator(FakeBackend(), ("a red star", 1), ("a blue ring", 2), clip=None, frames=3, output_dir=tmp_path)
+    assert "attention" in w.prompt_method.options and w.prompt_method.value == "attention"

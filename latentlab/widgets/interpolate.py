@@ -95,8 +95,8 @@ class Interpolator(Panel):
                                      layout=widgets.Layout(width="380px"))
         self.noise_method = widgets.Dropdown(options=["slerp", "lerp"], value="slerp", description="noise path")
         default = self.lab.default_prompt_interpolation()  # the morph's default ("auto") for this model
-        self.prompt_method = widgets.Dropdown(options=["lerp", "slerp", "mix", "attention"], value=default,
-                                              description="prompt path")
+        methods = ["lerp", "slerp", "mix"] + (["attention"] if self.lab.attention_mix_unsupported() is None else [])
+        self.prompt_method = widgets.Dropdown(options=methods, value=default, description="prompt path")
         self.frame = widgets.Image(format="png", layout=widgets.Layout(width="256px", height="256px"))
         self.frame.add_class("ll-frame")
         self.norm_plot = widgets.Image(format="png")
