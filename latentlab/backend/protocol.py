@@ -78,8 +78,8 @@ class Backend(Protocol):
     def default_prompt_interpolation(self) -> str:
         """The morph's prompt path under ``"auto"`` for this model (``"attention"`` or ``"lerp"``)."""
 
-    def generate_live(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
-                      preview: bool = False, **overrides) -> torch.Tensor:
+    def generate_live(self, latents: torch.Tensor, conditioning: Conditioning | AttentionMix, *,
+                      sampling: Sampling | None = None, preview: bool = False, **overrides) -> torch.Tensor:
         """What ``generate(..., batch_size=1)`` returns, for a live control, as fast as it can be exact;
         ``preview=True`` allows the last bits to differ for speed."""
 
