@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from latentlab import _checks
-from latentlab.backend import Backend, Conditioning, PredictionMix
+from latentlab.backend import AttentionMix, Backend, Conditioning, PredictionMix
 from latentlab.ops import blend
 
 __all__ = ["METHODS", "SPACES", "AtlasMap", "Landing", "check_map_request"]
@@ -313,14 +313,14 @@ class AtlasMap:
                           float(err[best]) / self.diagonal_, nearest_item, len(cands), how)
         return tried["images"][best : best + 1], landing
 
-    def land(self, lab: Backend, noise: torch.Tensor, conditioning: Conditioning, *, sampling=None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def land(self, lab: Backend, noise: torch.Tensor, conditioning: Conditioning | PredictionMix | AttentionMix, *,
+             sampling=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Generate ``(noise, conditioning)`` as one batch and say where each image lands on this map: ``(images
         (n, 3, H, W), map points (n, 2))`` -- each image embedded and projected with the map's own fit."""
         _checks.tensor(noise, "noise", min_ndim=4)
-        if not isinstance(conditioning, (Conditioning, PredictionMix)):
-            raise TypeError(f"`conditioning` must be a latentlab Conditioning (lab.encode_prompt(...)) or "
-                            f"PredictionMix, got {type(conditioning).__name__}")
+        if not isinstance(conditioning, (Conditioning, PredictionMix, AttentionMix)):
+            raise TypeError(f"`conditioning` must be a latentlab Conditioning (lab.encode_prompt(...)), PredictionMix "
+                            f"or AttentionMix, got {type(conditioning).__name__}")
         expected = tuple(self.atlas.noise.shape[1:])
         if tuple(noise.shape[1:]) != expected:
             raise ValueError(f"`noise` must have items of this atlas's shape {expected}, got {tuple(noise.shape[1:])}")
