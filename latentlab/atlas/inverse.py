@@ -294,7 +294,8 @@ class AtlasMap:
         tried = self._try(lab, idx, cands, sampling)
         nearest_item = self.nearest_item_distance(pt)
         for r in range(refine + more if refine and len(cands) >= 3 else 0):
-            if r >= refine and float((tried["landed"] - pt).norm(dim=1).min()) < nearest_item * self.diagonal_:
+            # the same arithmetic as Landing.beats_nearest_item (a < b * D and a / D < b can round apart)
+            if r >= refine and float((tried["landed"] - pt).norm(dim=1).min()) / self.diagonal_ < nearest_item:
                 break
             new = self._refined(pt, cands, tried)
             if not new:
