@@ -8,16 +8,9 @@ plain generation with the prompt ``[a, a, b]`` (and the negative three times), t
 
 import pytest
 import torch
+from helpers import mix_identities, two_prompts
 
 from latentlab import AttentionMix, Conditioning, PredictionMix
-
-
-def _two(lab, size=None):
-    kw = {} if size is None else {"height": size, "width": size}
-    z = lab.noise([3, 4], **kw)
-    a = lab.encode_prompt(["a red star", "a red star"])
-    b = lab.encode_prompt(["a blue ring", "a blue ring"])
-    return z, a, b
 
 
 def _repeated(lab, a: Conditioning, b: Conditioning, p: int, q: int) -> tuple[Conditioning, str]:
@@ -68,7 +61,7 @@ def test_unet_family_equals_plain_attention_over_repeated_tokens(unet_lab, guida
     """SD and SDXL (pooled embeddings, time ids), with and without classifier-free guidance: weight 1/3 is the
     prompt [a, a, b], 1/2 is [a, b], through the unmodified pipeline."""
     lab = unet_lab
-    z, a, b = _two(lab)
+    z, a, b = two_prompts(lab)
     for p, q in ((2, 1), (1, 1)):
         ref = _reference(lab, z, a, b, p, q, guidance)
         w = torch.full((2,), q / (p + q), dtype=torch.float64)
@@ -103,19 +96,12 @@ def test_sd3_joint_attention_keeps_endpoints_and_one_prompt_and_mixes_in_between
     lab = Lab.from_pretrained(path, device="cpu", **extra)
     lab.defaults = lab.defaults.replace(num_inference_steps=3)
     size = 8 * lab.vae_scale_factor
-    z, a, b = _two(lab, size)
+    z, a, b = two_prompts(lab, size)
     for guidance in (1.0, 2.5):
-        only_a = lab.generate(z, a, guidance_scale=guidance, output_type="latent")
-        only_b = lab.generate(z, b, guidance_scale=guidance, output_type="latent")
-        ends = lab.generate(z, AttentionMix(a, b, torch.tensor([0.0, 1.0])), guidance_scale=guidance,
-                            output_type="latent")
-        assert (ends[0] - only_a[0]).abs().max() < 2e-3 and (ends[1] - only_b[1]).abs().max() < 2e-3
-        same = lab.generate(z, AttentionMix(a, a, torch.tensor([0.3, 0.6])), guidance_scale=guidance,
-                            output_type="latent")
-        assert (same - only_a).abs().max() < 2e-3  # the two shares add up to one prompt's
-        mid = lab.generate(z, AttentionMix(a, b, torch.tensor([0.5, 0.5])), guidance_scale=guidance,
-                           output_type="latent")
-        assert (mid - only_a).abs().max() > 1e-2 and (mid - only_b).abs().max() > 1e-2
+        d = mix_identities(lab, AttentionMix, z, a, b, guidance, [0.3, 0.6])
+        assert d["ends_a"] < 2e-3 and d["ends_b"] < 2e-3
+        assert d["same"] < 2e-3  # the two shares add up to one prompt's
+        assert d["mid_a"] > 1e-2 and d["mid_b"] > 1e-2
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     assert all(type(p) is JointAttnProcessor2_0 for p in lab.pipe.transformer.attn_processors.values())
@@ -168,20 +154,13 @@ def test_every_flow_family_mixes_or_refuses_before_any_model_work(flow_lab):
     embedded guidance, schnell's true CFG). The others refuse by name, before the transformer runs."""
     lab = flow_lab
     size = 8 * lab.vae_scale_factor
-    z, a, b = _two(lab, size)
+    z, a, b = two_prompts(lab, size)
     if lab.kind in SUPPORTED:
         for guidance in (1.0, 2.5):
-            only_a = lab.generate(z, a, guidance_scale=guidance, output_type="latent")
-            only_b = lab.generate(z, b, guidance_scale=guidance, output_type="latent")
-            ends = lab.generate(z, AttentionMix(a, b, torch.tensor([0.0, 1.0])), guidance_scale=guidance,
-                                output_type="latent")
-            assert (ends[0] - only_a[0]).abs().max() < 2e-3 and (ends[1] - only_b[1]).abs().max() < 2e-3
-            same = lab.generate(z, AttentionMix(a, a, torch.tensor([0.3, 0.6])), guidance_scale=guidance,
-                                output_type="latent")
-            assert (same - only_a).abs().max() < 2e-3
-            mid = lab.generate(z, AttentionMix(a, b, torch.tensor([0.5, 0.5])), guidance_scale=guidance,
-                               output_type="latent")
-            assert (mid - only_a).abs().max() > 1e-3 and (mid - only_b).abs().max() > 1e-3
+            d = mix_identities(lab, AttentionMix, z, a, b, guidance, [0.3, 0.6])
+            assert d["ends_a"] < 2e-3 and d["ends_b"] < 2e-3
+            assert d["same"] < 2e-3
+            assert d["mid_a"] > 1e-3 and d["mid_b"] > 1e-3
         return
     mix = AttentionMix(a, b, torch.tensor([0.5, 0.5]))
     calls = []
@@ -197,7 +176,7 @@ def test_every_flow_family_mixes_or_refuses_before_any_model_work(flow_lab):
 def test_custom_processors_are_not_replaced_silently(tiny_lab):
     from diffusers.models.attention_processor import AttnProcessor
 
-    z, a, b = _two(tiny_lab)
+    z, a, b = two_prompts(tiny_lab)
     old = tiny_lab.pipe.unet.attn_processors
     tiny_lab.pipe.unet.set_attn_processor(AttnProcessor())
     try:
@@ -208,7 +187,7 @@ def test_custom_processors_are_not_replaced_silently(tiny_lab):
 
 
 def test_batching_does_not_change_a_frame(tiny_lab):
-    z, a, b = _two(tiny_lab)
+    z, a, b = two_prompts(tiny_lab)
     mix = AttentionMix(a, b, torch.tensor([0.2, 0.7], dtype=torch.float64))
     together = tiny_lab.generate(z, mix, batch_size=2, output_type="latent")
     alone = torch.cat([tiny_lab.generate(z[i : i + 1], mix[i], batch_size=1, output_type="latent") for i in range(2)])

@@ -3,17 +3,10 @@ reference, every model family, the morph plan, frame keys, manifests and bad inp
 
 import pytest
 import torch
+from helpers import mix_identities, two_prompts
 
 from latentlab import Conditioning, PredictionMix
 from latentlab.backend.engine import mixed_predictions
-
-
-def _two(lab, size=None):
-    kw = {} if size is None else {"height": size, "width": size}
-    z = lab.noise([3, 4], **kw)
-    a = lab.encode_prompt(["a red star", "a red star"])
-    b = lab.encode_prompt(["a blue ring", "a blue ring"])
-    return z, a, b
 
 
 def test_record_validates_slices_pads_and_concatenates():
@@ -38,7 +31,7 @@ def test_generate_mixes_the_guided_predictions_like_a_hand_written_ddim_loop(tin
     """The reference: diffusers' UNet and DDIMScheduler stepped by hand, each prompt's guided noise prediction
     computed separately and mixed -- no hook, no pipeline."""
     lab = tiny_lab
-    z, a, b = _two(lab)
+    z, a, b = two_prompts(lab)
     w = torch.tensor([0.3, 0.8])
     ours = lab.generate(z, PredictionMix(a, b, w), output_type="latent")
     sched = type(lab.pipe.scheduler).from_config(lab.pipe.scheduler.config)
@@ -66,30 +59,23 @@ def test_mixing_works_alike_on_every_flow_family(flow_lab):
     with itself is that prompt, and a weight in between is neither -- for every family's batching of guidance."""
     lab = flow_lab
     size = 8 * lab.vae_scale_factor
-    z, a, b = _two(lab, size)
+    z, a, b = two_prompts(lab, size)
     for guidance in (1.0, 2.5):
-        only_a = lab.generate(z, a, guidance_scale=guidance, output_type="latent")
-        only_b = lab.generate(z, b, guidance_scale=guidance, output_type="latent")
-        ends = lab.generate(z, PredictionMix(a, b, torch.tensor([0.0, 1.0])), guidance_scale=guidance,
-                            output_type="latent")
-        assert (ends[0] - only_a[0]).abs().max() <= 1e-4 and (ends[1] - only_b[1]).abs().max() <= 1e-4
-        same = lab.generate(z, PredictionMix(a, a, torch.tensor([0.5, 0.5])), guidance_scale=guidance,
-                            output_type="latent")
-        assert (same - only_a).abs().max() <= 1e-4
-        mid = lab.generate(z, PredictionMix(a, b, torch.tensor([0.5, 0.5])), guidance_scale=guidance,
-                           output_type="latent")
-        assert (mid - only_a).abs().max() > 1e-3 and (mid - only_b).abs().max() > 1e-3
+        d = mix_identities(lab, PredictionMix, z, a, b, guidance, [0.5, 0.5])
+        assert d["ends_a"] <= 1e-4 and d["ends_b"] <= 1e-4
+        assert d["same"] <= 1e-4
+        assert d["mid_a"] > 1e-3 and d["mid_b"] > 1e-3
 
 
 def test_one_item_conditionings_and_weights_broadcast(tiny_lab):
-    z, a, b = _two(tiny_lab)
+    z, a, b = two_prompts(tiny_lab)
     one = tiny_lab.generate(z, PredictionMix(a[:1], b[:1], torch.tensor([0.4])), output_type="latent")
     full = tiny_lab.generate(z, PredictionMix(a, b, torch.tensor([0.4, 0.4])), output_type="latent")
     assert torch.equal(one, full)
 
 
 def test_requests_that_cannot_mix_say_so(tiny_lab):
-    z, a, b = _two(tiny_lab)
+    z, a, b = two_prompts(tiny_lab)
     mix = PredictionMix(a, b, torch.tensor([0.5, 0.5]))
     with pytest.raises(TypeError, match="mixing two prompts is for generate"):
         tiny_lab.trajectory(z, mix)

@@ -185,7 +185,7 @@ class LiveGenerator:
     def _denoise_mix(self, latents, mix: AttentionMix, negative, s, scheduler, traced: bool) -> torch.Tensor:
         """An AttentionMix item by item: both prompts' tokens in one conditioning (as ``generate`` joins them), the
         family's live attention processor taking each call's text-key bias (rows: the call's batch)."""
-        from latentlab.backend.families.textmix import join, text_key_bias
+        from latentlab.backend.families.textmix import attention_bias, join
 
         e = self.engine
         tokens = mix.a.prompt_embeds.shape[1]
@@ -199,8 +199,7 @@ class LiveGenerator:
                 def call(sample, t, emb, added, item=item, biases=biases):
                     rows = sample.shape[0]
                     if rows not in biases:
-                        biases[rows] = text_key_bias(item.weight, tokens, tokens, rows=rows).to(
-                            sample.device, sample.dtype).view(rows, 1, 1, 2 * tokens)
+                        biases[rows] = attention_bias(item.weight, tokens, 2 * tokens, rows=rows, like=sample)
                     return self._unet(sample, t, emb, added, traced, bias=biases[rows], slot=slot)
 
                 out.append(e.adapter.live_denoise(e, latents[i : i + 1], cond, neg, s, scheduler, call))

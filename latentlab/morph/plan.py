@@ -18,13 +18,16 @@ import torch
 
 from latentlab.backend import AttentionMix, Backend, Conditioning, PredictionMix
 from latentlab.metrics import embedding_distance, pixel_distance
-from latentlab.morph.settings import PROMPT_MIXES, MorphSettings
+from latentlab.morph.settings import MorphSettings
 from latentlab.ops import blend
 from latentlab.paths import ease, path_at, retime, schedule, schedule_at
 
-__all__ = ["IMAGE_KEYFRAME_MIN_PSNR", "Plan", "clip_distance", "file_digest", "pixel_distance", "plan"]
+__all__ = ["IMAGE_KEYFRAME_MIN_PSNR", "MIX_RECORDS", "Plan", "clip_distance", "file_digest", "pixel_distance", "plan"]
 
 log = logging.getLogger(__name__)
+
+#: The prompt paths that denoise each in-between with both keyframes' prompts, and the record each makes per frame.
+MIX_RECORDS: dict[str, type] = {"mix": PredictionMix, "attention": AttentionMix}
 
 #: Below this inversion round-trip PSNR (dB) an image keyframe gets a warning: the frame no longer looks like it.
 IMAGE_KEYFRAME_MIN_PSNR = 20.0
@@ -61,14 +64,13 @@ class Plan:
         s = self.settings
         lat = path_at(self.keys, [f["noise_segment"] for f in fr], [f["noise_t"] for f in fr],
                       method=s.noise_interpolation, loop=s.loop)[:, 0]
-        if self.prompt_method in PROMPT_MIXES and self.mixes:
+        if self.prompt_method in MIX_RECORDS and self.mixes:
             k = len(self.conds)
             seg = [f["prompt_segment"] for f in fr]
             a = Conditioning.cat([self.conds[i] for i in seg])
             b = Conditioning.cat([self.conds[(i + 1) % k] for i in seg])
-            record = PredictionMix if self.prompt_method == "mix" else AttentionMix
-            return lat, record(a, b, torch.tensor([float(f["prompt_t"]) for f in fr], dtype=torch.float64))
-        method = "lerp" if self.prompt_method in PROMPT_MIXES else self.prompt_method  # one prompt: no mix
+            return lat, MIX_RECORDS[self.prompt_method](a, b, torch.tensor([float(f["prompt_t"]) for f in fr], dtype=torch.float64))
+        method = "lerp" if self.prompt_method in MIX_RECORDS else self.prompt_method  # one prompt: no mix
         cond = Conditioning.cat(self.conds).map(
             lambda t: path_at([x.float().cpu().unsqueeze(0) for x in t], [f["prompt_segment"] for f in fr],
                               [f["prompt_t"] for f in fr], method=method, loop=s.loop)[:, 0].to(t.dtype)

@@ -16,7 +16,7 @@ from latentlab import _checks
 from latentlab.paths import EASINGS, METHODS
 from latentlab.sampling import Sampling, check_prompt
 
-__all__ = ["AUDIO_PACINGS", "MAX_FRAMES", "PACINGS", "PROMPT_METHODS", "PROMPT_MIXES", "AudioTrack", "Keyframe", "Mix",
+__all__ = ["AUDIO_PACINGS", "MAX_FRAMES", "PACINGS", "PROMPT_METHODS", "AudioTrack", "Keyframe", "Mix",
            "MorphSettings", "frames_for_duration"]
 
 PACINGS: tuple[str, ...] = ("none", "even")
@@ -28,8 +28,6 @@ PACINGS: tuple[str, ...] = ("none", "even")
 #: ``"attention"``: every attention over the text sees both prompts' tokens, shared by the frame's weight
 #: (:class:`latentlab.backend.AttentionMix`, AID's fused interpolation; SD, SDXL, SD3, Flux.1).
 PROMPT_METHODS: tuple[str, ...] = ("auto", *METHODS, "mix", "attention")
-#: The prompt paths that denoise each in-between with both keyframes' prompts (a record of two per frame).
-PROMPT_MIXES: tuple[str, ...] = ("mix", "attention")
 #: How music paces a morph: the path moves faster where the music is loud/percussive ("envelope"), keyframes land
 #: on beats ("beats"), or the audio is only muxed ("none").
 AUDIO_PACINGS: tuple[str, ...] = ("envelope", "beats", "none")

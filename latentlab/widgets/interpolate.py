@@ -13,7 +13,8 @@ import ipywidgets as widgets
 import torch
 
 from latentlab import _checks
-from latentlab.backend import AttentionMix, Backend, Conditioning, PredictionMix
+from latentlab.backend import Backend, Conditioning
+from latentlab.morph.plan import MIX_RECORDS
 from latentlab.ops import lerp, norm_zscore, slerp
 from latentlab.sampling import Sampling
 from latentlab.widgets._base import Panel, check_folder_arg, check_key, check_text, data_url, free_path
@@ -149,10 +150,10 @@ class Interpolator(Panel):
 
     def _at(self, ts: torch.Tensor, za, zb, ca: Conditioning, cb: Conditioning):
         z = _INTERP[self.noise_method.value](za, zb, ts)[:, 0]
-        if self.prompt_method.value in ("mix", "attention"):  # both prompts in every frame
+        if self.prompt_method.value in MIX_RECORDS:  # both prompts in every frame (as a morph makes them)
             w = ts.double().flatten()
             a, b = (c.map(lambda t: t.expand(len(w), *t.shape[1:])) for c in (ca, cb))
-            return z, (PredictionMix if self.prompt_method.value == "mix" else AttentionMix)(a, b, w)
+            return z, MIX_RECORDS[self.prompt_method.value](a, b, w)
         pick = _INTERP[self.prompt_method.value]
         cond = Conditioning.cat([ca, cb]).map(lambda t: pick(t[:1], t[1:], ts)[:, 0])
         return z, cond

@@ -19,6 +19,7 @@ Flow Transformers" (SD3, 2024).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -97,6 +98,18 @@ def renormalised_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> 
     and Qwen-Image pipelines do)."""
     guided = uncond + scale * (cond - uncond)
     return guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
+
+
+@contextlib.contextmanager
+def swapped_attn_processors(transformer, processors):
+    """Run ``transformer`` with ``processors`` (one processor, or a dict by layer name) for the block, through
+    diffusers' public ``set_attn_processor``; its own processors are restored after."""
+    old = transformer.attn_processors
+    transformer.set_attn_processor(processors)
+    try:
+        yield
+    finally:
+        transformer.set_attn_processor(old)
 
 
 class FlowFamily(Family):

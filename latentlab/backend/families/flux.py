@@ -12,14 +12,13 @@ One responsibility: Flux's side of the adapter interface --
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from latentlab.backend.families.base import Family
-from latentlab.backend.families.flow import FlowFamily
+from latentlab.backend.families.flow import FlowFamily, swapped_attn_processors
 from latentlab.backend.records import Conditioning
 from latentlab.sampling import Sampling
 
@@ -74,7 +73,7 @@ class MixedTextBias:
         self._bias: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from latentlab.backend.families.textmix import text_key_bias
+        from latentlab.backend.families.textmix import attention_bias
 
         if attention_mask is not None:
             raise RuntimeError("attention interpolation: this Flux model masks its attention, which attention "
@@ -83,22 +82,15 @@ class MixedTextBias:
         keys = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
         key = (rows, keys, hidden_states.dtype, hidden_states.device)
         if key not in self._bias:
-            text = text_key_bias(self.weight, self.tokens, self.tokens, rows=rows)
-            bias = torch.cat([text, torch.zeros(rows, keys - text.shape[1], dtype=text.dtype)], 1)
-            self._bias[key] = bias.to(hidden_states.device, hidden_states.dtype).view(rows, 1, 1, keys)
+            self._bias[key] = attention_bias(self.weight, self.tokens, keys, rows=rows, like=hidden_states)
         return self.processor(attn, hidden_states, encoder_hidden_states, self._bias[key], image_rotary_emb)
 
 
-@contextlib.contextmanager
 def mixed_text(transformer, weight: torch.Tensor, tokens: int):
     """Run every attention layer of a Flux ``transformer`` through :class:`MixedTextBias` for the block (its own
     processors restored after)."""
-    old = transformer.attn_processors
-    transformer.set_attn_processor({name: MixedTextBias(p, weight, tokens) for name, p in old.items()})
-    try:
-        yield
-    finally:
-        transformer.set_attn_processor(old)
+    procs = {name: MixedTextBias(p, weight, tokens) for name, p in transformer.attn_processors.items()}
+    return swapped_attn_processors(transformer, procs)
 
 
 class FluxFamily(FlowFamily):

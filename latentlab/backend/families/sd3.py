@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from latentlab.backend.families.flow import FlowFamily, integrate
+from latentlab.backend.families.flow import FlowFamily, integrate, swapped_attn_processors
 from latentlab.backend.records import Conditioning
 
 if TYPE_CHECKING:
@@ -39,10 +39,22 @@ SD3_MAX_SEQUENCE_LENGTH = 256
 class ContextBiasProcessor:
     """SD3 joint attention with an additive logit bias on the context (text) keys, the image keys unbiased:
     ``context_bias(rows, tokens)`` gives it, ``(1 or rows, tokens)``. Image-only attention (SD3.5's second
-    attention) is computed as usual. Subclasses say what the bias is."""
+    attention) is computed as usual. Subclasses say what the bias is; the whole mask is built once per shape."""
+
+    def __init__(self):
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def context_bias(self, rows: int, tokens: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def mask(self, rows: int, n_img: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """The SDPA mask ``(1 or rows, 1, 1, n_img + tokens)``: zeros on the image keys, then the context bias."""
+        key = (rows, n_img, tokens, like.dtype, like.device)
+        if key not in self._masks:
+            ctx = self.context_bias(rows, tokens).to(like.device, like.dtype)
+            bias = torch.cat([torch.zeros(len(ctx), n_img, dtype=like.dtype, device=like.device), ctx], 1)
+            self._masks[key] = bias.view(len(ctx), 1, 1, n_img + tokens)
+        return self._masks[key]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         b, n_img = hidden_states.shape[0], hidden_states.shape[1]
@@ -65,9 +77,7 @@ class ContextBiasProcessor:
             if attn.norm_added_k is not None:
                 ck = attn.norm_added_k(ck)
             q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-            ctx = self.context_bias(b, ck.shape[2]).to(q.device, q.dtype)
-            bias = torch.cat([torch.zeros(len(ctx), n_img, dtype=q.dtype, device=q.device), ctx], 1)
-            bias = bias.view(len(ctx), 1, 1, k.shape[2])
+            bias = self.mask(b, n_img, ck.shape[2], q)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
         if encoder_hidden_states is None:
@@ -83,6 +93,7 @@ class RepeatedTokenProcessor(ContextBiasProcessor):
     logit is raised by ``log(repeats)``, exactly what ``repeats`` copies contribute to each softmax."""
 
     def __init__(self, repeats: int):
+        super().__init__()
         self.repeats = int(repeats)
 
     def context_bias(self, rows: int, tokens: int) -> torch.Tensor:
@@ -97,6 +108,7 @@ class MixedTextProcessor(ContextBiasProcessor):
     token where trailing zero tokens were collapsed (as :class:`RepeatedTokenProcessor`)."""
 
     def __init__(self, weight: torch.Tensor, repeats: int = 1):
+        super().__init__()
         self.weight, self.repeats = weight, int(repeats)
 
     def context_bias(self, rows: int, tokens: int) -> torch.Tensor:
@@ -119,15 +131,9 @@ def trailing_zero_tokens(*conds: Conditioning) -> int:
     return n
 
 
-@contextlib.contextmanager
 def repeated_last_token(transformer, repeats: int):
     """Run ``transformer`` with :class:`RepeatedTokenProcessor` (restoring its processors after)."""
-    old = transformer.attn_processors
-    transformer.set_attn_processor(RepeatedTokenProcessor(repeats))
-    try:
-        yield
-    finally:
-        transformer.set_attn_processor(old)
+    return swapped_attn_processors(transformer, RepeatedTokenProcessor(repeats))
 
 
 class SD3Family(FlowFamily):
@@ -203,13 +209,9 @@ class SD3Family(FlowFamily):
             mix = type(mix)(self._drop(mix.a, n), self._drop(mix.b, n), mix.weight)
             negative = self._drop(negative, n)
         cond, neg = join(mix, negative)
-        transformer = engine.pipe.transformer
-        old = transformer.attn_processors
-        transformer.set_attn_processor(MixedTextProcessor(mix.weight, n))
-        try:  # non-default processors: generate collapses nothing more
+        # non-default processors: generate collapses nothing more
+        with swapped_attn_processors(engine.pipe.transformer, MixedTextProcessor(mix.weight, n)):
             return self.generate(engine, z, cond, neg, sampling)
-        finally:
-            transformer.set_attn_processor(old)
 
     def generate(self, engine, z, cond, negative, sampling):
         if sampling.scheduler != "FlowMatchEulerDiscreteScheduler":

@@ -18,7 +18,7 @@ import torch
 
 from latentlab.backend.records import AttentionMix, Conditioning
 
-__all__ = ["join", "text_key_bias"]
+__all__ = ["attention_bias", "join", "text_key_bias"]
 
 
 def join(mix: AttentionMix, negative: Conditioning) -> tuple[Conditioning, Conditioning]:
@@ -55,3 +55,12 @@ def text_key_bias(weight: torch.Tensor, tokens_a: int, tokens_b: int, *, rows: i
     w = weight.detach().to(torch.float64).cpu()
     per_item = torch.cat([torch.log1p(-w)[:, None].expand(m, tokens_a), torch.log(w)[:, None].expand(m, tokens_b)], 1)
     return per_item.repeat(rows // m, 1)
+
+
+def attention_bias(weight: torch.Tensor, tokens: int, keys: int, *, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`text_key_bias` of two halves of ``tokens`` text keys each, laid out text first and padded with zeros
+    (unbiased keys, e.g. Flux's image tokens) to ``keys``, as an SDPA mask ``(rows, 1, 1, keys)`` in ``like``'s
+    dtype and device. With ``keys == 2 * tokens`` it is a UNet cross attention's whole mask."""
+    text = text_key_bias(weight, tokens, tokens, rows=rows)
+    bias = torch.cat([text, text.new_zeros(rows, keys - text.shape[1])], 1)
+    return bias.to(like.device, like.dtype).view(rows, 1, 1, keys)

@@ -121,22 +121,21 @@ CachedCrossAttention.__call__.__signature__ = inspect.signature(CachedCrossAtten
 
 class FusedCrossAttention(CachedCrossAttention):
     """Cross attention over two prompts' tokens side by side (:class:`~latentlab.backend.AttentionMix`, AID's fused
-    interpolation), their logits biased by :func:`~latentlab.backend.families.textmix.text_key_bias`: ``a``'s
-    first ``tokens_a`` keys by ``log(1 - w)``, ``b``'s by ``log(w)``. Otherwise :class:`CachedCrossAttention`
+    interpolation), their logits biased by :func:`~latentlab.backend.families.textmix.attention_bias`: ``a``'s
+    ``tokens`` keys (the first) by ``log(1 - w)``, ``b``'s by ``log(w)``. Otherwise :class:`CachedCrossAttention`
     (keys and values once per request); self attention runs unchanged."""
 
-    def __init__(self, weight: torch.Tensor, tokens_a: int):
+    def __init__(self, weight: torch.Tensor, tokens: int):
         super().__init__()
-        self.weight, self.tokens_a = weight, int(tokens_a)
+        self.weight, self.tokens = weight, int(tokens)
         self._bias: dict[tuple, torch.Tensor] = {}
 
     def bias(self, batch_size: int, keys: int, like: torch.Tensor) -> torch.Tensor:
-        from latentlab.backend.families.textmix import text_key_bias
+        from latentlab.backend.families.textmix import attention_bias
 
         key = (batch_size, keys, like.dtype, like.device)
         if key not in self._bias:
-            b = text_key_bias(self.weight, self.tokens_a, keys - self.tokens_a, rows=batch_size)
-            self._bias[key] = b.to(like.device, like.dtype).view(batch_size, 1, 1, keys)
+            self._bias[key] = attention_bias(self.weight, self.tokens, keys, rows=batch_size, like=like)
         return self._bias[key]
 
     def declines(self, attention_mask, args, kwargs) -> bool:
@@ -187,10 +186,10 @@ def _cross_processor(unet, proc):
     return _swapped([m for m in _attention_modules(unet) if getattr(m, "is_cross_attention", False)], proc)
 
 
-def fused_cross_attention(unet, weight: torch.Tensor, tokens_a: int):
+def fused_cross_attention(unet, weight: torch.Tensor, tokens: int):
     """Run ``unet``'s cross-attention layers with :class:`FusedCrossAttention` for the block (processors restored
     after; one processor for all layers, so one bias per request)."""
-    return _cross_processor(unet, FusedCrossAttention(weight, tokens_a))
+    return _cross_processor(unet, FusedCrossAttention(weight, tokens))
 
 
 _ATTENTION_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
