@@ -17,6 +17,8 @@ umap-learn (both imported lazily, inside the functions that use them).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from latentlab import _checks
@@ -141,11 +143,30 @@ class PCA:
         return (z @ self.components_ + self.mean_).reshape(len(z), *self.item_shape_)
 
 
+@contextmanager
+def _torch_threads_kept():
+    """Keep torch's thread count across a umap-learn call.
+
+    umap-learn's first fit in a process starts numba's OpenMP threading layer, which sets the OpenMP thread count of
+    the whole process to every core -- and torch's intra-op pool shares that setting. A process pinned to one torch
+    thread (a widget's worker, a benchmark, a busy machine) silently ran torch on every core afterwards: measured
+    here, one batch of 16 embedded-model images went from 2.7 s to 59 s after a UMAP fit while the other core was
+    busy. The count is put back after every call.
+    """
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 class UMAP:
     """UMAP with scikit-learn's interface; a PCA to ``pca_components`` first when the input is wider.
 
     umap-learn is imported on first use (its import and first fit pay numba's compilation: tens of seconds).
-    ``transform`` maps new points with the fitted model.
+    ``transform`` maps new points with the fitted model. torch's thread count is the same after every call as
+    before it (umap-learn's numba would otherwise change it for the whole process).
     """
 
     def __init__(self, n_components: int = 2, *, n_neighbors: int = 15, min_dist: float = 0.1,
@@ -179,7 +200,9 @@ class UMAP:
         self.umap_ = umap.UMAP(n_components=self.n_components, n_neighbors=self.n_neighbors, min_dist=self.min_dist,
                                metric=self.metric, random_state=self.random_state,
                                n_jobs=1 if self.random_state is not None else -1)
-        self.embedding_ = torch.as_tensor(self.umap_.fit_transform(self._pre(x, True).float().numpy()))
+        pre = self._pre(x, True).float().numpy()
+        with _torch_threads_kept():
+            self.embedding_ = torch.as_tensor(self.umap_.fit_transform(pre))
         self.n_features_in_ = x.shape[1]
         return self
 
@@ -195,7 +218,9 @@ class UMAP:
         if x.shape[1] != self.n_features_in_:
             raise ValueError(f"`X` items must have {self.n_features_in_} values (shape {self.item_shape_}), "
                              f"got {x.shape[1]}")
-        return torch.as_tensor(self.umap_.transform(self._pre(x, False).float().numpy()))
+        pre = self._pre(x, False).float().numpy()
+        with _torch_threads_kept():
+            return torch.as_tensor(self.umap_.transform(pre))
 
     def inverse_transform(self, Z) -> torch.Tensor:
         """Points of the fitted space for map points ``Z`` (n, n_components): umap-learn's ``inverse_transform``
@@ -207,7 +232,8 @@ class UMAP:
         z, _ = _as_2d(Z)
         if z.shape[1] != self.n_components:
             raise ValueError(f"`Z` points must have {self.n_components} coordinates, got shape {tuple(z.shape)}")
-        x = torch.as_tensor(self.umap_.inverse_transform(z.float().numpy())).float()
+        with _torch_threads_kept():
+            x = torch.as_tensor(self.umap_.inverse_transform(z.float().numpy())).float()
         if hasattr(self, "pca_"):
             x = self.pca_.inverse_transform(x)
         return x.reshape(len(z), *self.item_shape_)

@@ -130,6 +130,34 @@ def test_umap_contract_and_pca_first_for_wide_inputs():
         UMAP().inverse_transform(centres)
 
 
+@pytest.mark.slow
+def test_umap_leaves_torchs_thread_count_alone():
+    """umap-learn's first fit in a process starts numba's OpenMP layer, which set the process's OpenMP thread count
+    (torch's too) to every core: a process pinned to fewer threads then ran torch oversubscribed (one batch of
+    images 22x slower on a busy machine). A fresh process, since the layer starts once per process."""
+    import os
+    import subprocess
+    import sys
+
+    n = 1 if (os.cpu_count() or 1) > 1 else 2  # anything but the core count numba would set
+    code = (
+        "import torch\n"
+        f"torch.set_num_threads({n})\n"
+        "counts = [torch.get_num_threads()]\n"  # torch's OpenMP state in use, as in any process that generated
+        "from latentlab.project import UMAP\n"
+        "x = torch.randn(120, 64, generator=torch.Generator().manual_seed(0))\n"
+        "u = UMAP(n_neighbors=15, random_state=0).fit(x)\n"
+        "counts.append(torch.get_num_threads())\n"
+        "u.transform(x[:3]); counts.append(torch.get_num_threads())\n"
+        "u.inverse_transform(u.embedding_[:2]); counts.append(torch.get_num_threads())\n"
+        "print(counts)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str([n, n, n, n])
+
+
 # --- inverse projections ------------------------------------------------------------------------------------------
 
 _pts = st.tuples(st.floats(-10, 10), st.floats(-10, 10))
