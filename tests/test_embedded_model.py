@@ -144,3 +144,22 @@ def test_the_kept_training_candidate_is_a_plain_safetensors_pipeline_that_unpack
         assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
         train.main(["unpack", "--out", str(tmp_path / path.name), "--package-to", str(path), "--decoder-step", "5"])
         assert {p.name for p in (tmp_path / path.name).iterdir()} >= {"unet-ckpt", "vae-ckpt", "decoder-ckpt", "clip-ckpt"}
+
+
+def test_the_cards_inbetween_measure_runs_the_default_morphs_attention_path():
+    """The card's clean-in-between measure reads the morph's default prompt path too (AttentionMix on the UNet
+    model): its morph starts and ends on the same frames as the prompt-lerp morph (weights not reversed), and an
+    unknown path is refused by name."""
+    lab = Lab.default()
+    a, b = world.held_out_prompts()[0], world.held_out_prompts()[7]
+    ts = torch.tensor([0.0, 0.5, 1.0])
+    lat, lerped = evaluate._morph_inputs(lab, a, b, 0, ts)
+    lat2, mixed = evaluate._morph_inputs(lab, a, b, 0, ts, "attention")
+    assert torch.equal(lat, lat2) and type(mixed).__name__ == "AttentionMix"
+    x, y = lab.generate(lat, lerped), lab.generate(lat, mixed)
+    assert (x[[0, 2]] - y[[0, 2]]).abs().max() < 1e-3
+    assert (x[1] - y[1]).abs().max() > 1e-3  # the in-between differs: a real mix, not one of the prompts
+    out = evaluate.clean_inbetweens(lab, evaluate.shape_classifier(), pairs=1, frames=3, prompt_path="attention")
+    assert out["frames"] == 3 and 0 <= out["one_clean_shape"] <= 1
+    with pytest.raises(ValueError, match="prompt_path"):
+        evaluate.clean_inbetweens(lab, evaluate.shape_classifier(), pairs=1, frames=3, prompt_path="slerp")

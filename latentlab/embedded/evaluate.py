@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from latentlab import _checks
 from latentlab.backend.engine import posterior_mean
 from latentlab.embedded import world
 
@@ -421,10 +422,13 @@ def graded_img2img(lab, shape_net: ShapeNet, *, n: int = 48, strengths=(0.1, 0.2
 
 @torch.no_grad()
 def clean_inbetweens(lab, shape_net: ShapeNet, *, pairs: int = 50, frames: int = 48, seed: int = 9,
-                     background_tolerance: float = 0.2) -> dict[str, float]:
-    """Morphs between random held-out prompt pairs (slerp noise, lerp prompt): the share of frames that show one
-    connected shape on a uniform background, and the share whose background colour is near (RGB distance <
-    ``background_tolerance``) one keyframe's background or the RGB blend of the two at that frame's t."""
+                     background_tolerance: float = 0.2, prompt_path: str = "lerp") -> dict[str, float]:
+    """Morphs between random held-out prompt pairs (slerp noise; the prompts lerped, or with ``prompt_path=
+    "attention"`` both in every cross attention, :class:`~latentlab.backend.AttentionMix`, the morph's default on
+    UNet models): the share of frames that show one connected shape on a uniform background, and the share whose
+    background colour is near (RGB distance < ``background_tolerance``) one keyframe's background or the RGB blend
+    of the two at that frame's t."""
+    _checks.choice(prompt_path, "prompt_path", ("lerp", "attention"))
     prompts = world.held_out_prompts()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(prompts), (pairs, 2), generator=g).tolist()
@@ -432,7 +436,7 @@ def clean_inbetweens(lab, shape_net: ShapeNet, *, pairs: int = 50, frames: int =
     clean = near = total = 0
     for k, (i, j) in enumerate(idx):
         a, b = prompts[i], prompts[j]
-        images = lab.generate(*_morph_inputs(lab, a, b, k, ts))
+        images = lab.generate(*_morph_inputs(lab, a, b, k, ts, prompt_path))
         for f, img in enumerate(images):
             border = torch.cat([img[:, 0, :], img[:, -1, :], img[:, :, 0], img[:, :, -1]], dim=1)
             bg = border.median(dim=1).values
@@ -510,13 +514,17 @@ def one_attribute_pairs(n: int, *, seed: int = 0) -> list[tuple[tuple[str, ...],
     return out
 
 
-def _morph_inputs(lab, a, b, k: int, ts: torch.Tensor):
-    from latentlab.backend import Conditioning
+def _morph_inputs(lab, a, b, k: int, ts: torch.Tensor, prompt_path: str = "lerp"):
+    from latentlab.backend import AttentionMix, Conditioning
     from latentlab.ops import lerp, slerp
 
     za, zb = lab.noise(2 * k), lab.noise(2 * k + 1)
     ca, cb = lab.encode_prompt(world.caption(*a)), lab.encode_prompt(world.caption(*b))
-    cond = Conditioning.cat([ca, cb]).map(lambda t: lerp(t[:1], t[1:], ts)[:, 0])
+    if prompt_path == "attention":
+        n = len(ts)
+        cond = AttentionMix(Conditioning.cat([ca] * n), Conditioning.cat([cb] * n), ts.double())
+    else:
+        cond = Conditioning.cat([ca, cb]).map(lambda t: lerp(t[:1], t[1:], ts)[:, 0])
     return slerp(za, zb, ts)[:, 0], cond
 
 
@@ -657,6 +665,8 @@ def main(argv: list[str] | None = None) -> None:
         results["inpaint_locality_regions_rms"] = inpaint_locality_regions(lab)
         results["graded_img2img_new_colour_share"] = graded_img2img(lab, shape_net)
         results["clean_inbetweens"] = clean_inbetweens(lab, shape_net)
+        if lab.attention_mix_unsupported() is None:  # the morph's default prompt path on UNet models
+            results["clean_inbetweens_attention"] = clean_inbetweens(lab, shape_net, prompt_path="attention")
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
