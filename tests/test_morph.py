@@ -244,6 +244,39 @@ def test_even_pacing_spreads_change_evenly_and_keeps_keyframes(fake, tmp_path):
     torch.testing.assert_close(render_frame(fake, manifest_path(out), 6), fake.generate(lat, cond))
 
 
+def test_pacing_refinement_bisects_a_sharp_change(fake, monkeypatch):
+    """A morph whose whole change happens in a narrow band of t (a sigmoid of width ~1/200 between two preview
+    points): refinement rounds add previews inside the band, so the frames spread over it, and the largest
+    frame-to-frame change falls against one-shot pacing. Every round is one batch."""
+    from latentlab.backend import AttentionMix
+
+    def step_images(latents, conditioning, *, sampling=None, **kw):
+        assert isinstance(conditioning, AttentionMix)
+        w = conditioning.weight.float()
+        batches.append(len(w))
+        return torch.sigmoid(200 * (w - 0.43)).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+
+    monkeypatch.setattr(fake, "generate", step_images)
+    kf = (Keyframe("a red star", 1), Keyframe("a blue ring", 2))
+    jumps, calls = {}, {}
+    for rounds in (0, 2):
+        batches = []
+        s = _settings(keyframes=kf, n_frames=17, pacing="even", prompt_interpolation="attention",
+                      pacing_refine=rounds)
+        p = plan(fake, s)
+        calls[rounds] = list(batches)
+        _, cond = p.inputs(0, 17)
+        frames = step_images(None, cond)[:, 0, 0, 0]
+        d = frames.diff().abs()
+        jumps[rounds] = float(d.max() / d.mean())
+        ts = [f["prompt_t"] for f in p.frames]
+        assert ts[0] == 0.0 and ts[-1] == 1.0 and ts == sorted(ts)
+    assert calls[0] == [9] and len(calls[2]) == 3 and all(n <= 4 for n in calls[2][1:])
+    assert jumps[2] < 0.8 * jumps[0], jumps
+    with pytest.raises(ValueError, match="pacing_refine"):
+        _settings(pacing="even", pacing_refine=-1)
+
+
 def test_cli_walk_grid_and_frame(tiny_sd_path, tmp_path, capsys):
     walk = tmp_path / "walk.mp4"
     assert cli.main(["walk", "a red star", "--seeds", "1", "2", "3", "--frames", "6", "--steps", "2",

@@ -31,6 +31,8 @@ MODES: dict[str, dict] = {
     "prediction mix": {"prompt_interpolation": "mix"},
     "attention (AID fused)": {"prompt_interpolation": "attention"},
     "attention + pacing even (pixels)": {"prompt_interpolation": "attention", "pacing": "even"},
+    "attention + pacing even, 2 refinement rounds (pixels)": {"prompt_interpolation": "attention", "pacing": "even",
+                                                              "pacing_refine": 2},
     "prompt slerp": {"prompt_interpolation": "slerp"},
     "smoothstep easing": {"prompt_easing": "smoothstep", "noise_easing": "smoothstep"},
     "pacing even (pixels)": {"pacing": "even"},

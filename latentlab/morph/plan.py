@@ -114,10 +114,18 @@ def plan(lab: Backend, settings: MorphSettings, *, distance=None, frames: list[d
 
     Pacing ``"even"``: every segment is previewed at ``pacing_samples + 1`` evenly spaced points (both paths
     linear, ``pacing_steps`` denoising steps), the change between consecutive previews is measured with
-    ``distance`` (default :func:`pixel_distance`; :func:`clip_distance` for a perceptual one) and the segment is
-    re-timed with :func:`latentlab.paths.retime` so that frames change by about the same amount. Easing composes
+    ``distance`` (default :func:`pixel_distance`; :func:`clip_distance` for a perceptual one), then
+    ``pacing_refine`` rounds (default 0) bisect where the change concentrates (a preview at the midpoint of every
+    interval that changes more than 1.5x its segment's mean, at most ``pacing_samples // 2`` a segment a round: a
+    jump is located to 1/32 of the segment instead of 1/8), and the segment is re-timed with
+    :func:`latentlab.paths.retime` on all its previews so that frames change by about the same amount. Easing composes
     on top: a frame's ``t`` is ``retime(ease(raw))``, so easing still shapes the (now perceptual) speed and frames
     still land exactly on the keyframes.
+
+    Refinement is a trade, measured on the embedded model (30 held-out one-attribute pairs x 17 frames, attention
+    in-betweens, BENCHMARKS.md): two rounds took smoothness 1 - Gini 0.538 -> 0.584 and the largest step 4.23 ->
+    3.42x the mean, but the frames it places inside a jump are half-way images (clean in-betweens 78.4 -> 74.9 %,
+    monotonic morphs 30 -> 23 %) at 1.5x the one-shot pacing's time -- for the smoothest morph, not the cleanest.
     """
     method = settings.prompt_interpolation
     if method == "attention" and (why := lab.attention_mix_unsupported()) is not None:
@@ -208,23 +216,51 @@ def file_digest(path: str) -> str:
 def _pace(lab: Backend, settings: MorphSettings, keys, conds, records, ns, ps, distance, method: str):
     n_seg = ns.n_segments
     m = settings.pacing_samples
-    grid = [j / m for j in range(m + 1)]
-    probe = Plan(settings, keys, conds, [
-        {"noise_segment": s, "noise_t": g, "prompt_segment": s, "prompt_t": g} for s in range(n_seg) for g in grid
-    ], prompt_method=method)
     s = lab.sampling(settings.sampling)
     steps = settings.pacing_steps or max(2, s.num_inference_steps // 2)
-    lat, cond = probe.inputs(0, len(probe.frames))
-    log.info("pacing: previewing %d points at %d steps", len(lat), steps)
-    images = lab.generate(lat, cond, sampling=s.replace(num_inference_steps=steps))
-    images = images.view(n_seg, m + 1, *images.shape[1:])
-    per_seg = [distance(images[j, :-1], images[j, 1:]).double() for j in range(n_seg)]
+    sampling = s.replace(num_inference_steps=steps)
+
+    def preview(points):  # [(segment, t)] -> images, one batch
+        probe = Plan(settings, keys, conds, [
+            {"noise_segment": a, "noise_t": t, "prompt_segment": a, "prompt_t": t} for a, t in points
+        ], prompt_method=method)
+        lat, cond = probe.inputs(0, len(points))
+        return lab.generate(lat, cond, sampling=sampling)
+
+    grids = [[j / m for j in range(m + 1)] for _ in range(n_seg)]
+    first = preview([(a, t) for a in range(n_seg) for t in grids[a]])
+    images = [list(first[a * (m + 1) : (a + 1) * (m + 1)]) for a in range(n_seg)]
+
+    def changes(a):
+        x = torch.stack(images[a])
+        return distance(x[:-1], x[1:]).double()
+
+    n_previews = len(first)
+    for _ in range(settings.pacing_refine):
+        # Bisect where the change concentrates: the intervals that change more than 1.5x their segment's mean
+        # (largest first, at most m // 2 a segment a round) get a preview at their midpoint, all in one batch.
+        new = []
+        for a in range(n_seg):
+            d = changes(a)
+            big = [i for i in torch.argsort(d, descending=True).tolist() if d[i] > 1.5 * d.mean()][: max(1, m // 2)]
+            new += [(a, i, (grids[a][i] + grids[a][i + 1]) / 2) for i in big]
+        if not new:
+            break
+        out = preview([(a, t) for a, _, t in new])
+        n_previews += len(new)
+        for (a, i, t), img in sorted(zip(new, out), key=lambda z: (z[0][0], -z[0][1])):  # right to left
+            grids[a].insert(i + 1, t)
+            images[a].insert(i + 1, img)
+    log.info("pacing: previewed %d points at %d steps", n_previews, steps)
+    per_seg = [changes(a) for a in range(n_seg)]
     out = []
     for r in records:
         r = dict(r)
         raw_n = ns.position[r["index"]] - ns.segment[r["index"]]
         raw_p = ps.position[r["index"]] - ps.segment[r["index"]]
-        r["noise_t"] = float(retime(grid, per_seg[r["noise_segment"]], ease(raw_n, settings.noise_easing))[0])
-        r["prompt_t"] = float(retime(grid, per_seg[r["prompt_segment"]], ease(raw_p, settings.prompt_easing))[0])
+        r["noise_t"] = float(retime(grids[r["noise_segment"]], per_seg[r["noise_segment"]],
+                                    ease(raw_n, settings.noise_easing))[0])
+        r["prompt_t"] = float(retime(grids[r["prompt_segment"]], per_seg[r["prompt_segment"]],
+                                     ease(raw_p, settings.prompt_easing))[0])
         out.append(r)
     return out

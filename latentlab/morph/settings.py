@@ -146,6 +146,7 @@ class MorphSettings:
     pacing: str = "none"
     pacing_samples: int = 8
     pacing_steps: int | None = None
+    pacing_refine: int = 0
     keyframe_times: tuple[float, ...] | None = None
     audio: AudioTrack | None = None
 
@@ -185,6 +186,7 @@ class MorphSettings:
                 _checks.positive_int(getattr(self, name), name)
         _checks.choice(self.pacing, "pacing", PACINGS)
         _checks.positive_int(self.pacing_samples, "pacing_samples", minimum=2)
+        _checks.positive_int(self.pacing_refine, "pacing_refine", minimum=0)
         if self.pacing_steps is not None:
             _checks.positive_int(self.pacing_steps, "pacing_steps")
         duration = self.n_frames / self.fps
