@@ -171,8 +171,9 @@ def test_map_fidelity_benchmark_measures_clicks_held_out_items_and_a_path(tmp_pa
                        "pca", "--candidates", "3", "--refine", "1", "--held-out", "0.25", "--path-frames", "4",
                        "--threads", "1", "--markdown", str(md), "--json", str(js)])
     row = [r for r in md.read_text().splitlines() if r.startswith("| latents/pca |")]
-    assert len(row) == 1 and len(row[0].split("|")) == 8  # 6 cells: no stray pipes
+    assert len(row) == 1 and len(row[0].split("|")) == 9  # 7 cells: no stray pipes
     r = json.loads(js.read_text())["results"]["latents/pca"]
+    assert r["reachable"]["clicks"] == 2 and 0 <= r["reachable"]["share_within_0.05"] <= 1
     assert r["clicks"]["clicks"] == 2 and r["held_out"]["held_out"] == 2 and r["path"]["search"]["frames"] == 4
     # the search includes the blend as a candidate: its median error is never above the blend's
     assert r["clicks"]["search"]["median_error"] <= r["clicks"]["baseline"]["median_error"] + 1e-9
@@ -202,3 +203,24 @@ def test_map_fps_benchmark_drives_the_real_canvas_at_each_size(tmp_path):
     md = tmp_path / "fps.md"
     map_fps.main(["--sizes", "1000", "--seconds", "0.3", "--markdown", str(md)])
     assert md.read_text().count("| 1,000 |") == 1
+
+
+def test_the_maps_reachable_bound_is_never_worse_than_the_nearest_item():
+    """The generation-free bound mixes pairs of a click's nearest items' vectors, the items themselves included
+    (weights 0 and 1): on a PCA map (exact on the items) no click's bound is further than its nearest item."""
+    import torch
+
+    from latentlab.atlas import Atlas, AtlasMap
+    from latentlab.benchmarks.map_fidelity import reachable
+
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    atlas = Atlas(torch.randn(n, 4, 2, 2, generator=g), torch.randn(n, 4, 2, 2, generator=g),
+                  torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1), torch.randn(n, 8, generator=g),
+                  torch.zeros(n, 3, 8, 8, dtype=torch.uint8), [{"prompt": f"p{i}", "seed": i} for i in range(n)], {})
+    m = AtlasMap(atlas, space="latents", method="pca")
+    r = reachable(m, 5, seed=3)
+    lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
+    pts = lo + (hi - lo) * torch.rand(5, 2, generator=torch.Generator().manual_seed(3))
+    nearest = sorted(m.nearest_item_distance(p.tolist()) for p in pts)
+    assert r["median_error"] <= nearest[2] + 1e-6
