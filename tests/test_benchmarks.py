@@ -211,7 +211,7 @@ def test_the_maps_reachable_bound_is_never_worse_than_the_nearest_item():
     import torch
 
     from latentlab.atlas import Atlas, AtlasMap
-    from latentlab.benchmarks.map_fidelity import reachable
+    from latentlab.benchmarks.map_fidelity import click_points, reachable
 
     g = torch.Generator().manual_seed(0)
     n = 12
@@ -220,7 +220,5 @@ def test_the_maps_reachable_bound_is_never_worse_than_the_nearest_item():
                   torch.zeros(n, 3, 8, 8, dtype=torch.uint8), [{"prompt": f"p{i}", "seed": i} for i in range(n)], {})
     m = AtlasMap(atlas, space="latents", method="pca")
     r = reachable(m, 5, seed=3)
-    lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
-    pts = lo + (hi - lo) * torch.rand(5, 2, generator=torch.Generator().manual_seed(3))
-    nearest = sorted(m.nearest_item_distance(p.tolist()) for p in pts)
+    nearest = sorted(m.nearest_item_distance(p.tolist()) for p in click_points(m, 5, seed=3))
     assert r["median_error"] <= nearest[2] + 1e-6

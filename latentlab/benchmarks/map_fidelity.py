@@ -55,11 +55,17 @@ def _landing_of(m, lab, noise, cond, point) -> float:
     return float((landed[0] - torch.as_tensor(point, dtype=torch.float32)).norm()) / m.diagonal_
 
 
-def clicks(lab, m, n: int, *, seed: int, candidates: int, refine: int, more: int = 0) -> dict:
+def click_points(m, n: int, *, seed: int):
+    """``n`` seeded random points of the map's bounding box (the clicks every measure here shares)."""
     import torch
 
     lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
-    pts = lo + (hi - lo) * torch.rand(n, 2, generator=torch.Generator().manual_seed(seed))
+    return lo + (hi - lo) * torch.rand(n, 2, generator=torch.Generator().manual_seed(seed))
+
+
+def clicks(lab, m, n: int, *, seed: int, candidates: int, refine: int, more: int = 0) -> dict:
+
+    pts = click_points(m, n, seed=seed)
     base, search, near = [], [], []
     t0 = time.perf_counter()
     for p in pts.tolist():
@@ -87,8 +93,7 @@ def reachable(m, n: int, *, seed: int, neighbours: int = 6, weights: int = 11) -
     new points towards their neighbours' clusters, that is the space between clusters."""
     import torch
 
-    lo, hi = m.coords_.min(0).values, m.coords_.max(0).values
-    pts = lo + (hi - lo) * torch.rand(n, 2, generator=torch.Generator().manual_seed(seed))
+    pts = click_points(m, n, seed=seed)
     x = getattr(m.atlas, m.space).float().flatten(1)
     unit = m.space in ("image_embeds", "prompt_embeds")
     w = torch.linspace(0, 1, weights)
