@@ -190,7 +190,10 @@ def test_a_request_asks_the_pipeline_for_its_execution_device_once(request, path
     wrapped = vae_cls.device
 
     def counted(self):
-        asked.append(1)
+        import sys
+
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("diffusers.pipelines"):  # _execution_device
+            asked.append(1)
         return wrapped.fget(self)
 
     monkeypatch.setattr(vae_cls, "device", property(counted))
@@ -220,3 +223,60 @@ def test_a_compiled_unet_keeps_its_processors_and_its_frames(tiny_lab):
     compiled = tiny_lab.generate(z, cond, num_inference_steps=2, output_type="latent")
     assert torch.allclose(compiled, eager, atol=2e-3)
     assert [type(p) for p in unet.attn_processors.values()] == procs  # never swapped
+
+
+def test_module_facts_answer_as_diffusers_does_without_its_walks(tiny_lab, monkeypatch):
+    """``module_facts`` is diffusers' ``device``/``dtype`` answer: plain, with keep-in-float32 modules (the
+    first parameter outside them), and with a diffusers hook (layerwise casting: the compute dtype, not the stored
+    one); only the hooked model needs diffusers' own (walking) properties."""
+    import copy
+
+    from diffusers import ModelMixin
+
+    from latentlab.backend.engine import module_facts
+
+    unet = copy.deepcopy(tiny_lab.pipe.unet)
+    asked = []
+    for name in ("device", "dtype"):
+        original = getattr(ModelMixin, name)
+        monkeypatch.setattr(ModelMixin, name, property(lambda self, _o=original, _n=name: asked.append(_n) or
+                                                       _o.fget(self)))
+
+    def diffusers_answer(m):
+        n = len(asked)
+        out = {"device": m.device, "dtype": m.dtype}
+        del asked[n:]
+        return out
+
+    assert module_facts(unet) == diffusers_answer(unet) == {"device": torch.device("cpu"), "dtype": torch.float32}
+    assert asked == []
+    unet.to(torch.bfloat16)
+    unet.conv_in.to(torch.float32)
+    monkeypatch.setattr(unet, "_keep_in_fp32_modules", ["conv_in"], raising=False)
+    assert module_facts(unet) == diffusers_answer(unet) and module_facts(unet)["dtype"] == torch.bfloat16
+    monkeypatch.setattr(unet, "_keep_in_fp32_modules", None, raising=False)
+    assert module_facts(unet)["dtype"] == diffusers_answer(unet)["dtype"] == torch.float32  # conv_in comes first
+    assert asked == []
+    hooked = copy.deepcopy(tiny_lab.pipe.unet)
+    hooked.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert next(hooked.parameters()).dtype == torch.bfloat16
+    assert module_facts(hooked) == diffusers_answer(hooked) and module_facts(hooked)["dtype"] == torch.float32
+    assert set(asked) == {"device", "dtype"}  # the hook found: diffusers answered
+
+
+def test_a_short_prompt_is_encoded_without_touching_logger_levels(tiny_lab, monkeypatch, caplog):
+    """Setting a logger's level clears every logger's cache (~1.3 ms a prompt): only a prompt long enough that a text
+    encoder might cut it (and log the dropped text) silences the loggers, and they come back as they were."""
+    import logging
+
+    calls = []
+    original = logging.Logger.setLevel
+    monkeypatch.setattr(logging.Logger, "setLevel", lambda self, level: calls.append(self.name) or
+                        original(self, level))
+    tiny_lab.encode_prompt("sun")  # 5 tokens with start and end (a tokenizer of characters), limit 16
+    assert calls == []
+    before = {name: logging.getLogger(name).level for name in ("transformers", type(tiny_lab.pipe).__module__)}
+    with pytest.warns(UserWarning, match="cut to the text encoder's limit"):
+        tiny_lab.encode_prompt(" ".join(["blue"] * 40))
+    assert calls and not any("truncated" in r.getMessage() for r in caplog.records)
+    assert {name: logging.getLogger(name).level for name in before} == before

