@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -163,3 +165,20 @@ def test_the_cards_inbetween_measure_runs_the_default_morphs_attention_path():
     assert out["frames"] == 3 and 0 <= out["one_clean_shape"] <= 1
     with pytest.raises(ValueError, match="prompt_path"):
         evaluate.clean_inbetweens(lab, evaluate.shape_classifier(), pairs=1, frames=3, prompt_path="slerp")
+
+
+def test_every_shipped_embedded_file_is_package_data():
+    """A non-editable ``pip install .`` ships only what ``[tool.setuptools.package-data]`` names: every file of the
+    embedded models (and their preview decoder, card and evaluator) must match one of its patterns."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["latentlab"]
+    shipped = [p for p in (root / "latentlab" / "embedded").rglob("*")
+               if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert shipped
+    missing = [str(p.relative_to(root / "latentlab")) for p in shipped
+               if not any(fnmatch.fnmatch(str(p.relative_to(root / "latentlab")), pat.replace("**/", "*"))
+                          or fnmatch.fnmatch(str(p.relative_to(root / "latentlab")), pat) for pat in patterns)]
+    assert not missing, missing
