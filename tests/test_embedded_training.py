@@ -279,7 +279,15 @@ def test_fast_model_recipe_smoke_data_student_tiny_package_load(tmp_path):
                output_type="latent").images
     assert torch.equal(same, x0[:2])
     train_fast.main(["student", "--out", str(out), "--steps", "2", "--batch", "4"])
-    train_fast.main(["tiny", "--out", str(out), "--steps", "2", "--pairs", "64"])
+    train_fast.main(["tiny", "--out", str(out), "--steps", "2", "--pairs", "64", "--tiny-blocks", "1,1,1,1",
+                     "--fg-weight", "4", "--encoder-share", "0.25"])
+    train_fast.main(["package-preview", "--out", str(out), "--package-to", str(tmp_path / "preview")])
+    from latentlab.backend import Lab
+
+    lab = Lab.default().set_preview_decoder(tmp_path / "preview")
+    assert tuple(lab.preview_decoder.config.num_decoder_blocks) == (1, 1, 1, 1)
+    assert lab.generate_live(lab.noise(0), lab.encode_prompt("a red star"), num_inference_steps=2,
+                             preview=True).shape == (1, 3, 64, 64)
     pkg = tmp_path / "model-fast"
     train_fast.main(["package", "--out", str(out), "--package-to", str(pkg)])
     pipe = DiffusionPipeline.from_pretrained(pkg)
@@ -392,3 +400,18 @@ def test_kill_9_at_a_random_point_of_a_training_run_resumes_to_the_same_weights(
         a, b = load_file(whole / "flow-ckpt" / f"{name}.safetensors"), load_file(killed / "flow-ckpt" / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in killed.iterdir()) == ["flow-ckpt"]
+
+
+def test_the_tiny_decoders_loss_weights_the_shape_and_its_edge():
+    from latentlab.embedded import world
+    from latentlab.embedded.train_fast import foreground_weight
+
+    b = world.sample(4, seed=3)
+    x = b.images * 2 - 1
+    w = foreground_weight(x, 4.0)
+    assert w.shape == (4, 1, 64, 64) and torch.allclose(w.mean(dim=(2, 3)), torch.ones(4, 1))
+    bg = x[:, :, :1, :1]
+    on_shape = (x - bg).abs().amax(dim=1, keepdim=True) > 0.3
+    assert on_shape.any(dim=(2, 3)).all()
+    assert (w[on_shape].min() > w[~on_shape].min() * 4).item()  # shape pixels weigh 5x the far background
+    assert torch.equal(foreground_weight(x, 0.0), torch.ones_like(w))

@@ -139,3 +139,47 @@ def test_attention_mixes_run_the_traced_loop_bit_for_bit(unet_lab, guidance_scal
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     assert all(type(p) is AttnProcessor2_0 for p in lab.pipe.unet.attn_processors.values())  # restored
+
+
+def _tiny_decoder(latent_channels: int = 4, factor: int = 2, seed: int = 0):
+    """A random diffusers AutoencoderTiny with ``factor`` pixels per latent pixel (the tiny SD model's VAE: 2)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    n = factor.bit_length()  # one upsampling between consecutive blocks
+    return AutoencoderTiny(encoder_block_out_channels=(8,) * n, decoder_block_out_channels=(8,) * n,
+                           num_encoder_blocks=(1,) * n, num_decoder_blocks=(1,) * n, latent_channels=latent_channels,
+                           force_upcast=False)
+
+
+def test_a_preview_decoder_decodes_previews_and_nothing_else(tiny_lab, tmp_path):
+    cond = tiny_lab.encode_prompt(["a red star", "a blue ring"])
+    z = tiny_lab.noise([3, 4])
+    exact = tiny_lab.generate_live(z, cond)
+    vae_preview = tiny_lab.generate_live(z, cond, preview=True)
+    decoder = _tiny_decoder()
+    assert tiny_lab.set_preview_decoder(decoder) is tiny_lab and tiny_lab.preview_decoder is decoder
+    preview = tiny_lab.generate_live(z, cond, preview=True)
+    latents = tiny_lab.generate(z, cond, batch_size=1, output_type="latent")  # the same denoising, bit for bit
+    with torch.no_grad():
+        want = (tiny_lab.adapter.vae_decode(decoder, latents) / 2 + 0.5).clamp(0, 1)
+    assert preview.shape == exact.shape and (preview - want).abs().max() < 2e-2  # bfloat16 where native
+    assert (preview - vae_preview).abs().max() > 0.1  # really another decoder
+    assert "decode:AutoencoderTiny" in tiny_lab._live[True].speedups()
+    assert torch.equal(tiny_lab.generate_live(z, cond), exact)  # final images never use it
+    assert torch.equal(tiny_lab.generate(z, cond, batch_size=1), exact)
+    decoder.save_pretrained(tmp_path / "decoder")
+    assert torch.equal(tiny_lab.set_preview_decoder(tmp_path / "decoder").generate_live(z, cond, preview=True), preview)
+    assert torch.equal(tiny_lab.set_preview_decoder(None).generate_live(z, cond, preview=True), vae_preview)
+
+
+def test_a_preview_decoder_is_checked_before_use(tiny_lab, tmp_path):
+    with pytest.raises(TypeError, match=r"`decoder` must be None, a folder, or a VAE-like module .* got int"):
+        tiny_lab.set_preview_decoder(3)
+    with pytest.raises(FileNotFoundError, match="must be a folder with a config.json and safetensors weights"):
+        tiny_lab.set_preview_decoder(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"`decoder` cannot decode this model's latents \(1, 4, 8, 8\)"):
+        tiny_lab.set_preview_decoder(_tiny_decoder(latent_channels=16))
+    with pytest.raises(ValueError, match=r"to images \(1, 3, 16, 16\), got \(1, 3, 32, 32\)"):
+        tiny_lab.set_preview_decoder(_tiny_decoder(factor=4))
+    assert tiny_lab.preview_decoder is None  # nothing half-set

@@ -217,6 +217,7 @@ class Engine:
     _fingerprint: str | None = field(default=None, repr=False)
     _optimizations: tuple[str, ...] = field(default=(), repr=False)
     _live: dict[bool, Any] = field(default_factory=dict, repr=False)
+    _preview_decoder: Any = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _pin: threading.local = field(default_factory=threading.local, repr=False)
 

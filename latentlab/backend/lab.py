@@ -85,6 +85,8 @@ class Lab(Engine):
         lab = cls._load(path, device=device, dtype=dtype, model_id=f"latentlab/{embedded.resolve(name)}")
         steps, guidance = embedded.SAMPLING[embedded.resolve(name)]
         lab.defaults = lab.defaults.replace(num_inference_steps=steps, guidance_scale=guidance)
+        if embedded.preview_decoder_available():  # every embedded model decodes with the one shared VAE
+            lab.set_preview_decoder(embedded.preview_decoder_path())
         return lab
 
     @classmethod
@@ -169,8 +171,11 @@ class Lab(Engine):
         The same images as ``generate(latents, conditioning, batch_size=1, ...)``, bit for bit, faster where the
         family allows (:class:`~latentlab.backend.live.LiveGenerator`: the UNet family's loop without the pipeline
         call's overhead and, on CPU, a traced UNet; measured 1.30x on the embedded model's 20-step image, one
-        thread; an :class:`~latentlab.backend.AttentionMix` too, 1.20x). ``preview=True`` may trade the last bits for speed: the VAE decodes in bfloat16 on a CPU with
-        native bfloat16 (pixels within ~1e-2; measured 1.39x on the few-step model's 2-step preview, one thread).
+        thread; an :class:`~latentlab.backend.AttentionMix` too, 1.20x). ``preview=True`` trades fidelity for
+        speed: the decode uses the :attr:`preview_decoder` if one is set (the embedded models': a distilled
+        ``AutoencoderTiny``), else the VAE, in bfloat16 on a CPU with native bfloat16 (the VAE's pixels within
+        ~1e-2; measured 1.39x on the few-step model's 2-step preview, one thread). The denoised latents are the
+        final image's either way.
 
         Examples
         --------
@@ -186,10 +191,65 @@ class Lab(Engine):
         live = self._live.get(preview)
         if live is None:
             cpu = self.device.type == "cpu"
-            bf16 = preview and cpu and self.vae_dtype == torch.float32 and _tensors.native_bfloat16()
+            decoder = self._preview_decoder if preview else None
+            source = self.vae_dtype if decoder is None else next(decoder.parameters()).dtype
+            bf16 = preview and cpu and source == torch.float32 and _tensors.native_bfloat16()
             live = self._live[preview] = LiveGenerator(self, trace=cpu and not self.compiled,
-                                                       decode_dtype=torch.bfloat16 if bf16 else None)
+                                                       decode_dtype=torch.bfloat16 if bf16 else None, decoder=decoder)
         return live(latents, conditioning, sampling=s)
+
+    @property
+    def preview_decoder(self) -> torch.nn.Module | None:
+        """The decoder of previews (``generate_live(..., preview=True)``), or ``None`` for the VAE's own; set it with
+        :meth:`set_preview_decoder`. The embedded models come with theirs."""
+        return self._preview_decoder
+
+    def set_preview_decoder(self, decoder: Any) -> Lab:
+        """Decode previews with a small distilled decoder instead of the VAE's (final images never use it).
+
+        ``decoder`` is diffusers' ``AutoencoderTiny`` (or any VAE-like module: ``decode`` and a ``config`` with the
+        latent scaling, as a pipeline's ``vae``) trained for this model's latents -- e.g. TAESD for Stable Diffusion
+        1.x/2.x (``AutoencoderTiny.from_pretrained("madebyollin/taesd")``), TAESDXL for SDXL --, a local folder of
+        one (safetensors only), or ``None`` for the VAE's own decoder. It is checked with one decode of a zero latent
+        of this model's shape, moved to the model's device, and used from the next preview on. Returns the Lab.
+
+        Examples
+        --------
+        >>> from latentlab import Lab
+        >>> fast = Lab.default("embedded-shapes-fast")
+        >>> type(fast.preview_decoder).__name__  # the embedded models' own, distilled from their VAE
+        'AutoencoderTiny'
+        >>> fast.generate_live(fast.noise(0), fast.encode_prompt("a red star"), preview=True).shape
+        torch.Size([1, 3, 64, 64])
+        >>> fast.set_preview_decoder(None).preview_decoder is None
+        True
+        """
+        if isinstance(decoder, (str, Path)):
+            folder = Path(decoder)
+            if not (folder / "config.json").is_file() or not _is_safetensors_folder(folder):
+                raise FileNotFoundError(f"`decoder` {str(decoder)!r} must be a folder with a config.json and "
+                                        "safetensors weights (an AutoencoderTiny saved by diffusers)")
+            decoder = import_diffusers().AutoencoderTiny.from_pretrained(folder, use_safetensors=True)
+        if decoder is not None:
+            if not (isinstance(decoder, torch.nn.Module) and callable(getattr(decoder, "decode", None))
+                    and hasattr(getattr(decoder, "config", None), "scaling_factor")):
+                raise TypeError("`decoder` must be None, a folder, or a VAE-like module (`decode` and a `config` "
+                                f"with `scaling_factor`, e.g. diffusers' AutoencoderTiny), got {type(decoder).__name__}")
+            decoder = decoder.to(self.device).eval()
+            z = torch.zeros_like(self.noise(0)).to(self.device, next(decoder.parameters()).dtype)
+            want = (1, 3, z.shape[-2] * self.vae_scale_factor, z.shape[-1] * self.vae_scale_factor)
+            try:
+                with torch.no_grad():
+                    got = tuple(self.adapter.vae_decode(decoder, z).shape)
+            except Exception as e:  # noqa: BLE001 -- any failure here means: not a decoder of these latents
+                raise ValueError(f"`decoder` cannot decode this model's latents {tuple(z.shape)}: {e}") from None
+            if got != want:
+                raise ValueError(f"`decoder` must decode this model's latents {tuple(z.shape)} to images {want}, "
+                                 f"got {got}")
+        with self._lock:
+            self._preview_decoder = decoder
+            self._live.pop(True, None)
+        return self
 
     def trajectory(self, latents: torch.Tensor, conditioning: Conditioning, *, sampling: Sampling | None = None,
                    batch_size: int | None = None, on_step=None, **overrides: Any) -> Trajectory:

@@ -16,6 +16,9 @@ that it can run a traced UNet). Optional, each named by :meth:`LiveGenerator.spe
 - ``decode_dtype=torch.bfloat16``: the VAE decoder in a bfloat16 copy made on first use (the decode is compute-bound:
   21 -> 15 ms on one thread with native bfloat16, pixels within ~1e-2), traced too with ``trace=True``. For previews
   only; the final image keeps the VAE's dtype.
+- ``decoder=``: a small distilled decoder for previews instead of the VAE's (diffusers' ``AutoencoderTiny``: TAESD
+  for Stable Diffusion, the embedded models' own preview decoder), copied, cast to ``decode_dtype`` and traced like
+  the VAE copy. Previews only; see :meth:`latentlab.Lab.set_preview_decoder`.
 
 An :class:`~latentlab.backend.AttentionMix` runs the same loop with the family's live attention processor
 (``live_attention_mix``: the UNet family's cross attention takes its text-key bias as an input), so one trace per
@@ -105,7 +108,10 @@ class LiveGenerator:
         Run the UNet traced with ``torch.jit.trace`` (see the module notes: checked against the UNet's structure
         before every request, eager whenever a trace could be stale).
     decode_dtype
-        ``None`` (the VAE's own) or a dtype for a decoder copy (``torch.bfloat16``: previews only).
+        ``None`` (the decoder's own) or a dtype for a decoder copy (``torch.bfloat16``: previews only).
+    decoder
+        ``None`` (the VAE's decoder) or a preview decoder (an ``AutoencoderTiny``-like module: ``decode`` and a
+        ``config`` with the latent scaling, as a pipeline's ``vae``). Previews only.
 
     Examples
     --------
@@ -123,14 +129,18 @@ class LiveGenerator:
     ('own-loop', 'jit-trace')
     """
 
-    def __init__(self, engine: Engine, *, trace: bool = False, decode_dtype: torch.dtype | None = None):
+    def __init__(self, engine: Engine, *, trace: bool = False, decode_dtype: torch.dtype | None = None,
+                 decoder: torch.nn.Module | None = None):
         if not isinstance(trace, bool):
             raise TypeError(f"`trace` must be a bool, got {type(trace).__name__}")
         if decode_dtype is not None and not (isinstance(decode_dtype, torch.dtype) and decode_dtype.is_floating_point):
             raise TypeError(f"`decode_dtype` must be None or a floating torch.dtype, got {decode_dtype!r}")
+        if decoder is not None and not (isinstance(decoder, torch.nn.Module) and hasattr(decoder, "decode")):
+            raise TypeError(f"`decoder` must be None or a VAE-like module with `decode`, got {type(decoder).__name__}")
         self.engine = engine
         self.trace = trace
         self.decode_dtype = decode_dtype
+        self.decoder = decoder
         self._traces: dict[tuple, Any] = {}
         self._traced_structure: tuple | None = None
         self._schedulers: dict[int, Any] = {}
@@ -150,9 +160,17 @@ class LiveGenerator:
         out = ("own-loop",) if own else ()
         if own and self.trace:
             out += ("jit-trace",)
-        if self.decode_dtype is not None and self.decode_dtype != self.engine.vae_dtype:
+        if self.decoder is not None:
+            out += (f"decode:{type(self.decoder).__name__}",)
+        if self.decode_dtype is not None and self.decode_dtype != self._source_dtype():
             out += (f"decode:{str(self.decode_dtype).removeprefix('torch.')}",)
         return out
+
+    def _source_dtype(self) -> torch.dtype:
+        """The dtype of the decoder previews start from (the preview decoder's, else the VAE's)."""
+        if self.decoder is None:
+            return self.engine.vae_dtype
+        return next(self.decoder.parameters()).dtype
 
     def __call__(self, latents: torch.Tensor, conditioning: Conditioning | AttentionMix, *,
                  sampling: Sampling | None = None) -> torch.Tensor:
@@ -252,15 +270,18 @@ class LiveGenerator:
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         e = self.engine
-        if self.decode_dtype is None or self.decode_dtype == e.vae_dtype:
+        dtype = self.decode_dtype or self._source_dtype()
+        if self.decoder is None and dtype == e.vae_dtype:
             return e.decode(z, batch_size=1)
         _checks.tensor(z, "latents", min_ndim=4)
-        z = z.to(e.device, self.decode_dtype)
+        z = z.to(e.device, dtype)
         with e._lock, torch.no_grad():
             if self._decoder is None:
-                # torch's own ``to``: diffusers' override warns about modules to keep in float32, which this VAE
-                # (no such modules) does not have; a preview decoder is allowed to lose the last bits anyway.
-                self._decoder = torch.nn.Module.to(copy.deepcopy(e.pipe.vae), self.decode_dtype)
+                # A private copy (of the preview decoder, else the VAE) in ``dtype``. torch's own ``to``: diffusers'
+                # override warns about modules to keep in float32, which these decoders (no such modules) do not
+                # have; a preview decoder is allowed to lose the last bits anyway.
+                source = self.decoder if self.decoder is not None else e.pipe.vae
+                self._decoder = torch.nn.Module.to(copy.deepcopy(source), dtype)
             if not self.trace or not hasattr(torch.jit, "trace"):
                 img = e.adapter.vae_decode(self._decoder, z)
             else:  # the private copy never changes: one trace per latent shape (measured 0.75 ms of 20, bit-identical)

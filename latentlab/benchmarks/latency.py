@@ -6,8 +6,9 @@ Two measurements in the same process, threads pinned and reported:
   denoised, decoded) at compute batch 1, for the full model (``embedded-shapes``, its 20 DDIM steps at guidance 4)
   and the few-step model (``embedded-shapes-fast`` at 1, 2 and 4 steps, no guidance branch), each two ways,
   interleaved: ``generate(..., batch_size=1)`` (the pipeline call) and ``generate_live`` as the widgets call it
-  (the full model's final image exact; the few-step model's preview with ``preview=True``): previews per second,
-  p50 and p95, the speed-up over the full model's ``generate`` and of ``generate_live`` over ``generate``;
+  (the full model's final image exact; the few-step model's preview with ``preview=True``, decoded by its preview
+  decoder, and at 2 steps also by the VAE's decoder): previews per second, p50 and p95, the speed-up over the full
+  model's ``generate`` and of ``generate_live`` over ``generate``;
 - **scrub a render**: the Interpolator's "render frame" slider over a finished morph, back and forth (a lookup of
   the frames the video encoder received);
 - **compute batch**: the full model's image at compute batch 1 against the CPU default compute batch (16, padded:
@@ -57,9 +58,22 @@ def _previews(lab, sampling, prompts, repeats: int, *, preview: bool, run: int) 
 
 
 def _breakdown(lab, sampling, prompts, repeats: int, *, run: int) -> dict[str, float]:
-    """Median ms of a preview's three parts, each timed alone: a new prompt encoded, the latent denoised, decoded."""
+    """Median ms of a preview's parts, each timed alone: a new prompt encoded, the latent denoised, decoded (by the
+    VAE, and by the lab's preview decoder if it has one)."""
+    import torch
+
+    from latentlab import _tensors
+
     lab.generate(lab.noise(0), lab.encode_prompt(prompts[0]), sampling=sampling, batch_size=1)  # warm
     parts: dict[str, list[float]] = {"encode prompt": [], "denoise": [], "decode (VAE)": []}
+    decoder = lab.preview_decoder
+    if decoder is not None:  # the preview's own decode: the live generator's (traced, bfloat16 where native) copy
+        from latentlab.backend.live import LiveGenerator
+
+        preview = LiveGenerator(lab, trace=True, decoder=decoder,
+                                decode_dtype=torch.bfloat16 if _tensors.native_bfloat16() else None)
+        preview._decode(lab.noise(0))  # warm (made and traced once)
+        parts[f"decode (preview decoder, {type(decoder).__name__})"] = []
     for i in range(repeats):
         t0 = time.perf_counter()
         cond = lab.encode_prompt(_spelling(prompts[1 + i % (len(prompts) - 1)], 2 * run + 1))  # not cached
@@ -68,7 +82,11 @@ def _breakdown(lab, sampling, prompts, repeats: int, *, run: int) -> dict[str, f
         t2 = time.perf_counter()
         lab.decode(z, batch_size=1)
         t3 = time.perf_counter()
-        for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+        times = [t1 - t0, t2 - t1, t3 - t2]
+        if decoder is not None:
+            preview._decode(z)
+            times.append(time.perf_counter() - t3)
+        for name, dt in zip(parts, times):
             parts[name].append(dt)
     return {name: statistics.median(ts) * 1000 for name, ts in parts.items()}
 
@@ -121,6 +139,10 @@ def main(argv: list[str] | None = None) -> None:
             s = fast.sampling(num_inference_steps=k)
             rows.append(("embedded-shapes-fast", s, "generate_live(preview=True)",
                          _previews(fast, s, prompts, args.repeats, preview=True, run=run)))
+            if k == 2 and fast.preview_decoder is not None:  # the same preview with the VAE's decoder, for the ratio
+                vae = ll.Lab.default("embedded-shapes-fast").set_preview_decoder(None)
+                rows.append(("embedded-shapes-fast", s, "generate_live(preview=True), the VAE's decoder",
+                             _previews(vae, s, prompts, args.repeats, preview=True, run=run)))
     base = statistics.median(rows[0][3][0])
     print(f"previews: one image end to end (new prompt, denoise, decode) at compute batch 1, {args.threads} threads, "
           f"{args.repeats} repeats each way, interleaved:")
@@ -168,10 +190,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += [f"| {n} | {k} | {g:g} | {h} | {r:.1f} | {m * 1000:.1f} | {q * 1000:.1f} | {x:.1f}x | {y:.2f}x |"
                   for n, k, g, h, r, m, q, x, y in table]
         if parts:
-            total = sum(parts.values())
-            lines += ["\nWhere a 2-step preview's time goes (embedded-shapes-fast, each part timed alone, median):\n",
-                      "| part | ms | share |", "| --- | --- | --- |"]
-            lines += [f"| {k} | {v:.1f} | {v / total:.0%} |" for k, v in parts.items()]
+            lines += [("\nWhere a 2-step preview's time goes (embedded-shapes-fast, each part timed alone, median; a "
+                      "preview decodes with one of the two decoders):\n"), "| part | ms |", "| --- | --- |"]
+            lines += [f"| {k} | {v:.1f} |" for k, v in parts.items()]
         lines += [(f"\nScrubbing a finished {args.scrub_frames}-frame render in the Interpolator (the frames the video "
                   f"encoder received, bit for bit): {scrub:.0f} frames/s ({env}).\n")]
         lines += [(f"\n### Interactive latency: one image, embedded model, {s.num_inference_steps} DDIM steps, "

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEFAULT", "NAMES", "SAMPLING", "clip_path", "is_available", "model_path", "resolve"]
+__all__ = ["DEFAULT", "NAMES", "SAMPLING", "clip_path", "is_available", "model_path", "preview_decoder_available",
+           "preview_decoder_path", "resolve"]
 
 _HERE = Path(__file__).resolve().parent
 _MODEL = _HERE / "model"
+_PREVIEW = _HERE / "preview-decoder"
 #: The embedded models by name, and their folders.
 _FOLDERS = {"embedded-shapes": _MODEL, "embedded-shapes-flow": _HERE / "model-flow",
             "embedded-shapes-fast": _HERE / "model-fast"}
@@ -66,6 +68,25 @@ def model_path(name: str = DEFAULT) -> Path:
             f"Train it with `{_RECIPES[key]}` (see latentlab/embedded/MODEL_CARD.md)"
         )
     return _FOLDERS[key]
+
+
+def preview_decoder_path() -> Path:
+    """The folder of the embedded models' preview decoder: a diffusers ``AutoencoderTiny`` distilled from their shared
+    VAE (``Lab.default`` sets it: :meth:`latentlab.Lab.set_preview_decoder`).
+
+    Raises
+    ------
+    FileNotFoundError
+        If it has not been trained and packaged into this installation.
+    """
+    if not preview_decoder_available():
+        raise FileNotFoundError(f"the embedded preview decoder is not trained yet: no config.json in {_PREVIEW}. Train "
+                                f"it with `{_RECIPES['embedded-shapes-fast']} tiny` (see latentlab/embedded/MODEL_CARD.md)")
+    return _PREVIEW
+
+
+def preview_decoder_available() -> bool:
+    return (_PREVIEW / "config.json").is_file()
 
 
 def clip_path() -> Path:

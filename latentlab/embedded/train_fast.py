@@ -15,18 +15,25 @@ The method ("coupled-line" distillation, measured against the alternatives in MO
    model). A DDIM step from a perfect prediction lands exactly on the line again, so 1, 2, 3 or 4 "trailing" DDIM
    steps all end on the teacher's image, and no fresh noise is ever added (nothing flickers along a morph path).
    It is reflow (Liu et al. 2022) in the variance-preserving parametrisation, with the teacher's guidance distilled in.
-3. ``tiny``: an ``AutoencoderTiny`` (TAESD layout, 32 channels) distilled from the default VAE: its decoder
-   reproduces the default decoder's image from the same latent (8x cheaper at batch 1), its encoder the posterior
-   mean, so the pipeline's img2img works too.
-4. ``package``: the diffusers folder.
+3. ``tiny``: an ``AutoencoderTiny`` (TAESD layout) distilled from the default VAE: its decoder reproduces the
+   default decoder's image from the same latent (world images' posterior means and the teacher's generated latents;
+   ``--fg-weight`` weights the loss on and next to the shape), its encoder the posterior mean, so the pipeline's
+   img2img works too. Shipped as the embedded models' preview decoder (``package-preview``:
+   ``latentlab/embedded/preview-decoder``), which ``Lab.default`` sets for ``generate_live(..., preview=True)``.
+4. ``package``: the diffusers folder (with ``--vae tiny``, the tiny autoencoder as the pipeline's VAE).
 
 ::
 
     python -m latentlab.embedded.train_fast data    --out runs/fast --minutes 35 --threads 2
     python -m latentlab.embedded.train_fast student --out runs/fast --minutes 80 --threads 1   # may run beside
                                                                                   # more data (reloads new shards)
-    python -m latentlab.embedded.train_fast tiny    --out runs/fast --minutes 12 --threads 1
-    python -m latentlab.embedded.train_fast package --out runs/fast
+    python -m latentlab.embedded.train_fast package --out runs/fast --vae default
+    # the preview decoder (its own run; teacher latents from a data stage's folder):
+    python -m latentlab.embedded.train_fast tiny --out runs/tiny --teacher-data runs/fast --pairs 6400 \
+        --tiny-channels 32 --tiny-blocks 2,2,2,1 --fg-weight 4 --encoder-share 0.25 --lr 2e-3 --cooldown 0.4 \
+        --minutes 80 --threads 1
+    python -m latentlab.embedded.train_fast package-preview --out runs/tiny \
+        --package-to latentlab/embedded/preview-decoder
 """
 
 from __future__ import annotations
@@ -190,17 +197,37 @@ def train_student(args) -> None:
     _run("student", args, {"model": student}, opt, step_fn, ema=ema, ema_decay=args.ema or 0.998)
 
 
-def tiny_config(scaling_factor: float) -> dict:
+#: The tiny autoencoder's layout before the preview decoder (v1: 32 channels, no block at 64x64; not shipped).
+TINY_V1 = {"channels": 32, "blocks": (1, 1, 1, 0)}
+
+
+def tiny_config(scaling_factor: float, channels: int = 32, blocks: tuple[int, ...] = (1, 1, 1, 0)) -> dict:
+    """diffusers' ``AutoencoderTiny`` (TAESD layout) at this size: ``channels`` at every decoder resolution (the
+    layout's rule), ``blocks`` residual blocks at 8, 16, 32 and 64 pixels; a 32-channel encoder (img2img only)."""
     return dict(in_channels=3, out_channels=3, latent_channels=4, encoder_block_out_channels=(32, 32, 32, 32),
-                decoder_block_out_channels=(32, 32, 32, 32), num_encoder_blocks=(1, 1, 1, 1),
-                num_decoder_blocks=(1, 1, 1, 0), scaling_factor=scaling_factor, force_upcast=False)
+                decoder_block_out_channels=(channels,) * 4, num_encoder_blocks=(1, 1, 1, 1),
+                num_decoder_blocks=tuple(blocks), scaling_factor=scaling_factor, force_upcast=False)
+
+
+def _tiny_layout(args) -> dict:
+    """The layout of this run (fixed at its first step in OUT/tiny-layout.json; a resumed run keeps it)."""
+    path = args.out / "tiny-layout.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    layout = {"channels": args.tiny_channels, "blocks": [int(b) for b in args.tiny_blocks.split(",")]}
+    if len(layout["blocks"]) != 4 or layout["channels"] < 1 or min(layout["blocks"]) < 0:
+        raise ValueError(f"`--tiny-blocks` must be four counts >= 0 and `--tiny-channels` >= 1, got "
+                         f"{args.tiny_blocks!r} and {args.tiny_channels}")
+    path.write_text(json.dumps(layout))
+    return layout
 
 
 @torch.no_grad()
 def tiny_data(args, vae, n: int) -> dict[str, torch.Tensor]:
     """The tiny autoencoder's training pairs, made once (OUT/tiny-data.safetensors): world images (colour jitter
-    0.06) with the default VAE's posterior means and decodes, and the teacher's latents with their decodes -- so a
-    training step runs only the tiny model (10x cheaper than running the default VAE every step)."""
+    0.06) with the default VAE's posterior means and decodes, and the teacher's latents (``--teacher-data``: a
+    folder of the data stage's shards; default OUT) with their decodes -- so a training step runs only the tiny
+    model (10x cheaper than running the default VAE every step)."""
     from safetensors.torch import load_file, save_file
 
     path = args.out / "tiny-data.safetensors"
@@ -209,14 +236,14 @@ def tiny_data(args, vae, n: int) -> dict[str, torch.Tensor]:
     scaling = float(vae.config.scaling_factor)
     images, means, decodes = [], [], []
     for i in range(0, n, 64):
-        b = world.sample(64, seed=args.seed * 1_000_003 + 40_000_000 + i, jitter=0.06)
+        b = world.sample(min(64, n - i), seed=args.seed * 1_000_003 + 40_000_000 + i, jitter=0.06)
         x = b.images * 2 - 1
         m = vae.encode(x).latent_dist.mean
         images.append(x.half())
         means.append(m)
         decodes.append(vae.decode(m).sample.half())
     try:
-        _, teacher_x0, _ = load_data(args.out)
+        _, teacher_x0, _ = load_data(args.teacher_data or args.out)
         lat = teacher_x0[:n] / scaling
     except FileNotFoundError:
         lat = torch.zeros(0, 4, 8, 8)
@@ -231,16 +258,30 @@ def tiny_data(args, vae, n: int) -> dict[str, torch.Tensor]:
     return data
 
 
+def foreground_weight(target: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, H, W): ``1 + weight`` on and next to the shape (pixels that differ from the
+    image's border colour by more than 0.15 in some channel, in [-1, 1] units, grown by one pixel), 1 elsewhere;
+    normalised to mean 1 per image. A small shape is a few dozen of 4,096 pixels: unweighted, the loss barely sees
+    whether it is drawn right."""
+    border = torch.cat([target[..., 0, :], target[..., -1, :], target[..., :, 0], target[..., :, -1]], dim=-1)
+    bg = border.median(dim=-1).values[..., None, None]
+    fg = ((target - bg).abs().amax(dim=1, keepdim=True) > 0.3).float()  # 0.15 of the [0, 1] range
+    fg = F.max_pool2d(fg, 3, stride=1, padding=1)
+    w = 1 + weight * fg
+    return w / w.mean(dim=(2, 3), keepdim=True)
+
+
 def train_tiny(args) -> None:
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     torch.manual_seed(args.seed)
     vae = AutoencoderKL.from_pretrained(DEFAULT_MODEL / "vae", dtype=torch.float32).eval().requires_grad_(False)
     scaling = float(vae.config.scaling_factor)
+    layout = _tiny_layout(args)
     data = tiny_data(args, vae, args.pairs)
-    print(json.dumps({"stage": "tiny", "pairs": len(data["images"]), "teacher_pairs": len(data["teacher_latents"])}),
-          flush=True)
-    tiny = AutoencoderTiny(**tiny_config(scaling)).train()
+    print(json.dumps({"stage": "tiny", "pairs": len(data["images"]), "teacher_pairs": len(data["teacher_latents"]),
+                      **layout}), flush=True)
+    tiny = AutoencoderTiny(**tiny_config(scaling, layout["channels"], layout["blocks"])).train()
     lr = args.lr or 1e-3
     opt = torch.optim.AdamW(tiny.parameters(), lr=lr, weight_decay=0.0)
     ema = copy.deepcopy(tiny).requires_grad_(False)
@@ -258,14 +299,41 @@ def train_tiny(args) -> None:
         for group in opt.param_groups:
             group["lr"] = _lr(step, lr, warmup=100) * scale
         rec = tiny.decode(lat).sample
-        enc = tiny.encode(x).latents
-        loss = F.l1_loss(rec, target) + F.mse_loss(rec, target) + 0.1 * F.mse_loss(enc, data["means"][i])
+        w = foreground_weight(target, args.fg_weight)
+        err = rec - target
+        loss = (w * (err.abs() + err.square())).mean()
+        k = max(1, round(bsz * args.encoder_share))  # the encoder (img2img only) on a share of the batch
+        loss = loss + 0.1 * F.mse_loss(tiny.encode(x[:k]).latents, data["means"][i[:k]])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.item()
 
     _run("tiny", args, {"model": tiny}, opt, step_fn, ema=ema, ema_decay=0.999)
+
+
+def package_preview(args) -> None:
+    """The tiny autoencoder alone, as a diffusers ``AutoencoderTiny`` folder (``--package-to``): the embedded
+    models' preview decoder (``latentlab/embedded/preview-decoder``)."""
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import load_file
+
+    scaling = json.loads((DEFAULT_MODEL / "vae" / "config.json").read_text())["scaling_factor"]
+    layout = json.loads((args.out / "tiny-layout.json").read_text())
+    tiny = AutoencoderTiny(**tiny_config(scaling, layout["channels"], layout["blocks"]))
+    tiny.load_state_dict(load_file(args.out / "tiny-ckpt" / "ema.safetensors"))
+    dest = args.package_to
+    tmp = fresh_tmp(dest)
+    tiny.save_pretrained(tmp, safe_serialization=True)
+    # diffusers' AutoencoderTiny registers a copy of its decoder channels that its own loader then warns about
+    # ("passed ... but are not expected") on every load: dropped from the file (the model registers it again).
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("block_out_channels", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    print(f"packaged to {dest}")
 
 
 def scheduler_config() -> dict:
@@ -287,7 +355,8 @@ def package(args) -> None:
     unet.load_state_dict(load_file(args.out / "student-ckpt" / "ema.safetensors"))
     scaling = json.loads((DEFAULT_MODEL / "vae" / "config.json").read_text())["scaling_factor"]
     if args.vae == "tiny":
-        vae = AutoencoderTiny(**tiny_config(scaling))
+        layout = json.loads((args.out / "tiny-layout.json").read_text())
+        vae = AutoencoderTiny(**tiny_config(scaling, layout["channels"], layout["blocks"]))
         vae.load_state_dict(load_file(args.out / "tiny-ckpt" / "ema.safetensors"))
     else:  # the default model's own VAE (full quality, 40 ms a decode at batch 1)
         from diffusers import AutoencoderKL
@@ -311,7 +380,7 @@ def package(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m latentlab.embedded.train_fast", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["data", "student", "tiny", "package"])
+    p.add_argument("stage", choices=["data", "student", "tiny", "package", "package-preview"])
     p.add_argument("--out", type=Path, default=Path("runs/fast"), help="checkpoint folder (resumed if present)")
     p.add_argument("--minutes", type=float, help="stop after this much time (cumulative over resumes)")
     p.add_argument("--steps", type=int, help="stop at this step (cumulative over resumes; data: shards)")
@@ -330,6 +399,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="student: initialise from this packaged few-step model's UNet (when no checkpoint exists)")
     p.add_argument("--small-share", type=float, default=0.0,
                    help="student: share of each batch drawn from pairs whose caption names the small size (v2)")
+    p.add_argument("--teacher-data", type=Path, help="tiny: the folder whose data/ holds the teacher shards (default --out)")
+    p.add_argument("--tiny-channels", type=int, default=TINY_V1["channels"], help="tiny: decoder channels (new runs)")
+    p.add_argument("--tiny-blocks", default=",".join(map(str, TINY_V1["blocks"])),
+                   help="tiny: decoder blocks at 8, 16, 32, 64 pixels (new runs)")
+    p.add_argument("--fg-weight", type=float, default=0.0, help="tiny: extra loss weight on and next to the shape")
+    p.add_argument("--encoder-share", type=float, default=1.0, help="tiny: share of each batch the encoder trains on")
     p.add_argument("--vae", choices=["tiny", "default"], default="tiny",
                    help="package: the distilled tiny autoencoder or the default model's VAE")
     args = p.parse_args(argv)
@@ -337,7 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage in ("data", "student", "tiny") and args.minutes is None and args.steps is None:
         p.error("give --minutes or --steps")
-    {"data": make_data, "student": train_student, "tiny": train_tiny, "package": package}[args.stage](args)
+    {"data": make_data, "student": train_student, "tiny": train_tiny, "package": package,
+     "package-preview": package_preview}[args.stage](args)
 
 
 if __name__ == "__main__":
