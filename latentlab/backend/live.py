@@ -185,7 +185,8 @@ class LiveGenerator:
             cond = e.check_mix(latents, conditioning) if mix else e.check_request(latents, conditioning)
             with e._lock, e.pinned(), torch.no_grad():
                 z = self._denoise(latents, cond, s)
-        return self._decode(z)
+        with e.pinned():  # the decode's device and dtype from the same lookups (diffusers walks the modules)
+            return self._decode(z)
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
