@@ -37,11 +37,36 @@ def test_the_embedded_models_live_images_and_previews():
     for name, steps in (("embedded-shapes-fast", (1, 2, 4)), ("embedded-shapes", (20,))):
         lab = Lab.default(name)
         cond = lab.encode_prompt("a small red star on a blue background")
+        vae = Lab.default(name).set_preview_decoder(None)
         for k in steps:
             exact = _same(lab, lab.noise(7), cond, num_inference_steps=k)
-            preview = lab.generate_live(lab.noise(7), cond, num_inference_steps=k, preview=True)
-            assert (preview - exact).abs().max() < 0.05  # bfloat16 decode where native, else the same bits
-            assert torch.equal(preview, exact) != _tensors.native_bfloat16()
+            with_vae = vae.generate_live(vae.noise(7), cond, num_inference_steps=k, preview=True)
+            assert (with_vae - exact).abs().max() < 0.05  # bfloat16 decode where native, else the same bits
+            assert torch.equal(with_vae, exact) != _tensors.native_bfloat16()
+            if lab.preview_decoder is not None:  # a packaged preview decoder: the same image, a little softer
+                preview = lab.generate_live(lab.noise(7), cond, num_inference_steps=k, preview=True)
+                assert (preview - exact).abs().mean() < 0.03 and not torch.equal(preview, exact)
+
+
+def test_default_sets_a_packaged_preview_decoder(tmp_path, monkeypatch):
+    """``Lab.default`` gives every embedded model the packaged preview decoder (one VAE, one latent space)."""
+    from latentlab import embedded
+    from latentlab.backend import Lab
+
+    _tiny_decoder(factor=8).save_pretrained(tmp_path / "preview-decoder")
+    assert Lab.default("embedded-shapes-fast").preview_decoder is None or embedded.preview_decoder_available()
+    monkeypatch.setattr(embedded, "_PREVIEW", tmp_path / "preview-decoder")
+    assert embedded.preview_decoder_path() == tmp_path / "preview-decoder"
+    for name in ("embedded-shapes-fast", "embedded-shapes"):
+        lab = Lab.default(name)
+        assert type(lab.preview_decoder).__name__ == "AutoencoderTiny"
+        image = lab.generate_live(lab.noise(0), lab.encode_prompt("a red star"), num_inference_steps=2, preview=True)
+        assert image.shape == (1, 3, 64, 64)
+        assert "decode:AutoencoderTiny" in lab._live[True].speedups(lab.sampling(num_inference_steps=2))
+    monkeypatch.setattr(embedded, "_PREVIEW", tmp_path / "nothing-here")
+    assert Lab.default("embedded-shapes-fast").preview_decoder is None
+    with pytest.raises(FileNotFoundError, match="the embedded preview decoder is not trained yet"):
+        embedded.preview_decoder_path()
 
 
 def test_a_hook_or_new_processor_drops_the_trace_and_runs_eagerly(tiny_lab):

@@ -201,7 +201,8 @@ class Lab(Engine):
     @property
     def preview_decoder(self) -> torch.nn.Module | None:
         """The decoder of previews (``generate_live(..., preview=True)``), or ``None`` for the VAE's own; set it with
-        :meth:`set_preview_decoder`. The embedded models come with theirs."""
+        :meth:`set_preview_decoder`. :meth:`default` sets the embedded models' own when one is packaged
+        (``latentlab.embedded.preview_decoder_available()``; none is shipped yet: see the few-step model's card)."""
         return self._preview_decoder
 
     def set_preview_decoder(self, decoder: Any) -> Lab:
@@ -215,10 +216,12 @@ class Lab(Engine):
 
         Examples
         --------
+        >>> from diffusers import AutoencoderTiny
         >>> from latentlab import Lab
         >>> fast = Lab.default("embedded-shapes-fast")
-        >>> type(fast.preview_decoder).__name__  # the embedded models' own, distilled from their VAE
-        'AutoencoderTiny'
+        >>> untrained = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4)
+        >>> fast.set_preview_decoder(untrained).preview_decoder is untrained  # untrained: the shapes only
+        True
         >>> fast.generate_live(fast.noise(0), fast.encode_prompt("a red star"), preview=True).shape
         torch.Size([1, 3, 64, 64])
         >>> fast.set_preview_decoder(None).preview_decoder is None

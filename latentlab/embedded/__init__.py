@@ -10,7 +10,9 @@ installed package, so it is found after a non-editable ``pip install .`` too:
   classifier-free guidance: guidance 4 is distilled in) on the default model's VAE, for live previews
   (``latentlab/embedded/model-fast``).
 
-``MODEL_CARD.md`` beside this file says what they are, how well they work and how to retrain them.
+A preview decoder (a diffusers ``AutoencoderTiny`` distilled from their shared VAE, ``latentlab/embedded/preview-decoder``)
+is set by ``Lab.default`` once one is packaged: :func:`preview_decoder_available`. ``MODEL_CARD.md`` beside this file
+says what they are, how well they work and how to retrain them.
 """
 
 from __future__ import annotations
