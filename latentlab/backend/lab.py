@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
-from latentlab import _tensors
 from latentlab._quiet import no_progress_bars
 from latentlab.backend import edits, trajectory
 from latentlab.backend.engine import CPU_BATCH_SIZE, Engine, import_diffusers
 from latentlab.backend.families import adapter_for
-from latentlab.backend.live import LiveGenerator
+from latentlab.backend.live import LiveGenerator, preview_decode_dtype
 from latentlab.backend.records import AttentionMix, Conditioning, Inversion, Trajectory
 from latentlab.sampling import Sampling
 
@@ -190,12 +189,10 @@ class Lab(Engine):
             raise TypeError(f"`preview` must be a bool, got {type(preview).__name__}")
         live = self._live.get(preview)
         if live is None:
-            cpu = self.device.type == "cpu"
             decoder = self._preview_decoder if preview else None
-            source = self.vae_dtype if decoder is None else next(decoder.parameters()).dtype
-            bf16 = preview and cpu and source == torch.float32 and _tensors.native_bfloat16()
-            live = self._live[preview] = LiveGenerator(self, trace=cpu and not self.compiled,
-                                                       decode_dtype=torch.bfloat16 if bf16 else None, decoder=decoder)
+            live = self._live[preview] = LiveGenerator(
+                self, trace=self.device.type == "cpu" and not self.compiled, decoder=decoder,
+                decode_dtype=preview_decode_dtype(self, decoder) if preview else None)
         return live(latents, conditioning, sampling=s)
 
     @property

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from latentlab import _checks
+from latentlab import _checks, _tensors
 from latentlab.backend.records import AttentionMix, Conditioning
 from latentlab.sampling import Sampling
 
@@ -69,6 +69,14 @@ def _structure(module: torch.nn.Module) -> tuple | None:
             processor = m._modules.get("processor")
         out.append((id(m), id(processor)))
     return tuple(out)
+
+
+def preview_decode_dtype(engine: Engine, decoder: torch.nn.Module | None) -> torch.dtype | None:
+    """The ``decode_dtype`` of previews decoded by ``decoder`` (``None``: the VAE): bfloat16 on a CPU with native
+    bfloat16 when the decoder is float32 (the decode is compute-bound there), else the decoder's own dtype."""
+    source = engine.vae_dtype if decoder is None else next(decoder.parameters()).dtype
+    native = engine.device.type == "cpu" and _tensors.native_bfloat16()
+    return torch.bfloat16 if native and source == torch.float32 else None
 
 
 class _Call(torch.nn.Module):

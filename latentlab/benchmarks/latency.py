@@ -60,18 +60,13 @@ def _previews(lab, sampling, prompts, repeats: int, *, preview: bool, run: int) 
 def _breakdown(lab, sampling, prompts, repeats: int, *, run: int) -> dict[str, float]:
     """Median ms of a preview's parts, each timed alone: a new prompt encoded, the latent denoised, decoded (by the
     VAE, and by the lab's preview decoder if it has one)."""
-    import torch
-
-    from latentlab import _tensors
-
     lab.generate(lab.noise(0), lab.encode_prompt(prompts[0]), sampling=sampling, batch_size=1)  # warm
     parts: dict[str, list[float]] = {"encode prompt": [], "denoise": [], "decode (VAE)": []}
     decoder = lab.preview_decoder
     if decoder is not None:  # the preview's own decode: the live generator's (traced, bfloat16 where native) copy
-        from latentlab.backend.live import LiveGenerator
+        from latentlab.backend.live import LiveGenerator, preview_decode_dtype
 
-        preview = LiveGenerator(lab, trace=True, decoder=decoder,
-                                decode_dtype=torch.bfloat16 if _tensors.native_bfloat16() else None)
+        preview = LiveGenerator(lab, trace=True, decoder=decoder, decode_dtype=preview_decode_dtype(lab, decoder))
         preview._decode(lab.noise(0))  # warm (made and traced once)
         parts[f"decode (preview decoder, {type(decoder).__name__})"] = []
     for i in range(repeats):
