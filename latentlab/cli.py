@@ -298,15 +298,16 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     batch = None if args.batch_size is None else min(args.batch_size, len(prompts))
     images = r.map_blocks(lambda idx: lab.generate(z[idx], cond[idx], sampling=s, batch_size=batch),
                           len(prompts), block=r.block(len(prompts), lab.compute_batch(batch) or len(prompts)))
-    if not r.is_main:
-        return 0
-    write_image(out, image_grid(images, len(seeds)), upscale=upscale, overwrite=args.overwrite)
-    write_manifest(man, {
-        "image": out.name, "model": lab.model_id, "rows_prompts": list(args.prompts), "columns_seeds": seeds,
-        "height": z.shape[2] * lab.vae_scale_factor, "width": z.shape[3] * lab.vae_scale_factor,
-        "sampling": s.to_dict(), "backend": lab.provenance(batch), "upscale": upscale,
-        "versions": versions(),
-    })
+    with r.together(failed=f"rank 0 could not write {out}"):  # the other ranks wait for it, then all leave
+        if not r.is_main:
+            return 0
+        write_image(out, image_grid(images, len(seeds)), upscale=upscale, overwrite=args.overwrite)
+        write_manifest(man, {
+            "image": out.name, "model": lab.model_id, "rows_prompts": list(args.prompts), "columns_seeds": seeds,
+            "height": z.shape[2] * lab.vae_scale_factor, "width": z.shape[3] * lab.vae_scale_factor,
+            "sampling": s.to_dict(), "backend": lab.provenance(batch), "upscale": upscale,
+            "versions": versions(),
+        })
     print(f"wrote {out} ({len(args.prompts)} prompts x {len(seeds)} seeds) and {man}")
     return 0
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -129,6 +130,38 @@ class Ranks:
         if errors:
             raise RuntimeError(f"{failed} ({'; '.join(errors)}); {kept}: run the same command again to resume")
         return [v for v, _ in results]
+
+    def finish(self, error: BaseException | None = None, *, failed: str) -> None:
+        """The job's last collective: every rank calls it once when its part is done -- rank 0 after writing the
+        final files, with the exception that writing raised (or None) -- so that the ranks leave the process group
+        together (a rank that exits while another still works can abort in gloo's teardown) and every rank learns
+        whether rank 0 succeeded. On another rank that has no ``error`` of its own, rank 0's failure raises a RuntimeError
+        naming it (``failed`` says what failed); a rank with an ``error`` returns and re-raises its own.
+
+        >>> Ranks().finish(failed="writing the video failed")  # one process: nothing to wait for
+        """
+        if self.world_size == 1:
+            return
+        mine = None if error is None else f"rank {self.rank}: {type(error).__name__}: {error}"
+        errors = [err for err in self.gather(mine) if err]
+        if errors and error is None and not self.is_main:
+            raise RuntimeError(f"{failed} ({'; '.join(errors)})")
+
+    @contextmanager
+    def together(self, *, failed: str):
+        """A block every rank runs to its end and leaves together: on the way out, each rank calls :meth:`finish`
+        with the exception the block raised (or None), so a rank whose part ends early (it returns while rank 0
+        still writes the files) waits for rank 0, and learns whether it succeeded.
+
+        >>> with Ranks().together(failed="the job failed"):
+        ...     pass
+        """
+        try:
+            yield self
+        except BaseException as e:
+            self.finish(e, failed=failed)
+            raise
+        self.finish(failed=failed)
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank."""

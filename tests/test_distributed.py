@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,22 @@ def _settings(n: int = 22) -> MorphSettings:
     return MorphSettings(keyframes=(Keyframe("a red star", 1), Keyframe("a blue ring", 2)), n_frames=n)
 
 
-def _rank_render(out: str, log_dir: str, fail_on_rank: int, n: int) -> None:
-    """Run in each launched process: render, and record who this process was and what it rendered."""
+def _rank_render(out: str, log_dir: str, fail_on_rank: int, n: int, write: str = "ok") -> None:
+    """Run in each launched process: render, and record who this process was, what it rendered and when it returned.
+    ``write``: rank 0's manifest write is "ok", "slow" (half a second first) or "fails" (an OSError)."""
+    import latentlab.morph.render as render_module
+
     r = ranks()
+    if r.is_main and write != "ok":
+        original_write = render_module.write_manifest
+
+        def writing(path, data):
+            time.sleep(0.5)
+            if write == "fails":
+                raise OSError("simulated disk failure")
+            original_write(path, data)
+
+        render_module.write_manifest = writing
     fake = FakeBackend(compute_batch=4)
     rendered: list[str] = []
     original = fake.generate
@@ -43,16 +57,17 @@ def _rank_render(out: str, log_dir: str, fail_on_rank: int, n: int) -> None:
     error = None
     try:
         render_morph(fake, _settings(n), out, progress=False, keep_cache=True)
-    except RuntimeError as e:
-        error = str(e)
+    except (RuntimeError, OSError) as e:
+        error = f"{type(e).__name__}: {e}"
     Path(log_dir, f"rank{r.rank}.json").write_text(json.dumps(
-        {"rank": r.rank, "world_size": r.world_size, "pid": os.getpid(), "rendered": rendered, "error": error}))
+        {"rank": r.rank, "world_size": r.world_size, "pid": os.getpid(), "rendered": rendered, "error": error,
+         "returned": time.time()}))
 
 
-def _launch(tmp_path: Path, name: str, *, fail_on_rank: int = -1, n: int = 22) -> list[dict]:
+def _launch(tmp_path: Path, name: str, *, fail_on_rank: int = -1, n: int = 22, write: str = "ok") -> list[dict]:
     logs = tmp_path / f"logs-{len(list(tmp_path.glob('logs-*')))}"
     logs.mkdir()
-    accelerate.debug_launcher(_rank_render, args=(str(tmp_path / name), str(logs), fail_on_rank, n),
+    accelerate.debug_launcher(_rank_render, args=(str(tmp_path / name), str(logs), fail_on_rank, n, write),
                               num_processes=2)
     return [json.loads((logs / f"rank{i}.json").read_text()) for i in range(2)]
 
@@ -125,6 +140,21 @@ def test_a_failed_distributed_render_fails_on_every_rank_and_resumes(tmp_path):
     np.testing.assert_array_equal(read_video(out)[0], read_video(single)[0])
     man = json.loads(manifest_path(out).read_text())
     assert man["frames_reused_from_cache"] == kept
+
+
+def test_the_ranks_leave_together_and_learn_whether_rank_0_wrote_the_video(tmp_path):
+    """A rank whose share is done waits for rank 0's final write before it returns (a rank that exits while another
+    still works can abort in gloo's teardown and fail the launch), and learns whether that write failed."""
+    logs = _launch(tmp_path, "slow.gif", write="slow")
+    assert all(log["error"] is None for log in logs)
+    written = manifest_path(tmp_path / "slow.gif").stat().st_mtime
+    assert logs[1]["returned"] >= written  # rank 1 returned after rank 0 wrote the manifest (half a second late)
+    logs = _launch(tmp_path, "fails.gif", write="fails")
+    assert logs[0]["error"] == "OSError: simulated disk failure"  # rank 0 raises its own exception
+    assert logs[1]["error"].startswith(f"RuntimeError: rank 0 could not write {tmp_path / 'fails.gif'}")
+    assert "rank 0: OSError: simulated disk failure" in logs[1]["error"]
+    assert len(list(cache_dir(tmp_path / "fails.gif").glob("*.safetensors"))) == 22  # every frame kept
+    assert not list(tmp_path.glob(".*.lock"))
 
 
 @pytest.mark.skipif(not Path(sys.executable).with_name("accelerate").exists(), reason="no accelerate launcher")

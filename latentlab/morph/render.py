@@ -381,7 +381,8 @@ themselves, as ``(n, H, W, 3)`` uint8 arrays exactly as they go to the video enc
         if balanced < compute:
             batch_size = compute = chunk = balanced
     sizes = call_sizes(settings.n_frames, compute, batch_size)
-    with _Lock(output, r):
+    leave = r.together(failed=f"rank 0 could not write {output} (finished frames are kept in {cache})")
+    with _Lock(output, r), leave:
         p = plan(lab, settings, distance=distance)
         for i, call in enumerate(sizes):
             if call != batch_size:
@@ -392,7 +393,7 @@ themselves, as ``(n, H, W, 3)`` uint8 arrays exactly as they go to the video enc
         if r.world_size > 1:
             by_rank, damaged = _render_share(job, r, chunk=chunk, progress=progress)
             if not r.is_main:
-                return output  # rank 0 assembles the video and the manifest from the cache
+                return output  # rank 0 assembles the video and the manifest from the cache (this rank waits for it)
         # With audio the frames go to a silent video first; the sound is muxed in afterwards, atomically.
         silent = partial_path(output, suffix=".silent.mp4") if settings.audio is not None else None
         writer = VideoWriter(silent or output, fps=settings.fps, upscale=upscale, overwrite=overwrite or bool(silent))
