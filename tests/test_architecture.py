@@ -7,7 +7,8 @@ from pathlib import Path
 
 # tqdm is absent from this list because torch itself imports it.
 HEAVY = ["diffusers", "transformers", "sklearn", "umap", "numba", "imageio", "imageio_ffmpeg", "matplotlib",
-         "ipywidgets", "anywidget", "IPython", "scipy", "PIL", "safetensors", "accelerate", "huggingface_hub"]
+         "ipywidgets", "anywidget", "IPython", "scipy", "PIL", "safetensors", "accelerate", "huggingface_hub",
+         "onnxruntime"]
 
 
 def test_import_latentlab_loads_torch_and_nothing_heavier():
@@ -49,6 +50,7 @@ OWNERS = {
     "imageio": {"video"}, "imageio_ffmpeg": {"video"},
     "ipywidgets": {"widgets"}, "anywidget": {"widgets"},
     "accelerate": {"distributed"},
+    "onnxruntime": {"backend"}, "onnx": {"backend"},
 }
 
 

@@ -391,7 +391,8 @@ class Engine:
         """Opt-in speed-ups of the denoiser (the part that runs every step): ``channels_last`` memory format, and
         ``torch.compile`` (inductor; ``compile_mode`` e.g. ``"max-autotune"`` on a GPU). Both can change results
         in the last bits, so they are recorded in :meth:`provenance` (manifests, cache keys). PyTorch's fused SDPA
-        attention is diffusers' default with torch 2 and needs nothing here. Returns ``self``.
+        attention is diffusers' default with torch 2 and needs nothing here. Returns ``self``. (The facade,
+        :meth:`latentlab.backend.Lab.optimize`, adds ``onnx``.)
 
         Examples
         --------
@@ -402,6 +403,8 @@ class Engine:
         """
         done = list(self._optimizations)
         name = self.adapter.denoiser_name
+        if compile and self.onnx:
+            raise ValueError("`compile=True`: this model's UNet already runs on ONNX Runtime (optimize(onnx=True))")
         with self._lock:
             if channels_last and "channels_last" not in done:
                 self.denoiser.to(memory_format=torch.channels_last)
@@ -413,6 +416,11 @@ class Engine:
             self._pipelines.clear()  # pipelines built from the old components are rebuilt on next use
             self._live.clear()  # so are live generators (a compiled denoiser is not traced)
         return self
+
+    @property
+    def onnx(self) -> bool:
+        """Whether :meth:`optimize` put the UNet's steps on ONNX Runtime."""
+        return any(o.startswith("onnxruntime") for o in self._optimizations)
 
     @property
     def compiled(self) -> bool:

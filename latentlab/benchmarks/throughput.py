@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 PROMPTS = ("a large red circle on a blue background", "a small yellow star on a black background")
-VARIANTS = ("pipeline-batch16", "latentlab-1-process", "latentlab-workers")
+VARIANTS = ("pipeline-batch16", "latentlab-1-process", "latentlab-workers", "latentlab-onnx-1-process",
+            "latentlab-onnx-workers")
 
 
 def _variant(name: str, n_frames: int, out: Path, threads: int) -> dict:
@@ -67,7 +68,9 @@ def _variant(name: str, n_frames: int, out: Path, threads: int) -> dict:
         np.save(out.with_suffix(".npy"), np.stack(frames))
         workers = 1
     else:
-        workers = "auto" if name == "latentlab-workers" else 1
+        workers = "auto" if name.endswith("-workers") else 1
+        if "-onnx-" in name:  # the export and the session are part of the render's time
+            lab.optimize(onnx=True)
         render_morph(lab, settings, out, upscale=1, progress=False, workers=workers, keep_cache=True)
     seconds = time.perf_counter() - t0
     if name != "pipeline-batch16":  # the exact frames (the videos are lossy), from the cache the render kept
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--frames", type=int, nargs="+", default=[48, 192, 50])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the baseline and of the 1-process render")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="which renders (the first, the baseline, always runs)")
     ap.add_argument("--busy", action="store_true", help="also measure with a hog process spinning on one core")
     ap.add_argument("--no-command", action="store_true", help="skip the whole-command (README main job) timing")
     ap.add_argument("--markdown", type=Path, help="append the results as Markdown to this file")
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     if args._variant:
         print(json.dumps(_variant(args._variant, args.frames[0], args._out, args.threads)))
         return
+    variants = [VARIANTS[0]] + [v for v in args.variants if v != VARIANTS[0]]
 
     lines = [(f"\n### Morph throughput vs the batched pipeline (embedded model, 20 DDIM steps, guidance 4; "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; baseline and 1-process render "
@@ -154,17 +160,17 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.frames:
             best: dict[str, dict] = {}
             for rep in range(args.repeats):
-                for v in VARIANTS:  # interleaved
+                for v in variants:  # interleaved
                     r = _run_variant(v, n, tmp / f"{v}-{n}-{rep}.mp4", args.threads)
                     r["out"] = tmp / f"{v}-{n}-{rep}.mp4"
                     if v not in best or r["fps"] > best[v]["fps"]:
                         best[v] = r
-            base = best[VARIANTS[0]]
+            base = best[variants[0]]
             print(f"{n} frames:")
-            for v in VARIANTS:
+            for v in variants:
                 r = best[v]
                 quiet[(v, n)] = r["fps"]
-                diff = 0.0 if v == VARIANTS[0] else _compare(base["out"], r["out"])
+                diff = 0.0 if v == variants[0] else _compare(base["out"], r["out"])
                 print(f"  {v:>20} ({r['workers']} process(es)): {r['fps']:7.2f} frames/s  "
                       f"{r['fps'] / base['fps']:.2f}x  max pixel diff {diff:g}", flush=True)
                 lines.append(f"| {n} | {v} ({r['workers']} process(es)) | {r['fps']:.2f} | "
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             print("busy machine (a hog process on one core):")
             with _Hog():
                 for n in args.frames:
-                    for v in VARIANTS:
+                    for v in variants:
                         r = max((_run_variant(v, n, tmp / f"busy-{v}-{n}-{k}.mp4", args.threads)
                                  for k in range(args.repeats)), key=lambda r: r["fps"])
                         slow = quiet[(v, n)] / r["fps"]

@@ -184,6 +184,12 @@ def render_frame(lab: Backend, manifest: str | os.PathLike | dict, index: int) -
     if fp and lab.provenance()["model_fingerprint"] != fp:
         warnings.warn(f"the manifest was rendered by model {data['model']!r} with fingerprint {fp}, this one is "
                       f"{lab.provenance()['model_fingerprint']}: the frame will differ", RuntimeWarning, stacklevel=2)
+    ran = [o.split(":")[0] for o in recorded.get("optimizations", [])]
+    here = [o.split(":")[0] for o in lab.provenance().get("optimizations", [])]
+    if ran != here:
+        warnings.warn(f"the manifest was rendered with the optimizations {ran or 'none'}, this model runs "
+                      f"{here or 'none'} (Lab.optimize): the frame will differ in the last bits", RuntimeWarning,
+                      stacklevel=2)
     p = plan(lab, settings, frames=data["frames"])
     shas = {d["keyframe"]: d["sha256"] for d in data.get("image_keyframes", [])}
     for d in p.image_keyframes:

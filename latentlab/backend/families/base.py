@@ -213,6 +213,11 @@ class Family:
                    **self.call_kwargs(engine, cond, negative, sampling)).images
         return self.unpack(out, z.shape[2], z.shape[3])
 
+    def onnx_unsupported(self, pipe: Any) -> str | None:
+        """Why this model's denoiser cannot run on ONNX Runtime (:mod:`~latentlab.backend.families.onnx_unet`), or
+        None when it can: only the SD 1.x/2.x UNet family is exported."""
+        return f"runs SD 1.x/2.x-style UNets; this is a {self.family} model"
+
     def attention_mix_unsupported(self, pipe: Any) -> str | None:
         """Why this model cannot denoise an :class:`~latentlab.backend.AttentionMix` (a phrase: "it ..."), or
         None. By default no family can: only adapters that know where the text attention is implement it."""

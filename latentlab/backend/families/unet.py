@@ -288,6 +288,13 @@ class UNetFamily(Family):
             return contextlib.nullcontext()
         return cached_cross_attention(engine.pipe.unet)
 
+    def onnx_unsupported(self, pipe: Any) -> str | None:
+        c = pipe.unet.config
+        if c.addition_embed_type or c.time_cond_proj_dim or c.class_embed_type:
+            return ("runs UNets conditioned by text alone; this one also takes "
+                    f"{c.addition_embed_type or c.class_embed_type or 'a guidance embedding'}")
+        return None
+
     def attention_mix_unsupported(self, pipe: Any) -> str | None:
         """Only over diffusers' default processors (a user's IP-Adapter or custom processor would silently be
         replaced by :class:`FusedCrossAttention`)."""
