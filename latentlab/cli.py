@@ -457,7 +457,8 @@ def _render_options(m: argparse.ArgumentParser, *, walk: bool = False) -> None:
                         "1: this process, torch's threads)")
     m.add_argument("--onnx", action="store_true",
                    help="run the UNet's steps on ONNX Runtime (CPU, SD-style UNets; pip install \"latentlab[onnx]\"): "
-                        "1.2-1.9x faster, frames within float rounding of torch's, recorded in the manifest")
+                        "a request 1.2x faster, a render with workers ~1.07x; frames within float rounding of torch's, "
+                        "recorded in the manifest")
     m.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 

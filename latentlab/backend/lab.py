@@ -208,9 +208,9 @@ class Lab(Engine):
         ``channels_last`` and ``compile`` (``torch.compile``) as :meth:`Engine.optimize
         <latentlab.backend.engine.Engine.optimize>`, and ``onnx``: the UNet's steps on ONNX Runtime
         (:mod:`latentlab.backend.families.onnx_unet`; SD 1.x/2.x-style UNets in float32 on the CPU, ``pip install
-        "latentlab[onnx]"``). Measured on the embedded model, 2 CPU cores: morph renders 1.5-1.9x the frames/s of
-        diffusers' batched pipeline with frames within float rounding of it (BENCHMARKS.md). Checked before any
-        export; returns ``self``.
+        "latentlab[onnx]"``). Measured on the embedded model, 2 CPU cores: a request 1.2x faster, a morph render
+        with worker processes 1.06-1.08x faster than without (BENCHMARKS.md), frames within float rounding of plain
+        diffusers'. Checked before any export; returns ``self``.
 
         Examples
         --------

@@ -2,19 +2,21 @@
 
 One responsibility, and the only module that imports ``onnxruntime`` (lazily; it is the optional extra
 ``latentlab[onnx]``). :meth:`~latentlab.backend.Lab.optimize` with ``onnx=True`` exports the model's UNet to ONNX
-(in memory, float32, every shape but the text width dynamic) and makes the UNet's ``forward`` run through an ONNX
+(float32; batch, latent size and token count dynamic; kept in :func:`cache_folder`) and makes the UNet's ``forward`` run through an ONNX
 Runtime session wherever the call is one the export covers: a plain denoising call (the text conditioning alone, no
 masks, no SDXL extras) under diffusers' default attention, the cached cross attention or attention interpolation
 (:class:`~latentlab.backend.AttentionMix`: both prompts' tokens and the logit bias are inputs of the graph). Any other
 call -- training (autograd), ``torch.jit.trace`` (the live previews trace the UNet themselves), a LoRA or IP-Adapter
 processor, ControlNet residuals, a GPU or a half-precision UNet -- runs the UNet's own forward, unchanged.
 
-Why: on the two-core CPU this project runs on, the embedded UNet at a render's compute batch (16 frames, 32 items
-with classifier-free guidance) runs 1.3x faster through ONNX Runtime on one thread and 1.9x on two (its fused
-convolution, group-norm and attention kernels; torch's eager operators barely use a second thread at 8x8 latents).
-The outputs differ from torch's in float rounding only (measured: 9e-7 on UNet outputs of magnitude 4), so the
-renders differ from plain diffusers' within the project's 2e-3 tolerance, not bit for bit: :meth:`provenance` records
-``onnxruntime:<version>`` among the optimizations, and frame cache keys change with it.
+Why, measured on this project's two-core CPU machine (embedded model, 16 images, 20 DDIM steps, guidance 4): a
+request runs 1.2x faster through ONNX Runtime than through torch, at one thread and at two (the UNet's call at
+batch 32 alone: 91 against ~110 ms on one thread; its fused convolution and attention kernels); two single-thread
+processes side by side (the render workers) gain less, 1.1x, as they share the machine's caches and memory. The
+outputs differ from torch's in float rounding only (9e-7 on UNet outputs of magnitude 4; images within 2e-5), so
+renders differ from plain diffusers' within the project's 2e-3 tolerance, not bit for bit: :meth:`provenance`
+records ``onnxruntime:<version>`` among the optimizations, and frame cache keys change with it. The export takes
+~1.5 s on the embedded UNet and is kept in :func:`cache_folder` by a hash of the weights (then ~0.2 s).
 
 Sessions are made per process on first use, with the process's torch thread count at that time (a forked render
 worker makes its own: ONNX Runtime's thread pools do not survive ``fork``).
