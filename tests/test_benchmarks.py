@@ -111,8 +111,9 @@ def test_throughput_benchmark_smoke(tmp_path, capsys):
                      "--markdown", str(tmp_path / "t.md")])
     out = capsys.readouterr().out
     assert "pipeline-batch16" in out and "latentlab-workers" in out and "max pixel diff" in out
+    assert "latentlab-onnx-workers" in out
     table = (tmp_path / "t.md").read_text()
-    assert table.count("| 6 |") == 3
+    assert table.count("| 6 |") == len(throughput.VARIANTS)
 
 
 @pytest.mark.slow
