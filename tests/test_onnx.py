@@ -25,7 +25,7 @@ def _cache(tmp_path, monkeypatch):
 
 
 def _runner(lab) -> ort.OnnxUNet:
-    return lab.pipe.unet.forward.__self__
+    return ort.OnnxUNet.of(lab.pipe.unet)
 
 
 def test_frames_equal_plain_diffusers_within_2e3_and_onnx_runtime_ran_them():
@@ -78,6 +78,24 @@ def test_what_the_export_does_not_cover_runs_the_unets_own_forward(tiny_sd_path)
         changed = unet(x, 10, encoder_hidden_states=emb).sample
         assert run.fallbacks == 3 and run.calls == 1
         assert torch.equal(changed, type(unet).forward(unet, x, 10, encoder_hidden_states=emb).sample)
+
+
+def test_a_copy_of_an_optimized_unet_runs_its_own_weights(tiny_sd_path):
+    import copy
+
+    lab = Lab.from_pretrained(tiny_sd_path, device="cpu").optimize(onnx=True)
+    unet = lab.pipe.unet
+    twin = copy.deepcopy(unet)
+    assert ort.OnnxUNet.of(twin) is None and ort.OnnxUNet.of(unet) is _runner(lab)
+    x, emb = torch.randn(2, 4, 8, 8), lab.encode_prompt(["a red star", "a blue ring"]).prompt_embeds
+    with torch.no_grad():
+        twin.conv_in.bias.add_(0.5)  # a user's change to the copy: the copy must show it
+        assert torch.equal(twin(x, 10, encoder_hidden_states=emb).sample,
+                           type(twin).forward(twin, x, 10, encoder_hidden_states=emb).sample)
+        unet(x, 10, encoder_hidden_states=emb)
+    assert _runner(lab).calls == 1 and _runner(lab).fallbacks == 0  # the original still runs on ONNX Runtime
+    _runner(lab).remove()
+    assert "forward" not in unet.__dict__ and ort.OnnxUNet.of(unet) is None
 
 
 def test_the_export_is_cached_by_the_weights(tiny_sd_path, monkeypatch):

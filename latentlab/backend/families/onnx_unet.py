@@ -28,6 +28,7 @@ import hashlib
 import io
 import os
 import threading
+import types
 import weakref
 from pathlib import Path
 from typing import Any
@@ -169,10 +170,24 @@ def _state(unet) -> tuple[int, int, int]:
     return sum(1 for _ in unet.modules()), sum(p._version for p in params), sum(p.data_ptr() for p in params)
 
 
+#: Each optimized UNet's runner, held by the UNet's identity: a copy of the UNet (``copy.deepcopy``, whose weights a
+#: user may then change) is not in it, so the copy runs its own forward.
+_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forward(unet, *args, **kwargs):
+    """The ``forward`` an optimized UNet gets: its runner's, or its own for a UNet that has none (a copy)."""
+    runner = _RUNNERS.get(unet)
+    if runner is None:
+        return type(unet).forward(unet, *args, **kwargs)
+    return runner.forward(*args, **kwargs)
+
+
 class OnnxUNet:
     """A diffusers ``UNet2DConditionModel`` whose ``forward`` runs through ONNX Runtime where the export covers the
     call (see the module notes), and its own ``forward`` otherwise. :meth:`install` puts it in place (an instance
-    attribute, so the UNet object, its config and its processors stay what they are); :meth:`remove` takes it out.
+    attribute, so the UNet object, its config and its processors stay what they are; a deep copy of the UNet runs
+    its own forward); :meth:`remove` takes it out.
 
     ``calls`` and ``fallbacks`` count the calls ONNX Runtime ran and those it left to torch.
     """
@@ -199,12 +214,21 @@ class OnnxUNet:
             raise RuntimeError("the UNet this ONNX model was exported from is gone")
         return unet
 
+    @staticmethod
+    def of(unet) -> OnnxUNet | None:
+        """The runner installed on ``unet`` (None if none is)."""
+        return _RUNNERS.get(unet)
+
     def install(self) -> OnnxUNet:
-        self.unet.forward = self.forward
+        unet = self.unet
+        _RUNNERS[unet] = self
+        unet.forward = types.MethodType(_forward, unet)
         return self
 
     def remove(self) -> None:
-        self.unet.__dict__.pop("forward", None)
+        unet = self.unet
+        _RUNNERS.pop(unet, None)
+        unet.__dict__.pop("forward", None)
 
     def session(self):
         """This process's ONNX Runtime session (made on first use, with torch's thread count at that time)."""
