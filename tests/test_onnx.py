@@ -111,6 +111,17 @@ def test_the_export_is_cached_by_the_weights(tiny_sd_path, monkeypatch):
         other.optimize(onnx=True)  # other weights: another export
 
 
+def test_a_damaged_cache_file_is_exported_again(tiny_sd_path):
+    lab = Lab.from_pretrained(tiny_sd_path, device="cpu").optimize(onnx=True)
+    good = _runner(lab).model
+    (path,) = ort.cache_folder().glob("unet-*.onnx")
+    path.write_bytes(good[: len(good) // 2])  # cut short (a full disk, a user's tool)
+    again = Lab.from_pretrained(tiny_sd_path, device="cpu").optimize(onnx=True)
+    image = again.generate(again.noise(0), again.encode_prompt("a red star"), num_inference_steps=2)
+    assert _runner(again).calls == 2 and torch.isfinite(image).all()
+    assert path.read_bytes() == good  # repaired
+
+
 def test_optimize_refuses_what_it_cannot_run_before_any_export(tiny_sd_path, tiny_sd3_path, tiny_sdxl_path,
                                                                monkeypatch):
     monkeypatch.setattr(ort, "_export", lambda unet: pytest.fail("exported"))
@@ -151,8 +162,10 @@ def test_a_render_with_worker_processes_on_onnx_runtime_matches_torch_and_record
     plain = render_morph(Lab.default(), settings, tmp_path / "plain.gif", progress=False, keep_cache=True,
                          batch_size=4)
     lab = Lab.default().optimize(onnx=True)
+    lab.generate(lab.noise(0), lab.encode_prompt(PROMPTS[0]), num_inference_steps=1)  # this process has a session
+    assert _runner(lab).calls == 1
     out = render_morph(lab, settings, tmp_path / "onnx.gif", progress=False, keep_cache=True, workers=2,
-                       batch_size=4)
+                       batch_size=4)  # the forked workers make their own
     a, b = (read_manifest(manifest_path(p)) for p in (plain, out))
     assert b["backend"]["optimizations"] == [f"onnxruntime:{ort.version()}"] and b["workers"]["processes"] == 2
     fa = np.stack([load(cache_dir(plain) / f"{f['key']}.safetensors")[0]["frame"].numpy() for f in a["frames"]])

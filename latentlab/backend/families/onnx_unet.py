@@ -96,23 +96,25 @@ def _key(unet) -> str:
     return h.hexdigest()[:32]
 
 
-def _cached_export(unet) -> bytes:
-    """The exported model, from the cache folder when an export of exactly these weights is there (an export costs
-    ~1.5 s on the embedded UNet, loading it ~0.02 s); a folder that cannot be written is no error."""
+def _cached_export(unet, *, fresh: bool = False) -> tuple[bytes, Path | None]:
+    """The exported model and the cache file it came from (None when exported now): from the cache folder when an
+    export of exactly these weights is there (an export costs ~1.5 s on the embedded UNet, loading it ~0.02 s), unless
+    ``fresh``. A folder that cannot be written is no error."""
     from latentlab._files import atomic_write
 
     path = cache_folder() / f"unet-{_key(unet)}.onnx"
-    try:
-        return path.read_bytes()
-    except OSError:
-        pass
+    if not fresh:
+        try:
+            return path.read_bytes(), path
+        except OSError:
+            pass
     data = _export(unet)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
     except OSError:
         pass
-    return data
+    return data, None
 
 
 def _export(unet) -> bytes:
@@ -198,7 +200,7 @@ class OnnxUNet:
             raise ValueError("ONNX Runtime here covers UNets conditioned by text alone (SD 1.x/2.x and their "
                              f"fine-tunes); this UNet also takes {c.addition_embed_type or c.class_embed_type or 'a guidance embedding'}")
         self._unet = weakref.ref(unet)
-        self.model = _cached_export(unet)
+        self.model, self._cached = _cached_export(unet)
         mods = _attention(unet)
         self._cross = [m for m in mods if getattr(m, "is_cross_attention", False)]
         self._self = [m for m in mods if not getattr(m, "is_cross_attention", False)]
@@ -244,7 +246,13 @@ class OnnxUNet:
                     so.intra_op_num_threads, so.inter_op_num_threads = key[1], 1
                     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                     so.log_severity_level = 3
-                    s = ort.InferenceSession(self.model, so, providers=["CPUExecutionProvider"])
+                    try:
+                        s = ort.InferenceSession(self.model, so, providers=["CPUExecutionProvider"])
+                    except Exception:  # a damaged cache file: export again, once
+                        if self._cached is None:
+                            raise
+                        self.model, self._cached = _cached_export(self.unet, fresh=True)
+                        s = ort.InferenceSession(self.model, so, providers=["CPUExecutionProvider"])
                     self._sessions = {k: v for k, v in self._sessions.items() if k[0] == os.getpid()} | {key: s}
         return s
 
