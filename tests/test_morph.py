@@ -152,6 +152,38 @@ def test_killed_render_resumes_with_identical_frames(fake, tmp_path, monkeypatch
     assert not cache_dir(out).exists()  # removed after success
 
 
+def test_a_render_that_stopped_before_its_manifest_says_so_and_finishes_from_its_frames(fake, tmp_path,
+                                                                                          monkeypatch):
+    """The video was written, the manifest was not (a full disk): the next run names what happened instead of a bare
+    "exists", and with overwrite finishes from the kept frames (no frame rendered again)."""
+    import latentlab.morph.render as render_module
+    from latentlab.morph import cache_dir
+
+    s = _settings(n_frames=6)
+    out = tmp_path / "m.gif"
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(render_module, "write_manifest", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        render_morph(fake, s, out, progress=False)
+    monkeypatch.undo()
+    assert out.exists() and not manifest_path(out).exists()
+    with pytest.raises(FileExistsError, match=r"exists without its manifest: an earlier render of it stopped before "
+                                              r"writing the manifest, and .* keeps its 6 frame\(s\); pass overwrite"):
+        render_morph(fake, s, out, progress=False)
+    fake.generated.clear()
+    render_morph(fake, s, out, progress=False, overwrite=True)
+    assert fake.generated == [] and json.loads(manifest_path(out).read_text())["frames_reused_from_cache"] == 6
+    assert not cache_dir(out).exists()
+    out.unlink()
+    manifest_path(out).unlink()
+    out.write_bytes(b"mine")  # a user's file of that name, no frames of ours: the usual message
+    with pytest.raises(FileExistsError, match="m.gif exists; pass overwrite=True"):
+        render_morph(fake, s, out, progress=False)
+
+
 def test_damaged_cache_entries_are_rendered_again_and_reported(fake, tmp_path, monkeypatch):
     from latentlab.morph import cache_dir
 

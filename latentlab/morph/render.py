@@ -169,6 +169,14 @@ def check_render(settings: MorphSettings, output: str | os.PathLike, *, overwrit
 
     if not isinstance(settings, MorphSettings):
         raise TypeError(f"`settings` must be a MorphSettings, got {type(settings).__name__}")
+    if isinstance(output, str | os.PathLike) and not overwrite:
+        # An earlier render of this video that stopped after writing it, before its manifest (a full disk): say so.
+        video, cache = Path(output), cache_dir(output)
+        kept = sum(1 for _ in cache.glob("*.safetensors")) if cache.is_dir() else 0
+        if kept and video.is_file() and not manifest_path(video).exists():
+            raise FileExistsError(f"{video} exists without its manifest: an earlier render of it stopped before "
+                                  f"writing the manifest, and {cache} keeps its {kept} frame(s); pass overwrite=True "
+                                  "(CLI: --overwrite) to finish it from them")
     output = check_output(output, "output", overwrite=overwrite, suffixes=FORMATS)
     man = manifest_path(output)
     if man.exists() and not overwrite:
