@@ -125,6 +125,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"default device: {device}; default dtype: {'torch.float16' if cuda else 'torch.float32'}")
     print(f"torch threads: {torch.get_num_threads()} (of {os.cpu_count()} CPUs; OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    from latentlab.backend.families import onnx_unet
+
+    print("ONNX Runtime (--onnx): " + (f"{onnx_unet.version()}; exports cached in {onnx_unet.cache_folder()}"
+                                       if onnx_unet.available() else 'not installed (pip install "latentlab[onnx]")'))
     from latentlab.backend.families import FAMILIES
 
     print("model families: " + "; ".join(f"{f.family} ({', '.join(p for p in f.pipelines if 'Img2Img' not in p)})"

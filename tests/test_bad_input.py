@@ -368,7 +368,7 @@ def test_info_says_what_a_bug_report_needs(capsys):
     out = capsys.readouterr().out
     for needle in ("latentlab: ", "torch: ", "diffusers: ", "transformers: ", "CUDA available: ", "MPS available: ",
                    "default device: ", "torch threads: ", "embedded model embedded-shapes (default): ",
-                   "embedded model embedded-shapes-flow: ", "model families: "):
+                   "embedded model embedded-shapes-flow: ", "model families: ", "ONNX Runtime (--onnx): "):
         assert needle in out, needle
     assert cli.main(["info", "--fingerprint"]) == 0
     assert "embedded model fingerprint: " in capsys.readouterr().out
