@@ -195,10 +195,12 @@ class OnnxUNet:
     """
 
     def __init__(self, unet):
-        c = unet.config
-        if c.addition_embed_type or c.time_cond_proj_dim or c.class_embed_type:
+        from latentlab.backend.families.unet import beyond_text
+
+        why = beyond_text(unet.config)
+        if why is not None:
             raise ValueError("ONNX Runtime here covers UNets conditioned by text alone (SD 1.x/2.x and their "
-                             f"fine-tunes); this UNet also takes {c.addition_embed_type or c.class_embed_type or 'a guidance embedding'}")
+                             f"fine-tunes); this UNet also takes {why}")
         self._unet = weakref.ref(unet)
         self.model, self._cached = _cached_export(unet)
         mods = _attention(unet)
@@ -272,30 +274,18 @@ class OnnxUNet:
             return proc.bias(batch, tokens, like).float()
         return None
 
-    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
-                attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
-                down_block_additional_residuals=None, mid_block_additional_residual=None,
-                down_intrablock_additional_residuals=None, encoder_attention_mask=None, return_dict: bool = True):
+    def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **extras):
         unet = self.unet
-        extras = (class_labels, timestep_cond, attention_mask, cross_attention_kwargs, added_cond_kwargs,
-                  down_block_additional_residuals, mid_block_additional_residual,
-                  down_intrablock_additional_residuals, encoder_attention_mask)
         t = torch.as_tensor(timestep)
         bias = None
-        if (all(e is None for e in extras) and not torch.is_grad_enabled() and not torch.jit.is_tracing()
-                and sample.device.type == "cpu" and sample.dtype == torch.float32 and encoder_hidden_states.ndim == 3
-                and (t.ndim == 0 or bool((t == t.flatten()[0]).all()))):
+        if (not args and all(e is None for e in extras.values()) and not torch.is_grad_enabled()
+                and not torch.jit.is_tracing() and sample.device.type == "cpu" and sample.dtype == torch.float32
+                and encoder_hidden_states.ndim == 3 and (t.ndim == 0 or bool((t == t.flatten()[0]).all()))):
             bias = self._bias(sample.shape[0], encoder_hidden_states.shape[1], sample)
-        if bias is None:
+        if bias is None:  # anything else (class labels, masks, residuals, LoRA scales, ...): the UNet's own forward
             self.fallbacks += 1
-            return type(unet).forward(unet, sample, timestep, encoder_hidden_states, class_labels=class_labels,
-                                      timestep_cond=timestep_cond, attention_mask=attention_mask,
-                                      cross_attention_kwargs=cross_attention_kwargs,
-                                      added_cond_kwargs=added_cond_kwargs,
-                                      down_block_additional_residuals=down_block_additional_residuals,
-                                      mid_block_additional_residual=mid_block_additional_residual,
-                                      down_intrablock_additional_residuals=down_intrablock_additional_residuals,
-                                      encoder_attention_mask=encoder_attention_mask, return_dict=return_dict)
+            return type(unet).forward(unet, sample, timestep, encoder_hidden_states, *args, return_dict=return_dict,
+                                      **extras)
         self.calls += 1
         out = self.session().run(None, {
             "sample": sample.detach().contiguous().numpy(),

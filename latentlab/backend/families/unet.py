@@ -220,6 +220,14 @@ def cached_cross_attention(unet):
         yield proc
 
 
+def beyond_text(config) -> str | None:
+    """What a UNet is conditioned on besides the text (SDXL's ``text_time``, class labels, an LCM guidance
+    embedding), or None for a UNet conditioned by text alone."""
+    if config.addition_embed_type or config.class_embed_type:
+        return config.addition_embed_type or config.class_embed_type
+    return "a guidance embedding" if config.time_cond_proj_dim else None
+
+
 def _latents_mean_std(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-channel latent mean/std from the VAE config (some SDXL-family VAEs), shaped (1, C, 1, 1) like ``like``."""
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
@@ -289,11 +297,8 @@ class UNetFamily(Family):
         return cached_cross_attention(engine.pipe.unet)
 
     def onnx_unsupported(self, pipe: Any) -> str | None:
-        c = pipe.unet.config
-        if c.addition_embed_type or c.time_cond_proj_dim or c.class_embed_type:
-            return ("runs UNets conditioned by text alone; this one also takes "
-                    f"{c.addition_embed_type or c.class_embed_type or 'a guidance embedding'}")
-        return None
+        why = beyond_text(pipe.unet.config)
+        return None if why is None else f"runs UNets conditioned by text alone; this one also takes {why}"
 
     def attention_mix_unsupported(self, pipe: Any) -> str | None:
         """Only over diffusers' default processors (a user's IP-Adapter or custom processor would silently be
